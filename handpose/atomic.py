@@ -1,0 +1,56 @@
+"""Atomic writes: a temp name in the same folder, then os.replace, so a crash never leaves a
+file that looks complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary sibling a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp sibling of `path`; on clean exit fsync and rename it onto `path`."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> None:
+    """Write JSON atomically with sorted keys, so equal objects give equal bytes."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Resolve `path` and refuse it unless it lies inside `root` (we never write elsewhere)."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if root_r != path_r and root_r not in path_r.parents:
+        raise ValueError(f"refusing to write {path_r}: outside the output folder {root_r}")
+    return path_r

@@ -1,0 +1,107 @@
+"""The one home of 2D geometry: projection, the affine matrices that move images AND keypoints.
+
+Pixel convention (used everywhere in handpose): continuous pixel coordinates, x to the right,
+y down, origin at the top-left CORNER of the top-left pixel. Pixel (col i, row j) covers
+[i, i+1) x [j, j+1) and its centre is (i + 0.5, j + 0.5). Pillow's `transform`/`resize` and
+DALI's `warp_affine` sample with this convention, so one 2x3 matrix applied to an image and to
+its keypoints keeps them aligned exactly. Heatmap cell i therefore sits at coordinate i + 0.5
+(model input pixels). FreiHAND's projected `uv` are taken as coordinates in this convention.
+
+A matrix `M` (2x3, float64) maps SOURCE pixel coordinates to DESTINATION ones: p' = M[:, :2] p + M[:, 2].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def project_points(xyz_m: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Project camera-space joints (N, 3) in metres with intrinsics K (3, 3) to pixels (N, 2).
+
+    The FreiHAND rule: `uv = (K @ xyz.T).T; uv = uv[:, :2] / uv[:, 2:]`.
+    """
+    uvw = (np.asarray(K, np.float64) @ np.asarray(xyz_m, np.float64).T).T
+    return uvw[:, :2] / uvw[:, 2:]
+
+
+def to3x3(M: np.ndarray) -> np.ndarray:
+    """A 2x3 affine as a 3x3 homogeneous matrix."""
+    out = np.eye(3)
+    out[:2] = M
+    return out
+
+
+def compose(*matrices: np.ndarray) -> np.ndarray:
+    """compose(A, B, C) applies C first, then B, then A (like A @ B @ C)."""
+    out = np.eye(3)
+    for m in matrices:
+        out = out @ to3x3(m)
+    return out[:2].copy()
+
+
+def invert(M: np.ndarray) -> np.ndarray:
+    """Inverse of a 2x3 affine (destination -> source)."""
+    return np.linalg.inv(to3x3(M))[:2].copy()
+
+
+def translation(tx: float, ty: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty]])
+
+
+def scaling(sx: float, sy: float | None = None) -> np.ndarray:
+    return np.array([[sx, 0.0, 0.0], [0.0, sx if sy is None else sy, 0.0]])
+
+
+def rotation(angle_deg: float) -> np.ndarray:
+    """Rotation about the origin; positive angles turn clockwise on screen (y points down)."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    return np.array([[c, -s, 0.0], [s, c, 0.0]])
+
+
+def apply_affine(M: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Move points (..., 2) by M (2, 3); or a batch: M (B, 2, 3) with points (B, N, 2)."""
+    M = np.asarray(M, np.float64)
+    points = np.asarray(points, np.float64)
+    if M.ndim == 3:
+        return np.einsum("bij,bnj->bni", M[:, :, :2], points) + M[:, None, :, 2]
+    return points @ M[:, :2].T + M[:, 2]
+
+
+def fit_matrix(src_w: int, src_h: int, size: int) -> np.ndarray:
+    """Letterbox: scale the whole source into a size x size square, centred, aspect kept.
+
+    A square source is a plain resize; `predict` maps its outputs back with `invert` of this.
+    """
+    s = size / max(src_w, src_h)
+    return np.array([[s, 0.0, (size - src_w * s) / 2], [0.0, s, (size - src_h * s) / 2]])
+
+
+def augment_matrix(
+    src_w: int,
+    src_h: int,
+    size: int,
+    *,
+    angle_deg: float = 0.0,
+    scale: float = 1.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    flip: bool = False,
+) -> np.ndarray:
+    """ONE matrix: letterbox fit to `size`, then flip, rotate and scale about the image centre,
+    then shift by a fraction of `size`. With the defaults it equals `fit_matrix`.
+    """
+    base = size / max(src_w, src_h)
+    return compose(
+        translation(size / 2 + shift[0] * size, size / 2 + shift[1] * size),
+        rotation(angle_deg),
+        scaling(base * scale),
+        scaling(-1.0 if flip else 1.0, 1.0),
+        translation(-src_w / 2, -src_h / 2),
+    )
+
+
+def in_frame(uv: np.ndarray, size: int) -> np.ndarray:
+    """True where a keypoint (..., 2) lies inside the size x size frame [0, size)^2."""
+    uv = np.asarray(uv)
+    return np.all((uv >= 0) & (uv < size), axis=-1) & np.all(np.isfinite(uv), axis=-1)
