@@ -17,7 +17,6 @@ Only these members are ever decoded; nothing is unpickled.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass
@@ -62,17 +61,36 @@ def decode_keypoints(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(NUM_JOINTS, 2).astype(np.float32)
 
 
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file (mode 0644, uid/gid 0, mtime 0, no owner names).
+
+    Byte-identical to what Python 3.11's `tarfile` writes for the same TarInfo, built directly:
+    tarfile's general header code cost more per sample than decoding the JPEG, and its bytes
+    have changed between Python versions (device fields), which shards must not.
+    """
+    name_b = name.encode("utf-8")
+    if len(name_b) > 100 or not 0 <= size < 8**11:
+        raise ValueError(f"member {name!r} ({size} bytes) does not fit a ustar header")
+    head = name_b.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"00000000000\0"
+    # type '0', empty link name, magic + version, empty owner names, device fields and prefix
+    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155)
+    checksum = sum(head) + sum(tail) + 8 * ord(" ")  # computed with the checksum field as 8 spaces
+    return (head + b"%06o\0 " % checksum + tail).ljust(tarfile.BLOCKSIZE, b"\0")
+
+
 class ShardWriter:
     """Writes one tar deterministically (fixed mtime/owner/mode, ustar) plus its DALI index.
 
     Offsets for the index are recorded as members are written, so no second pass (and no `tar`
     subprocess) is needed. Write to temporary paths; the caller renames both when complete.
+    The bytes equal those of `tarfile` in ustar format (header, data padded to 512, two zero
+    blocks, padding to tarfile's 10240-byte record).
     """
 
     def __init__(self, tar_path: Path, idx_path: Path):
         self.tar_path, self.idx_path = tar_path, idx_path
         self._f = open(tar_path, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self._offset = 0
         self._index: list[str] = []
         self.samples = 0
 
@@ -81,26 +99,25 @@ class ShardWriter:
         parts = []
         for ext, data in members.items():
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            offset = self._tar.offset + tarfile.BLOCKSIZE  # data follows one 512-byte header
-            self._tar.addfile(info, io.BytesIO(data))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self._f.write(ustar_header(name, len(data)))
+            self._f.write(data)
+            self._f.write(b"\0" * pad)
+            offset = self._offset + tarfile.BLOCKSIZE  # data follows one 512-byte header
+            self._offset = offset + len(data) + pad
             parts.append(f"{ext} {offset} {len(data)} {name}")
         self._index.append(" ".join(parts))
         self.samples += 1
 
     def close(self) -> None:
-        self._tar.close()
-        self._f.flush()
+        end = self._offset + 2 * tarfile.BLOCKSIZE  # end-of-archive marker: two zero blocks
+        self._f.write(b"\0" * (end - self._offset + (-end % tarfile.RECORDSIZE)))
         self._f.close()
         with open(self.idx_path, "w", encoding="ascii") as f:
             f.write(f"v1.2 {len(self._index)}\n")
             f.write("".join(line + "\n" for line in self._index))
 
     def abort(self) -> None:
-        self._tar.close()
         self._f.close()
 
 
