@@ -1,0 +1,275 @@
+"""`handpose bench loader`: the real loader (augmentation on) against limits and a baseline, one run.
+
+On the same train-split images and the same cores:
+1. the loader: `make_loader(kind, workers)` on the train split with augmentation on, batches of
+   `batch_size`, timed after a warm-up (worker start-up excluded), images ready on the device;
+2. the limits: a plain single-process loop of the bare decode (simplejpeg), and of the loader's
+   per-sample work (decode + sample parameters + one warp + keypoints), times `workers`: what W
+   cores could do with zero pipeline overhead;
+3. a baseline in the style of the tutorial: loose JPEG files, PIL open + resize to 128, and for each
+   of the 21 keypoints a one-hot 128 x 128 map blurred by a real 51 x 51 Gaussian (sigma 3, like its
+   cv2.GaussianBlur) on the CPU, torch DataLoader batch 48 with 2 workers;
+4. DALI only: DALI's own decode-only rate (reader + decoder, same threads).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+
+from handpose.augment import params_matrix, sample_params
+from handpose.config import AugmentConfig
+from handpose.geometry import apply_affine, in_frame
+from handpose.imageio import decode_jpeg, warp_affine
+from handpose.loader import make_loader
+from handpose.shards import decode_keypoints, split_shards
+from handpose.skeleton import NUM_JOINTS
+
+IMAGE_SIZE = 128
+WARMUP_BATCHES = 3
+LIMIT_SAMPLES = 400  # per plain-loop measurement
+BASELINE_BATCHES = 6
+
+
+def bench_loader(
+    shards: str | Path, *, kind: str = "wds", workers: int = 2, batches: int = 50, batch_size: int = 48
+) -> dict[str, Any]:
+    """Time the loader and its limits/baseline on `shards`; print a table, then one JSON line."""
+    console = Console()
+    augment = AugmentConfig(flip=True)
+    samples = _read_samples(shards, LIMIT_SAMPLES)
+
+    loader_rate, loader_cpu_rate, cores = _time_loader(shards, kind, workers, batches, batch_size, augment)
+    decode_rate = _time_plain(samples, augment, warp=False)[0] * workers
+    limit_one, limit_cpu_rate = _time_plain(samples, augment, warp=True)
+    limit_rate = limit_one * workers
+    baseline_rate = _time_baseline(samples)
+    dali_decode = _time_dali_decode(shards, workers, batches, batch_size) if kind == "dali" else None
+
+    table = Table(title=f"loader {kind}, {workers} workers, batch {batch_size}, {batches} batches")
+    for col in ("pipeline", "samples/s", "loader / this"):
+        table.add_column(col, justify="left" if col == "pipeline" else "right")
+    rows = [
+        (f"make_loader(kind={kind!r}), augmentation on", loader_rate),
+        (f"limit: decode + warp, plain loop x {workers}", limit_rate),
+        (f"decode only, plain loop x {workers}", decode_rate),
+        ("baseline: tutorial style (PIL + 21 blurred maps)", baseline_rate),
+    ]
+    if dali_decode is not None:
+        rows.append(("DALI decode only (reader + decoder)", dali_decode))
+    for name, rate in rows:
+        table.add_row(name, f"{rate:,.0f}", f"{loader_rate / rate:.2f}")
+    console.print(table)
+    console.print(
+        f"loader: {loader_cpu_rate:,.0f} samples per CPU-second (all its processes) vs "
+        f"{limit_cpu_rate:,.0f} for the plain decode + warp loop = {loader_cpu_rate / limit_cpu_rate:.2f} "
+        f"CPU efficiency; it got {cores:.2f} cores on average"
+        + (" (the machine is contended: wall-clock ratios understate it)" if cores < 0.9 * workers else "")
+    )
+    result: dict[str, Any] = {
+        "bench": "loader",
+        "kind": kind,
+        "workers": workers,
+        "batch_size": batch_size,
+        "batches": batches,
+        "samples_per_s": round(loader_rate, 1),
+        "limit_samples_per_s": round(limit_rate, 1),
+        "decode_samples_per_s": round(decode_rate, 1),
+        "baseline_samples_per_s": round(baseline_rate, 1),
+        "vs_limit": round(loader_rate / limit_rate, 3),
+        "cpu_efficiency": round(loader_cpu_rate / limit_cpu_rate, 3),
+        "loader_cores_used": round(cores, 2),
+        "vs_baseline": round(loader_rate / baseline_rate, 2),
+    }
+    if dali_decode is not None:
+        result["dali_decode_samples_per_s"] = round(dali_decode, 1)
+        result["vs_dali_decode"] = round(loader_rate / dali_decode, 3)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _read_samples(shards: str | Path, n: int) -> list[tuple[bytes, np.ndarray]]:
+    """Up to n (jpeg bytes, uv) pairs from the train shards, held in memory (read untimed)."""
+    _, paths = split_shards(shards, "train")
+    pending: dict[str, dict[str, bytes]] = {}
+    out: list[tuple[bytes, np.ndarray]] = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext not in ("jpg", "kp.f32"):
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None
+                pending.setdefault(key, {})[ext] = f.read()
+                if len(pending[key]) == 2:
+                    m = pending.pop(key)
+                    out.append((m["jpg"], decode_keypoints(m["kp.f32"])))
+                    if len(out) >= n:
+                        return out
+    # a tiny split: cycle it, so every measurement still runs over n samples
+    return list(itertools.islice(itertools.cycle(out), n)) if out else out
+
+
+def _time_loader(
+    shards: str | Path, kind: str, workers: int, batches: int, batch_size: int, augment: AugmentConfig
+) -> tuple[float, float, float]:
+    """(samples/s, samples per CPU-second of the main process + its workers, cores used)."""
+    # resampled with a fixed length, so any train split is long enough for the requested batches
+    loader = make_loader(
+        shards,
+        "train",
+        kind=kind,
+        batch_size=batch_size,
+        augment=augment,
+        workers=workers,
+        samples_per_epoch=(batches + WARMUP_BATCHES) * batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    it = iter(loader)
+    for _ in range(WARMUP_BATCHES):
+        next(it)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    n = 0
+    for k, batch in enumerate(it, 1):
+        n += len(batch["key"])
+        if k == batches - 1:  # read CPU time before the workers exit with the last batch
+            cpu1 = _cpu_seconds()
+    _sync()
+    wall = time.perf_counter() - t0
+    cpu = cpu1 - cpu0
+    return n / wall, n / cpu, cpu / wall
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process plus its live child processes (the loader's workers)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if fields[1] == me:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_plain(
+    samples: list[tuple[bytes, np.ndarray]], augment: AugmentConfig, *, warp: bool
+) -> tuple[float, float]:
+    """Single-process (samples/s, samples per CPU-second) of the per-sample work, no pipeline."""
+    rng = np.random.default_rng(0)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for jpg, uv in samples:
+        image = decode_jpeg(jpg)
+        if warp:
+            M = params_matrix(sample_params(augment, rng), image.shape[1], image.shape[0], IMAGE_SIZE)
+            warp_affine(image, M, IMAGE_SIZE)
+            in_frame(apply_affine(M, uv), IMAGE_SIZE)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return len(samples) / wall, len(samples) / cpu
+
+
+# ---------------------------------------------------------------------------- tutorial baseline
+
+
+def _gaussian_kernel(size: int = 51, sigma: float = 3.0) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+class _TutorialDataset(Dataset):
+    """Per-file PIL open + resize, and 21 one-hot maps each blurred by a 51 x 51 Gaussian."""
+
+    def __init__(self, files: list[Path], uv: np.ndarray, src_size: np.ndarray):
+        self.files, self.uv, self.src_size = files, uv, src_size
+        k = _gaussian_kernel()
+        self.kx, self.ky = k.view(1, 1, 1, -1), k.view(1, 1, -1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.open(self.files[i]).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        uv = self.uv[i] * IMAGE_SIZE / self.src_size[i]
+        maps = []
+        for u, v in uv:
+            m = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+            if 0 <= u < IMAGE_SIZE and 0 <= v < IMAGE_SIZE:
+                m[0, 0, int(v), int(u)] = 1.0
+            m = F.conv2d(F.pad(m, (25, 25, 0, 0), mode="reflect"), self.kx)  # cv2's BORDER_REFLECT_101
+            m = F.conv2d(F.pad(m, (0, 0, 25, 25), mode="reflect"), self.ky)
+            maps.append(m[0, 0] / m.max().clamp(min=1e-12))
+        return x, torch.stack(maps)
+
+
+def _time_baseline(samples: list[tuple[bytes, np.ndarray]]) -> float:
+    n = (BASELINE_BATCHES + 1) * 48
+    samples = list(itertools.islice(itertools.cycle(samples), n))
+    with tempfile.TemporaryDirectory(prefix="handpose-bench-") as tmp:
+        files, sizes = [], []
+        for i, (jpg, _) in enumerate(itertools.islice(samples, n)):
+            path = Path(tmp) / f"{i:08d}.jpg"
+            path.write_bytes(jpg)
+            files.append(path)
+            h, w = decode_jpeg(jpg).shape[:2]
+            sizes.append((w, h))
+        uv = np.stack([s[1] for s in samples[:n]])
+        dataset = _TutorialDataset(files, uv.reshape(n, NUM_JOINTS, 2), np.array(sizes, np.float32)[:, None])
+        loader = DataLoader(dataset, batch_size=48, shuffle=True, num_workers=2)
+        it = iter(loader)
+        next(it)  # warm-up: worker start-up excluded, as for the loader
+        t0 = time.perf_counter()
+        count = sum(len(x) for x, _ in it)
+        return count / (time.perf_counter() - t0)
+
+
+def _time_dali_decode(shards: str | Path, workers: int, batches: int, batch_size: int) -> float:
+    """DALI reader + CPU/mixed decoder only: the DALI kind's own ceiling."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from handpose.shards import index_name
+
+    _, paths = split_shards(shards, "train")
+    gpu = torch.cuda.is_available()
+
+    # device_id=None (CPU only) is what DALI wants without a GPU; its stub types say int only
+    @pipeline_def(batch_size=batch_size, num_threads=max(workers, 1), device_id=0 if gpu else None)  # type: ignore[arg-type]
+    def pipe():
+        jpg = fn.readers.webdataset(
+            paths=[str(p) for p in paths], index_paths=[index_name(str(p)) for p in paths], ext=["jpg"]
+        )
+        return fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    for _ in range(WARMUP_BATCHES):
+        p.run()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        p.run()
+    _sync()
+    return batches * batch_size / (time.perf_counter() - t0)

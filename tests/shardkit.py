@@ -1,0 +1,107 @@
+"""Tiny hand-made shard folders for the loader tests (dot images, planted members, corrupt JPEGs)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+
+from handpose.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardWriter,
+    encode_keypoints,
+    index_name,
+    sample_key,
+    sha256_file,
+    shard_name,
+)
+
+MEAN = (0.5, 0.45, 0.4)
+STD = (0.25, 0.2, 0.3)
+
+Sample = tuple[int, bytes, np.ndarray, dict[str, bytes]]  # sid, jpeg, uv (21, 2), extra members
+
+
+def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorsubsampling="444")
+
+
+def dot_sample(sid: int, rng: np.random.Generator, w: int = 224, h: int = 224) -> Sample:
+    """Black image with one 5x5 white dot centred on joint 0 (a pixel centre); the rest random."""
+    uv = rng.uniform(0, [w, h], size=(21, 2))
+    cx, cy = int(rng.integers(w // 2 - 20, w // 2 + 20)), int(rng.integers(h // 2 - 20, h // 2 + 20))
+    uv[0] = (cx + 0.5, cy + 0.5)  # centre of pixel (cx, cy) in the pixel-centre convention
+    img = np.zeros((h, w, 3), np.uint8)
+    img[cy - 2 : cy + 3, cx - 2 : cx + 3] = 255
+    return sid, jpeg(img, 100), uv, {}
+
+
+def texture_sample(sid: int, rng: np.random.Generator, w: int = 224, h: int = 224) -> Sample:
+    """Smooth random colours (JPEG-friendly) with random keypoints."""
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+    img = np.repeat(np.repeat(small, 16, 0), 16, 1)[:h, :w]
+    return sid, jpeg(img), rng.uniform(0, [w, h], size=(21, 2)), {}
+
+
+def write_pack(root: Path, splits: dict[str, Sequence[Sequence[Sample]]]) -> Path:
+    """Write {split: [shard samples, ...]} with ShardWriter plus a minimal manifest.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries, counts = [], {}
+    for split, shards in splits.items():
+        counts[split] = sum(len(s) for s in shards)
+        for i, samples in enumerate(shards):
+            name = shard_name(split, i)
+            writer = ShardWriter(root / name, root / index_name(name))
+            for sid, jpg, uv, extra in samples:
+                key = sample_key(sid)
+                members = {
+                    "jpg": jpg,
+                    "json": json.dumps({"key": key, "sid": sid}).encode(),
+                    "kp.f32": encode_keypoints(uv),
+                    "sid.i64": np.int64(sid).astype("<i8").tobytes(),
+                    **extra,
+                }
+                writer.write(key, members)
+            writer.close()
+            entries.append(
+                {
+                    "name": name,
+                    "index": index_name(name),
+                    "split": split,
+                    "samples": len(samples),
+                    "bytes": (root / name).stat().st_size,
+                    "sha256": sha256_file(root / name),
+                }
+            )
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "shards": entries,
+        "counts": counts,
+        "stats": {"mean": list(MEAN), "std": list(STD), "pixels": 1},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    return root
+
+
+def chunk(samples: Sequence[Sample], sizes: Sequence[int]) -> list[list[Sample]]:
+    """Split samples into consecutive shards of the given sizes."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(list(samples[start : start + n]))
+        start += n
+    assert start == len(samples)
+    return out
+
+
+def dot_centroid(image: np.ndarray, floor: float = 40.0) -> np.ndarray:
+    """Intensity-weighted centroid (x, y) of a bright dot in a (3, H, W) [0, 255] image, in the
+    pixel-centre convention (pixel i has centre i + 0.5); JPEG noise below `floor` is ignored."""
+    w = np.clip(np.asarray(image, np.float64).mean(axis=0) - floor, 0, None)
+    ys, xs = np.indices(w.shape)
+    return np.array([(w * (xs + 0.5)).sum(), (w * (ys + 0.5)).sum()]) / w.sum()

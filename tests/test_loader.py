@@ -1,0 +1,372 @@
+"""WDS loader: batch format, keypoint-consistent augmentation, exactly-once splits, corrupt data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shardkit import MEAN, STD, chunk, dot_centroid, dot_sample, jpeg, texture_sample, write_pack
+
+from handpose import augment as A
+from handpose.config import AugmentConfig
+from handpose.errors import HandposeError
+from handpose.loader import LoaderStats, assign_shards, denormalise, make_loader, worker_quotas
+from handpose.shards import read_manifest, sample_key
+
+TESTS = Path(__file__).resolve().parent
+GEOMETRY_ONLY = AugmentConfig(
+    rotate_deg=60, scale_min=0.8, scale_max=1.25, translate=0.1, flip=True,
+    brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dot images: train 24 in 3 shards, val 13 in 3 uneven shards."""
+    rng = np.random.default_rng(0)
+    samples = [dot_sample(i, rng) for i in range(37)]
+    return write_pack(
+        tmp_path_factory.mktemp("dots"),
+        {"train": chunk(samples[:24], [8, 8, 8]), "val": chunk(samples[24:], [5, 5, 3])},
+    )
+
+
+def _keys(loader) -> list[str]:
+    return [k for b in loader for k in b["key"]]
+
+
+def _drop_indexes(root: Path, drop: bool) -> Path:
+    """Without `.idx` files the loader streams the tars with webdataset instead of reading by offset."""
+    if drop:
+        for idx in root.glob("*.idx"):
+            idx.unlink()
+    return root
+
+
+READERS = pytest.mark.parametrize("no_index", [False, True], ids=["by-index", "wds-stream"])
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 6])
+def test_assign_shards_covers_every_sample_exactly_once(n_shards: int, slots: int) -> None:
+    counts = [7 + (3 * i) % 5 for i in range(n_shards)]
+    plan = assign_shards(counts, slots)
+    seen = Counter((t.index, pos) for tasks in plan for t in tasks for pos in range(t.start, t.stop))
+    assert sorted(seen) == sorted((i, p) for i in range(n_shards) for p in range(counts[i]))
+    assert set(seen.values()) == {1}
+    per_slot = [sum(t.count for t in tasks) for tasks in plan]
+    assert max(per_slot) - min(per_slot) <= 1  # balanced to one sample
+
+
+def test_assign_shards_more_slots_than_samples() -> None:
+    plan = assign_shards([2, 1], 5)
+    assert sorted(len(p) for p in plan) == [0, 0, 1, 1, 1]
+
+
+def test_worker_quotas_whole_batches() -> None:
+    assert worker_quotas(100, 8, 3, drop_last=True) == [32, 32, 32]
+    assert worker_quotas(100, 8, 3, drop_last=False) == [34, 33, 33]
+
+
+def test_sample_params_ranges_and_identity() -> None:
+    cfg = AugmentConfig(flip=True)
+    rng = np.random.default_rng(0)
+    ps = [A.sample_params(cfg, rng) for _ in range(2000)]
+    angles = np.array([p.angle_deg for p in ps])
+    assert angles.min() >= -cfg.rotate_deg and angles.max() <= cfg.rotate_deg and angles.std() > 10
+    assert all(cfg.scale_min <= p.scale <= cfg.scale_max for p in ps)
+    assert all(abs(s) <= cfg.translate for p in ps for s in p.shift)
+    assert 0.4 < np.mean([p.flip for p in ps]) < 0.6
+    assert all(abs(p.hue_deg) <= cfg.hue_deg and abs(p.brightness - 1) <= cfg.brightness for p in ps)
+    assert A.sample_params(AugmentConfig(enabled=False), rng) == A.IDENTITY
+    assert not any(A.sample_params(AugmentConfig(flip=False), rng).flip for _ in range(50))
+
+
+def test_colour_function_matches_its_definition() -> None:
+    """apply_colour == clip(b * (128 + c * (YIQ-hue/sat matrix @ x - 128)))."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (2, 3, 4, 5))
+    rows = np.array([[1.2, 0.8, 1.3, 10.0], [0.9, 1.1, 0.7, -7.0]])
+    got = A.apply_colour(torch.tensor(x, dtype=torch.float64), torch.tensor(rows)).numpy()
+    for i, (b, c, s, h) in enumerate(rows):
+        th = np.radians(h)
+        rot = np.array([[1, 0, 0], [0, np.cos(th), np.sin(th)], [0, -np.sin(th), np.cos(th)]])
+        H = np.linalg.inv(A.RGB2YIQ) @ rot @ np.diag([1, s, s]) @ A.RGB2YIQ
+        ref = np.clip(b * (128 + c * (np.einsum("ij,jhw->ihw", H, x[i]) - 128)), 0, 255)
+        np.testing.assert_allclose(got[i], ref, atol=1e-9)
+    same = A.apply_colour(torch.tensor(x), torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)).numpy()
+    np.testing.assert_allclose(same, x, atol=1e-9)
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_batch_format_and_plain_resize(dots: Path) -> None:
+    loader = make_loader(dots, "val", batch_size=4, workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 128, 128) and batch["image"].dtype == torch.float32
+    assert batch["uv"].shape == (4, 21, 2) and batch["uv"].dtype == torch.float32
+    assert batch["visible"].shape == (4, 21) and batch["visible"].dtype == torch.bool
+    assert batch["key"] == [sample_key(i) for i in range(24, 28)]
+    # val is a plain resize even when an augment config is passed
+    plain = next(iter(make_loader(dots, "val", batch_size=4, workers=0, augment=GEOMETRY_ONLY)))
+    assert torch.equal(plain["image"], batch["image"]) and torch.equal(plain["uv"], batch["uv"])
+
+
+def test_normalisation_uses_manifest_stats(tmp_path: Path) -> None:
+    grey = np.full((64, 64, 3), 200, np.uint8)
+    root = write_pack(tmp_path, {"val": [[(1, jpeg(grey, 100), np.full((21, 2), 32.0), {})]]})
+    batch = next(iter(make_loader(root, "val", batch_size=1, workers=0, image_size=32)))
+    expected = (200 / 255 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(batch["image"][0, :, 16, 16].numpy(), expected, atol=0.02)
+    np.testing.assert_allclose(batch["uv"][0, 0].numpy(), [16.0, 16.0], atol=1e-5)  # 64 -> 32
+
+
+def test_dot_lands_on_transformed_keypoint(dots: Path) -> None:
+    """Rotation, scale, shift and flip: the dot's centroid is within 1 px of the moved keypoint."""
+    manifest = read_manifest(dots)
+    loader = make_loader(dots, "train", batch_size=8, workers=0, augment=GEOMETRY_ONLY, seed=3)
+    checked = 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            images = denormalise(batch["image"], manifest).numpy()
+            for image, uv in zip(images, batch["uv"].numpy(), strict=True):
+                if not (5 <= uv[0]).all() or not (uv[0] < 123).all():
+                    continue  # dot cut by the frame edge
+                np.testing.assert_allclose(dot_centroid(image), uv[0], atol=1.0)
+                checked += 1
+    assert checked >= 60
+
+
+def test_augmentation_varies_with_epoch_and_is_reproducible(dots: Path) -> None:
+    def run(epoch: int) -> dict[str, np.ndarray]:
+        loader = make_loader(dots, "train", batch_size=8, workers=0, augment=AugmentConfig(flip=True), seed=5)
+        loader.set_epoch(epoch)
+        return {k: uv for b in loader for k, uv in zip(b["key"], b["uv"].numpy(), strict=True)}
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a.keys() & c.keys())
+
+
+def test_out_of_frame_keypoints_are_not_visible(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    sid, jpg, uv, _ = texture_sample(1, rng)
+    uv[:4] = [(-10.0, 50.0), (50.0, 230.0), (224.0, 0.0), (223.9, 223.9)]  # out, out, out (edge), in
+    root = write_pack(
+        tmp_path / "a", {"val": [[(sid, jpg, uv, {})]], "train": [[texture_sample(2, rng)] * 1]}
+    )
+    batch = next(iter(make_loader(root, "val", batch_size=1, workers=0)))
+    assert batch["visible"][0, :4].tolist() == [False, False, False, True]
+    assert batch["visible"][0, 4:].all()
+    # augmentation that pushes points out: visible is exactly "inside [0, 128)^2"
+    train = [texture_sample(i, rng) for i in range(16)]
+    root = write_pack(tmp_path / "b", {"train": [train]})
+    shove = AugmentConfig(rotate_deg=0, scale_min=1.5, scale_max=1.5, translate=0.4)
+    batch = next(iter(make_loader(root, "train", batch_size=16, workers=0, augment=shove)))
+    uv = batch["uv"].numpy()
+    inside = ((uv >= 0) & (uv < 128)).all(-1)
+    assert (batch["visible"].numpy() == inside).all() and not inside.all() and inside.any()
+
+
+# ------------------------------------------------------------------ exactly once, splitting
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_val_exactly_once_single_rank(dots: Path, workers: int) -> None:
+    loader = make_loader(dots, "val", batch_size=4, workers=workers)
+    keys = _keys(loader)
+    assert sorted(keys) == [sample_key(i) for i in range(24, 37)]
+    assert len(list(loader)) == len(loader)
+
+
+def test_index_and_stream_readers_agree(dots: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = _drop_indexes(Path(shutil.copytree(dots, tmp_path / "copy")), True)
+    a = next(iter(make_loader(dots, "val", batch_size=13, workers=0)))
+    b = next(iter(make_loader(copy, "val", batch_size=13, workers=0)))
+    assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["uv"], b["uv"])
+
+
+@pytest.mark.parametrize("split", ["val", "test", "eval"])
+def test_packed_splits_exactly_once(packed: Path, split: str) -> None:
+    """The shared generated pack (several shards per split), 2 simulated ranks x 2 workers."""
+    expected = sorted(k for b in make_loader(packed, split, batch_size=64, workers=0) for k in b["key"])
+    assert len(expected) == read_manifest(packed).count(split) and len(set(expected)) == len(expected)
+    keys = [
+        k for r in range(2) for k in _keys(make_loader(packed, split, batch_size=3, rank=r, world_size=2))
+    ]
+    assert sorted(keys) == expected
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_val_exactly_once_across_ranks_in_process(dots: Path, world: int) -> None:
+    """Ranks simulated in one process (the torchrun test below is the real thing)."""
+    keys: list[str] = []
+    for rank in range(world):
+        loader = make_loader(dots, "val", batch_size=2, rank=rank, world_size=world, workers=2)
+        got = _keys(loader)
+        assert len(list(loader)) == len(loader)
+        keys += got
+    assert sorted(keys) == [sample_key(i) for i in range(24, 37)]
+
+
+def test_train_equal_batches_across_ranks_with_few_shards(dots: Path) -> None:
+    """3 train shards < 2 ranks x 2 workers: sample-level split, same batch count on every rank."""
+    seen: list[str] = []
+    lengths = []
+    for rank in range(2):
+        loader = make_loader(dots, "train", batch_size=3, rank=rank, world_size=2, workers=2)
+        batches = list(loader)
+        lengths.append((len(batches), len(loader)))
+        seen += [k for b in batches for k in b["key"]]
+    assert lengths == [(4, 4), (4, 4)]
+    assert sorted(seen) == [sample_key(i) for i in range(24)]  # 24 = 2 x 4 x 3: one pass, no repeats
+
+
+def test_resampled_training_has_a_fixed_length(dots: Path) -> None:
+    loader = make_loader(dots, "train", batch_size=4, workers=2, samples_per_epoch=40)
+    assert len(loader) == 10
+    batches = list(loader)
+    assert len(batches) == 10 and all(len(b["key"]) == 4 for b in batches)
+
+
+def test_too_small_train_split_is_a_clear_error(dots: Path) -> None:
+    with pytest.raises(HandposeError, match="too few"):
+        make_loader(dots, "train", batch_size=16, world_size=2)
+
+
+def test_bad_arguments_are_clear_errors(dots: Path) -> None:
+    with pytest.raises(HandposeError, match="kind"):
+        make_loader(dots, "val", kind="tfrecord", batch_size=2)
+    with pytest.raises(HandposeError, match="rank"):
+        make_loader(dots, "val", batch_size=2, rank=2, world_size=2)
+    with pytest.raises(HandposeError, match="no shards for split 'test'"):
+        make_loader(dots, "test", batch_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_shards", [[3, 3, 3, 2, 2], [5, 5, 3], [13]])
+def test_torchrun_two_ranks_two_workers_exactly_once(tmp_path: Path, val_shards: list[int]) -> None:
+    """A real 2-process gloo run: every val key once across 2 ranks x 2 workers (also < 4 shards)."""
+    rng = np.random.default_rng(4)
+    samples = [texture_sample(i, rng) for i in range(13)]
+    root = write_pack(tmp_path / "pack", {"val": chunk(samples, val_shards)})
+    out = tmp_path / "out"
+    out.mkdir()
+    _torchrun(root, "val", out, kind="wds", workers=2, batch=2)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    keys = ranks[0]["keys"] + ranks[1]["keys"]
+    assert sorted(keys) == [sample_key(i) for i in range(13)]
+    assert all(r["batches"] == r["len"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_torchrun_packed_val_and_train(packed: Path, tmp_path: Path) -> None:
+    """The shared pack: val exactly once; train gives every rank the same number of batches."""
+    for split in ("val", "train"):
+        out = tmp_path / split
+        out.mkdir()
+        _torchrun(packed, split, out, kind="wds", workers=2, batch=4)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["batches"] == r["len"] for r in ranks)
+        keys = ranks[0]["keys"] + ranks[1]["keys"]
+        if split == "val":
+            assert len(keys) == len(set(keys)) == read_manifest(packed).count("val")
+        else:
+            assert ranks[0]["counts"] == [ranks[0]["batches"]] * 2 and ranks[0]["batches"] > 0
+
+
+def _torchrun(root: Path, split: str, out: Path, *, kind: str, workers: int, batch: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(TESTS / "loader_rank_keys.py"), str(root), split, str(out), kind, str(workers), str(batch)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ bad data
+
+
+@READERS
+def test_corrupt_jpeg_is_skipped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, no_index: bool
+) -> None:
+    rng = np.random.default_rng(5)
+    samples = [texture_sample(i, rng) for i in range(6)]
+    sid, jpg, uv, extra = samples[3]
+    samples[3] = (sid, jpg[: len(jpg) // 2], uv, extra)  # truncated JPEG
+    sid, jpg, uv, extra = samples[5]
+    samples[5] = (sid, b"\xff\xd8garbage" * 20, uv, extra)
+    root = _drop_indexes(write_pack(tmp_path, {"val": chunk(samples, [4, 2])}), no_index)
+    with caplog.at_level(logging.WARNING, logger="handpose.loader"):
+        loader = make_loader(root, "val", batch_size=4, workers=0)
+        keys = _keys(loader)
+    assert sorted(keys) == [sample_key(i) for i in (0, 1, 2, 4)]
+    assert loader.stats.skipped == 2
+    assert {(Path(s).name, k) for s, k, _ in loader.stats.samples} == {
+        ("val-000000.tar", sample_key(3)),
+        ("val-000001.tar", sample_key(5)),
+    }
+    assert sample_key(3) in caplog.text and "val-000000.tar" in caplog.text
+    # counted in the main process when the skip happens in a worker, too
+    loader = make_loader(root, "val", batch_size=4, workers=2)
+    assert sorted(_keys(loader)) == [sample_key(i) for i in (0, 1, 2, 4)] and loader.stats.skipped == 2
+
+
+class _Trap:
+    """Unpickling this creates a marker file: proof that something unpickled shard data."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@READERS
+def test_planted_pickle_members_are_never_loaded(tmp_path: Path, no_index: bool) -> None:
+    marker = tmp_path / "unpickled"
+    trap = pickle.dumps(_Trap(str(marker)))
+    rng = np.random.default_rng(6)
+    samples = []
+    for i in range(4):
+        sid, jpg, uv, _ = texture_sample(i, rng)
+        samples.append((sid, jpg, uv, {"pyd": trap, "pickle": trap, "pth": trap}))
+    root = _drop_indexes(write_pack(tmp_path / "pack", {"train": [samples], "val": [samples]}), no_index)
+    for split, workers in (("val", 0), ("val", 2), ("train", 0)):
+        loader = make_loader(root, split, batch_size=2, workers=workers, augment=AugmentConfig())
+        assert sorted(_keys(loader)) == [sample_key(i) for i in range(4)]
+    assert not marker.exists()
+    pickle.loads(trap)  # the trap works: loading it would have created the marker
+    assert marker.exists()
+
+
+def test_code_errors_are_not_swallowed(dots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise TypeError("bug")
+
+    monkeypatch.setattr("handpose.loader.warp_affine", broken)
+    with pytest.raises(TypeError, match="bug"):
+        list(make_loader(dots, "val", batch_size=2, workers=0))
+
+
+def test_loader_stats_accumulates() -> None:
+    stats = LoaderStats()
+    stats.add([("a.tar", "0000000001", "bad")])
+    stats.add([("b.tar", "0000000002", "bad")])
+    assert stats.skipped == 2 and stats.samples[1][0] == "b.tar"
