@@ -8,12 +8,13 @@ keys by name, and `to_toml` writes the resolved config back out.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from handpose.errors import HandposeError
 
@@ -42,11 +43,17 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:
-            raise HandposeError(f"augment.scale_min/scale_max must satisfy 0 < min <= max, got "
-                                f"{self.scale_min}, {self.scale_max}")
+            raise HandposeError(
+                f"augment.scale_min/scale_max must satisfy 0 < min <= max, got "
+                f"{self.scale_min}, {self.scale_max}"
+            )
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise HandposeError(f"augment.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -69,8 +76,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return value.lower() in ("true", "1", "yes", "on")
+            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+                return value.lower() in _TRUE
             raise ValueError
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -85,9 +92,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ValueError
             return value
         if origin is tuple:
-            args = typing.get_args(tp)
             items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-            inner = args[0]
+            inner = typing.get_args(tp)[0]
             return tuple(_coerce(v.strip() if isinstance(v, str) else v, inner, where) for v in items)
         if origin is typing.Literal:
             if value not in typing.get_args(tp):

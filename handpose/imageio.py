@@ -47,8 +47,7 @@ def decode_image(data: bytes, *, min_side: int = 0) -> tuple[np.ndarray, float]:
             return img, img.shape[1] / w
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im), 1.0
+            return _to_rgb8(ImageOps.exif_transpose(im)), 1.0
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image: {e}") from None
 

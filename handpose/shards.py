@@ -163,7 +163,9 @@ def read_manifest(root: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HandposeError(f"{root}: no {MANIFEST} (not a packed shards folder, or packing did not finish)") from None
+        raise HandposeError(
+            f"{root}: no {MANIFEST} (not a packed shards folder, or packing did not finish)"
+        ) from None
     except json.JSONDecodeError as e:
         raise HandposeError(f"{path}: unreadable manifest: {e}") from None
     if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:

@@ -8,11 +8,13 @@ FINGERS = ("thumb", "index", "middle", "ring", "little")
 JOINT_NAMES: tuple[str, ...] = ("wrist",) + tuple(f"{f}{i}" for f in FINGERS for i in range(1, 5))
 
 # Joint indices of each finger, palm to tip.
-FINGER_JOINTS: dict[str, tuple[int, ...]] = {f: tuple(range(1 + 4 * k, 5 + 4 * k)) for k, f in enumerate(FINGERS)}
+FINGER_JOINTS: dict[str, tuple[int, ...]] = {
+    f: tuple(range(1 + 4 * k, 5 + 4 * k)) for k, f in enumerate(FINGERS)
+}
 
 # (parent, child) pairs: wrist to each finger base, then along each finger.
 BONES: tuple[tuple[int, int], ...] = tuple(
-    pair for f in FINGERS for pair in zip((0,) + FINGER_JOINTS[f][:-1], FINGER_JOINTS[f])
+    pair for f in FINGERS for pair in zip((0,) + FINGER_JOINTS[f][:-1], FINGER_JOINTS[f], strict=True)
 )
 
 # One RGB colour per finger, for overlays.

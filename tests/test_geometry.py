@@ -21,12 +21,16 @@ def test_identity_augment_is_letterbox_fit() -> None:
     np.testing.assert_allclose(g.augment_matrix(300, 200, 128), g.fit_matrix(300, 200, 128), atol=1e-12)
     # a square source is a plain resize: corners map to corners
     M = g.fit_matrix(224, 224, 128)
-    np.testing.assert_allclose(g.apply_affine(M, np.array([[0.0, 0.0], [224.0, 224.0]])), [[0, 0], [128, 128]])
+    np.testing.assert_allclose(
+        g.apply_affine(M, np.array([[0.0, 0.0], [224.0, 224.0]])), [[0, 0], [128, 128]]
+    )
 
 
 def test_fit_centres_non_square() -> None:
     M = g.fit_matrix(400, 200, 100)  # scale 0.25, 50 px tall, centred vertically
-    np.testing.assert_allclose(g.apply_affine(M, np.array([[0.0, 0.0], [400.0, 200.0]])), [[0, 25], [100, 75]])
+    np.testing.assert_allclose(
+        g.apply_affine(M, np.array([[0.0, 0.0], [400.0, 200.0]])), [[0, 25], [100, 75]]
+    )
 
 
 def test_invert_and_compose_round_trip() -> None:
@@ -51,7 +55,11 @@ def test_flip_mirrors_about_centre() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"angle_deg": 40, "scale": 1.3, "shift": (0.1, -0.05)}, {"angle_deg": -70, "scale": 0.8, "flip": True}],
+    [
+        {},
+        {"angle_deg": 40, "scale": 1.3, "shift": (0.1, -0.05)},
+        {"angle_deg": -70, "scale": 0.8, "flip": True},
+    ],
 )
 def test_dot_lands_on_transformed_keypoint(kw: dict) -> None:
     """The image warp and the keypoint transform agree (pixel-centre convention) within 0.5 px."""

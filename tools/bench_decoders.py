@@ -34,9 +34,8 @@ def decoders() -> dict:
     out = {}
     try:
         import numpy as np
-        from PIL import Image
-
         import PIL
+        from PIL import Image
 
         def pil(b: bytes):
             with Image.open(io.BytesIO(b)) as im:

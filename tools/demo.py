@@ -42,8 +42,17 @@ def main() -> None:
         run("pack", str(data), str(shards), "--versions", "gs", "--overwrite")
     run("inspect", str(shards), "--split", "train", "--n", "16", "--png", str(out / "inspect-train.png"))
     run("train", "--config", args.recipe, "--shards", str(shards), "--out", str(run_dir))
-    run("predict", str(run_dir / "checkpoints" / "best.pt"), str(shards), "--split", "test",
-        "--out", str(pred), "--overlays", "8")
+    run(
+        "predict",
+        str(run_dir / "checkpoints" / "best.pt"),
+        str(shards),
+        "--split",
+        "test",
+        "--out",
+        str(pred),
+        "--overlays",
+        "8",
+    )
 
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((pred / "report.json").read_text())
@@ -51,8 +60,10 @@ def main() -> None:
     print("\n== demo result ==")
     print(f"validation error      {best:6.2f} px  (model input {summary['image_size']} px)")
     print(f"mean-pose baseline    {base:6.2f} px  ({base / best:.1f}x worse than the model)")
-    print(f"test split (predict)  {report['mean_error_px']:6.2f} px mean, {report['mean_error_pct']:.2f}% of "
-          f"the image side, PCK AUC {report['auc']:.3f}")
+    print(
+        f"test split (predict)  {report['mean_error_px']:6.2f} px mean, {report['mean_error_pct']:.2f}% of "
+        f"the image side, PCK AUC {report['auc']:.3f}"
+    )
     print(f"training time         {summary['train_seconds'] / 60:.1f} min")
     print(f"files: {out / 'inspect-train.png'}, {pred / 'report.md'}, {run_dir / 'metrics.jsonl'}")
 

@@ -1,1 +1,5 @@
-"""Benchmarks: one module per stage, each reusing the real code path and printing a ratio against a baseline measured in the same run, then one JSON line."""
+"""Benchmarks, one module per stage.
+
+Each reuses the real code path, prints a ratio against a baseline or limit measured in the same
+run, and ends with one JSON line.
+"""
