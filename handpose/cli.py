@@ -115,7 +115,9 @@ def predict(
     labels: Annotated[Optional[Path], typer.Option(help="COCO keypoints json with ground truth.")] = None,
     coco: Annotated[Optional[Path], typer.Option(help="Also write COCO keypoint results here (inside --out).")] = None,
     overlays: Annotated[int, typer.Option(help="Draw this many images with skeletons.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode workers [default: cores - 1].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
 ) -> None:
@@ -171,7 +173,9 @@ def bench_train(
 def bench_predict(
     model: Annotated[Path, typer.Argument(help="Checkpoint or bare state_dict.")],
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many images.")] = 512,
 ) -> None:
     """Predict images/s end to end vs model-only forward vs a tutorial-style loop."""
