@@ -35,21 +35,32 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 def decode_image(data: bytes, *, min_side: int = 0) -> tuple[np.ndarray, float]:
     """Decode any image Pillow knows to RGB uint8, honouring EXIF rotation.
 
-    Returns (image, scale): `scale` = decoded width / true (EXIF-rotated) width, below 1 when the
-    JPEG fast path downscaled in the DCT domain. Greyscale, palette, RGBA (alpha dropped) and
+    Returns (image, scale): `scale` = the exact n/8 DCT scale (image pixels per source pixel),
+    below 1 when the JPEG fast path downscaled in the DCT domain. Greyscale, palette, RGBA (alpha dropped) and
     16-bit images become 8-bit RGB. Raises ValueError for anything unreadable.
     """
     if data[:2] == JPEG_MAGIC:
         orientation = _exif_orientation(data)
         if orientation in (0, 1):
             img = decode_jpeg(data, min_side=min_side)
-            w, _ = jpeg_size(data)
-            return img, img.shape[1] / w
+            return img, dct_scale(img.shape[1], jpeg_size(data)[0])
     try:
         with Image.open(io.BytesIO(data)) as im:
             return _to_rgb8(ImageOps.exif_transpose(im)), 1.0
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image: {e}") from None
+
+
+def dct_scale(decoded_width: int, width: int) -> float:
+    """The exact DCT scale n/8 of a downscaled JPEG decode.
+
+    libjpeg outputs ceil(width * n / 8) pixels, so decoded/width is only close (1001 px at 1/4
+    decodes to 251, not 250.25) and would shift keypoints near the far edge.
+    """
+    for n in range(1, 17):
+        if -(-width * n // 8) == decoded_width:
+            return n / 8
+    raise AssertionError(f"decoded width {decoded_width} is no n/8 scale of {width}")
 
 
 def _exif_orientation(data: bytes) -> int:

@@ -328,12 +328,8 @@ def prepare(data: bytes, spec: ModelSpec, *, draft: bool = True) -> tuple[np.nda
     model size); the scale enters the image matrix, the fit matrix stays in original pixels.
     """
     min_side = _draft_min_side(*jpeg_size(data), spec.size) if draft and data[:2] == JPEG_MAGIC else 0
-    image, approx_scale = decode_image(data, min_side=min_side)
-    if approx_scale == 1.0:
-        width, height, scale = image.shape[1], image.shape[0], 1.0
-    else:
-        width, height = jpeg_size(data)
-        scale = _dct_scale(image.shape[1], width)
+    image, scale = decode_image(data, min_side=min_side)
+    width, height = (image.shape[1], image.shape[0]) if scale == 1.0 else jpeg_size(data)
     if min(width, height) < MIN_SIDE_PX:
         raise ValueError(f"image is {width}x{height} px, too small (both sides must be >= {MIN_SIDE_PX} px)")
     fit = fit_matrix(width, height, spec.size)
@@ -353,15 +349,6 @@ def _draft_min_side(width: int, height: int, size: int) -> int:
         if max(width, height) / r >= size and min(width, height) / r >= 1:
             return math.ceil(min(width, height) / r)
     return 0
-
-
-def _dct_scale(decoded_width: int, width: int) -> float:
-    """The exact DCT scale n/8: libjpeg outputs ceil(width * n / 8) pixels, so decoded/width is only
-    close (1001 px at 1/4 decodes to 251, not 250.25) and would shift keypoints at the far edge."""
-    for n in range(1, 17):
-        if -(-width * n // 8) == decoded_width:
-            return n / 8
-    raise AssertionError(f"decoded width {decoded_width} is no n/8 scale of {width}")
 
 
 def letterbox(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
