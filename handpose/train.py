@@ -1,0 +1,657 @@
+"""`handpose train`: the ShallowUNet trainer, one process or many under torchrun (DDP).
+
+Read `fit` top to bottom: build everything, maybe resume, then the epoch loop. Heatmap targets
+are rendered on the training device from the batch keypoints; keypoints are decoded with the
+decoder `predict` uses (heatmaps.heatmaps_to_keypoints). Only the global rank 0 prints and writes.
+
+RUN/config.toml       the resolved config (recipe + overrides)
+RUN/metrics.jsonl     one JSON line per epoch
+RUN/summary.json      final numbers (best validation error, mean-pose baseline, time)
+RUN/checkpoints/      last.pt (every epoch), prev.pt, best.pt (see checkpoint.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from handpose import checkpoint
+from handpose.atomic import write_json, write_text
+from handpose.config import AugmentConfig, load_config, to_dict, to_toml
+from handpose.distributed import (
+    World,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_object,
+    reduce_sums,
+    setup_world,
+    teardown,
+)
+from handpose.errors import HandposeError
+from handpose.geometry import apply_affine, fit_matrix
+from handpose.heatmaps import LOSSES, heatmaps_to_keypoints, keypoints_to_heatmaps
+from handpose.model import ShallowUNet
+from handpose.shards import Manifest, decode_keypoints, read_manifest
+from handpose.skeleton import NUM_JOINTS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; written to RUN/config.toml and into every checkpoint.
+
+    Defaults are the tutorial's recipe (pipelines/freihand_tutorial.toml) except the pixel
+    convention (index_offset 0.5) and bf16 on CUDA. Batch sizes are PER PROCESS: under torchrun
+    one optimizer step consumes batch_size x world_size samples.
+    """
+
+    shards: str = ""  # packed shards folder (handpose pack)
+    out: str = ""  # run folder
+    loader: Literal["wds", "dali"] = "wds"
+    workers: int = 2  # loader worker processes per rank
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = 128  # model input side, px; heatmaps have the same size
+    augment: AugmentConfig = AugmentConfig(enabled=False)
+    width: int = 16  # ShallowUNet width; 16 + depth 3 is the tutorial's model
+    depth: int = 3
+    sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
+    loss: Literal["iou", "mse"] = "iou"
+    index_offset: float = 0.5  # decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
+    epochs: int = 1000
+    batch_size: int = 48
+    batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
+    val_batches: int = 20  # per rank; 0 = the whole validation split
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0  # SGD only
+    weight_decay: float = 0.0
+    schedule: Literal["plateau", "cosine", "constant"] = "plateau"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 20  # epochs
+    plateau_on: Literal["train_loss", "val_loss"] = "train_loss"  # the tutorial stepped on train loss
+    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over this many epochs
+    min_lr: float = 0.0  # cosine: final learning rate
+    grad_clip: float = 0.0  # max gradient L2 norm; 0 = off
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model
+    monitor: Literal["val_loss", "val_error_px"] = "val_loss"  # best.pt and early stopping
+    patience: int = 0  # early stopping: epochs without improvement; 0 = off
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
+    seed: int = 0  # process seed = seed + rank; the loader derives its order from (seed, epoch, rank)
+    log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
+
+    def __post_init__(self) -> None:
+        if self.image_size % 2**self.depth:
+            raise HandposeError(
+                f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}"
+            )
+        for name in ("width", "depth", "epochs", "batch_size", "workers", "log_every"):
+            if getattr(self, name) < (0 if name == "workers" else 1):
+                raise HandposeError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("batches_per_epoch", "val_batches", "patience", "warmup_epochs", "grad_clip", "lr"):
+            if getattr(self, name) < 0:
+                raise HandposeError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# Keys that change the model's shape: a resumed run must keep them.
+SHAPE_KEYS = ("width", "depth", "image_size")
+
+
+def train(
+    recipe: str | Path | None, overrides: dict[str, str] | None = None, *, resume: bool = False
+) -> dict[str, Any]:
+    """Train from a recipe plus `--key value` overrides; returns the run summary (rank 0's numbers).
+
+    Resumes from RUN/checkpoints/last.pt when it exists; `resume=True` requires it to.
+    """
+    cfg = load_config(TrainConfig, recipe, overrides)
+    if not cfg.shards or not cfg.out:
+        raise HandposeError("train needs --shards DIR and --out RUN (or shards/out in the recipe)")
+    manifest = read_manifest(cfg.shards)
+    world = setup_world(None if cfg.device == "auto" else cfg.device)
+    # No barrier on the error path: the other ranks may never reach it; exiting lets torchrun stop them.
+    summary = fit(cfg, world, manifest, resume=resume)
+    teardown(world)
+    return summary
+
+
+def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> dict[str, Any]:
+    """Build, maybe resume, run the epochs. The loop below is the whole training procedure."""
+    run = Path(cfg.out)
+    seed_everything(cfg.seed + world.rank)
+    raw, model, opt, scaler = build(cfg, world)
+    train_loader = make_loader(cfg, world, "train", epoch=0)
+    val_loader = make_loader(cfg, world, "val", epoch=0)
+    steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
+    sched = make_scheduler(cfg, opt, steps)
+    st = maybe_resume(cfg, world, run, raw, opt, sched, scaler, LoopState(), required=resume)
+    st.mean_pose = st.mean_pose if st.mean_pose is not None else mean_pose(manifest, cfg.image_size, world)
+    log = RunLog(cfg, world, run, st, manifest)
+    for epoch in range(st.epoch, cfg.epochs):
+        if st.stopped:
+            break
+        train_loader.set_epoch(epoch)
+        model.train()
+        t0, loss_sum, n = time.perf_counter(), torch.zeros((), device=world.device), 0
+        log.start_epoch(epoch, steps)
+        for n, batch in enumerate(islice(train_loader, steps), 1):
+            loss = train_step(model, batch, opt, scaler, cfg, world)
+            if cfg.schedule == "cosine":
+                sched.step()  # per-step schedule: warm-up and decay in optimizer steps
+            loss_sum += loss
+            st.step += 1
+            _test_hooks(world, epoch, st.step, batch)
+            if n % cfg.log_every == 0:
+                log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
+        seconds = time.perf_counter() - t0
+        train_sums = reduce_sums({"loss": loss_sum, "batches": float(n)}, world)
+        metrics = {
+            "epoch": epoch + 1,
+            "step": st.step,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": train_sums["loss"] / max(train_sums["batches"], 1),
+            **evaluate(raw, val_loader, cfg, world, st.mean_pose),
+            "samples_per_s": n * cfg.batch_size * world.world_size / seconds,
+            "seconds": seconds,
+        }
+        if cfg.schedule == "plateau":
+            sched.step(metrics[cfg.plateau_on])
+        improved = st.update(epoch + 1, metrics[cfg.monitor], cfg)
+        save_checkpoints(cfg, world, run, manifest, raw, opt, sched, scaler, st, best=improved)
+        log.end_epoch(metrics, improved)
+    _record_params(raw, world)
+    return log.finish(st)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (each rank passes base seed + rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(cfg: TrainConfig, world: World) -> torch.dtype | None:
+    """Autocast dtype: bf16/fp16 on CUDA only (the CPU path is identical code, fp32)."""
+    if world.device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+
+def build(cfg: TrainConfig, world: World) -> tuple[ShallowUNet, nn.Module, torch.optim.Optimizer, Any]:
+    """Model (bare and wrapped for training: channels_last, DDP, compile), optimizer, grad scaler."""
+    raw = ShallowUNet(cfg.width, cfg.depth).to(world.device)
+    cuda = world.device.type == "cuda"
+    if cuda and cfg.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model: nn.Module = raw
+    if world.distributed:
+        # DDP broadcasts rank 0's initial weights, so every rank starts identical.
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[world.device.index] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    params = [p for p in raw.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Only fp16 needs loss scaling; a disabled scaler is a no-op with an (empty) state_dict.
+    scaler = torch.amp.GradScaler(world.device.type, enabled=amp_dtype(cfg, world) is torch.float16)
+    return raw, model, opt, scaler
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """plateau: halve (factor) when the monitored loss stalls, stepped per epoch.
+    cosine: linear warm-up then cosine to min_lr, stepped per optimizer step. constant: no-op."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience, threshold=1e-5
+        )
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        t = min((step - warm) / max(total - warm, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_loader(cfg: TrainConfig, world: World, split: str, *, epoch: int) -> Any:
+    """The real loader for `split`; the GLOBAL rank picks its shard of the data."""
+    from handpose.loader import make_loader as _make
+
+    train = split == "train"
+    return _make(
+        cfg.shards,
+        split,
+        kind=cfg.loader,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        augment=cfg.augment if (train and cfg.augment.enabled) else None,
+        rank=world.rank,
+        world_size=world.world_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        epoch=epoch,
+        device=world.device,
+        # batches_per_epoch > 0: each rank draws random shards (the tutorial's random batches);
+        # 0: full passes, the ranks' samples partition the split exactly.
+        samples_per_epoch=(
+            cfg.batches_per_epoch * cfg.batch_size * world.world_size
+            if train and cfg.batches_per_epoch
+            else None
+        ),
+    )
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    cfg: TrainConfig,
+    world: World,
+) -> torch.Tensor:
+    """One optimizer step; returns the detached loss (no host sync)."""
+    images = batch["image"]
+    if world.device.type == "cuda" and cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    target = keypoints_to_heatmaps(batch["uv"], batch["visible"], cfg.image_size, cfg.sigma)
+    dtype = amp_dtype(cfg, world)
+    with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        pred = model(images)
+    loss = LOSSES[cfg.loss](pred, target)  # losses compute in fp32
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(
+    raw: nn.Module, loader: Any, cfg: TrainConfig, world: World, mean_uv: torch.Tensor
+) -> dict[str, float]:
+    """Validation loss and mean keypoint error (px at model size, % of the side) over visible
+    joints, and the same error for always predicting the mean training pose; summed over ranks."""
+    sync_buffers(raw, world)  # every rank evaluates (and rank 0 saves) the same BN statistics
+    raw.eval()
+    dtype = amp_dtype(cfg, world)
+    mean_uv = mean_uv.to(world.device)
+    sums = torch.zeros(5, dtype=torch.float64, device=world.device)
+    for batch in islice(loader, cfg.val_batches or None):
+        uv, vis = batch["uv"], batch["visible"]
+        with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            pred = raw(batch["image"])
+        loss = LOSSES[cfg.loss](pred, keypoints_to_heatmaps(uv, vis, cfg.image_size, cfg.sigma))
+        pred_uv, _ = heatmaps_to_keypoints(pred, cfg.index_offset)
+        err = (pred_uv - uv).norm(dim=-1)[vis].sum()
+        base = (mean_uv - uv).norm(dim=-1)[vis].sum()
+        sums += torch.stack(
+            [
+                loss.double() * len(uv),
+                torch.tensor(len(uv), dtype=torch.float64, device=world.device),
+                err.double(),
+                vis.sum().double(),
+                base.double(),
+            ]
+        )
+    loss_sum, n, err_sum, n_vis, base_sum = all_reduce_sum(sums, world).tolist()
+    if n == 0 or n_vis == 0:
+        raise HandposeError(f"{cfg.shards}: the validation split gave no samples with visible joints")
+    err_px = err_sum / n_vis
+    return {
+        "val_loss": loss_sum / n,
+        "val_error_px": err_px,
+        "val_error_pct": 100 * err_px / cfg.image_size,
+        "mean_pose_error_px": base_sum / n_vis,
+        "val_samples": int(n),
+    }
+
+
+def agree_steps(steps: int, world: World) -> int:
+    """The smallest step count of any rank: DDP needs every rank to take the same steps."""
+    if not world.distributed:
+        return steps
+    t = torch.tensor([steps], device=world.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
+def sync_buffers(module: nn.Module, world: World) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every rank."""
+    if world.distributed:
+        for b in module.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+def _train_annotations(tar_path: Path) -> Any:
+    """Yield (uv source px (21, 2), width, height) per sample of a shard; images are skipped."""
+    size: dict[str, tuple[int, int]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == "json":
+                meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                size[key] = (int(meta["width"]), int(meta["height"]))
+            elif ext == "kp.f32":
+                yield decode_keypoints(tar.extractfile(member).read()), *size.pop(key)  # type: ignore[union-attr]
+
+
+def mean_pose(manifest: Manifest, image_size: int, world: World) -> torch.Tensor:
+    """Mean training pose (21, 2) in model-input px (letterbox fit, no augmentation).
+
+    The baseline every error is compared with: predicting it for every image. Ranks read
+    disjoint shards and sum, so the cost is one pass over the annotations, not the images.
+    """
+    acc = np.zeros(NUM_JOINTS * 2 + 1)
+    for path in manifest.shards("train")[world.rank :: world.world_size]:
+        for uv, w, h in _train_annotations(path):
+            acc[:-1] += apply_affine(fit_matrix(w, h, image_size), uv).reshape(-1)
+            acc[-1] += 1
+    total = all_reduce_sum(torch.from_numpy(acc).to(world.device), world).cpu()
+    if total[-1] == 0:
+        raise HandposeError(f"{manifest.root}: the train split has no samples")
+    return (total[:-1] / total[-1]).float().reshape(NUM_JOINTS, 2)
+
+
+# ----------------------------------------------------------------------------- loop state, checkpoints
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between epochs (saved in every checkpoint)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps
+    best: float = math.inf  # best monitored metric
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last improvement
+    stopped: bool = False  # early stopping fired
+    mean_pose: torch.Tensor | None = None  # (21, 2) model px
+
+    def update(self, epoch: int, value: float, cfg: TrainConfig) -> bool:
+        """Record a finished epoch; True when `value` improved the best (-> best.pt)."""
+        self.epoch = epoch
+        improved = value < self.best - cfg.min_delta
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped = bool(cfg.patience) and self.bad_epochs >= cfg.patience
+        return improved
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def save_checkpoints(
+    cfg: TrainConfig,
+    world: World,
+    run: Path,
+    manifest: Manifest,
+    raw: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    scaler: Any,
+    st: LoopState,
+    *,
+    best: bool,
+) -> None:
+    """last.pt every epoch (old one kept as prev.pt), best.pt on improvement; rank 0 writes.
+
+    Every rank takes part: each contributes its own RNG state, restored to it on resume.
+    """
+    rngs = all_gather_objects(checkpoint.rng_state(world.device), world)
+    if not world.is_main:
+        return
+    state = {
+        "model": raw.state_dict(),
+        "config": to_dict(cfg),
+        "norm": {"mean": list(manifest.mean), "std": list(manifest.std)},
+        "epoch": st.epoch,
+        "step": st.step,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rngs,
+        "world_size": world.world_size,
+        "state": st.to_dict(),
+    }
+    folder = run / "checkpoints"
+    checkpoint.save(folder / checkpoint.LAST, state, keep_previous=True)
+    if best:
+        checkpoint.save(folder / checkpoint.BEST, state)
+
+
+def maybe_resume(
+    cfg: TrainConfig,
+    world: World,
+    run: Path,
+    raw: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    scaler: Any,
+    st: LoopState,
+    *,
+    required: bool,
+) -> LoopState:
+    """Continue from RUN/checkpoints/last.pt (or prev.pt if last.pt is damaged) when it exists.
+
+    Rank 0 reads the file and broadcasts it, so nodes need no shared disk.
+    """
+    found = None
+    if world.is_main:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = checkpoint.load_latest(run / "checkpoints")
+        for w in caught:
+            print(f"warning: {w.message}", flush=True)
+    found = broadcast_object(found, world)
+    if found is None:
+        if required:
+            raise HandposeError(f"--resume: no checkpoint in {run / 'checkpoints'}")
+        return st
+    ck, path = found
+    changed = {k: (ck["config"].get(k), v) for k, v in to_dict(cfg).items() if ck["config"].get(k) != v}
+    bad = sorted(set(changed) & set(SHAPE_KEYS))
+    if bad:
+        raise HandposeError(
+            f"{path}: cannot resume with a different {', '.join(bad)} "
+            f"(checkpoint has {', '.join(f'{k}={changed[k][0]}' for k in bad)})"
+        )
+    raw.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    scaler.load_state_dict(ck["scaler"])
+    if ck["world_size"] == world.world_size:
+        checkpoint.set_rng_state(ck["rng"][world.rank], world.device)
+    elif world.is_main:
+        print(
+            f"note: resuming {ck['world_size']} processes' run on {world.world_size}: "
+            "the data order changes from here on",
+            flush=True,
+        )
+    if world.is_main:
+        print(
+            f"resumed from {path} at epoch {ck['epoch']}, step {ck['step']}"
+            + (f" (changed: {', '.join(sorted(changed))})" if changed else ""),
+            flush=True,
+        )
+    return LoopState(**ck["state"])
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """Rank 0's outputs: progress bar, one printed line and one metrics.jsonl line per epoch,
+    TensorBoard scalars when tensorboard is installed, summary.json. Other ranks: no-ops."""
+
+    def __init__(self, cfg: TrainConfig, world: World, run: Path, st: LoopState, manifest: Manifest):
+        self.cfg, self.main, self.run = cfg, world.is_main, run
+        self.samples_per_step = cfg.batch_size * world.world_size
+        self.history: list[dict[str, Any]] = []
+        self.progress: Any = None
+        self.tb: Any = None
+        self.t_start = time.perf_counter()
+        if not self.main:
+            return
+        run.mkdir(parents=True, exist_ok=True)
+        write_text(run / "config.toml", to_toml(self.cfg))
+        path = run / "metrics.jsonl"
+        if path.exists():  # keep only epochs the resumed checkpoint covers
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            self.history = [m for m in lines if m["epoch"] <= st.epoch]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            pass
+        from rich.console import Console
+
+        self.console = Console()
+        assert st.mean_pose is not None
+        print(
+            f"train {manifest.count('train')} samples, val {manifest.count('val')}, {world.world_size} "
+            f"process(es) on {world.device}; mean-pose baseline computed from the train split",
+            flush=True,
+        )
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.t_epoch, self.epoch = time.perf_counter(), epoch
+        if not self.main or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{self.cfg.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("train", total=steps, info="")
+        self.progress.start()
+
+    def advance(self, done: int, loss: torch.Tensor, lr: float) -> None:
+        if self.progress is None:
+            return
+        rate = done * self.samples_per_step / (time.perf_counter() - self.t_epoch)
+        self.progress.update(
+            self.task, completed=done, info=f"{rate:6.1f} samples/s  loss {loss.item():.4f}  lr {lr:.2e}"
+        )
+
+    def end_epoch(self, metrics: dict[str, Any], improved: bool) -> None:
+        if not self.main:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self.history.append(metrics)
+        write_text(
+            self.run / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
+        )
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "epoch":
+                    self.tb.add_scalar(k, v, metrics["epoch"])
+        m = metrics
+        print(
+            f"epoch {m['epoch']:4d}  train {m['train_loss']:.4f}  val {m['val_loss']:.4f}  "
+            f"error {m['val_error_px']:.2f} px ({m['val_error_pct']:.2f}%)  "
+            f"mean pose {m['mean_pose_error_px']:.2f} px"
+            f"  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s  {m['seconds']:.0f} s"
+            + ("  *" if improved else ""),
+            flush=True,
+        )
+
+    def finish(self, st: LoopState) -> dict[str, Any]:
+        """Write summary.json (rank 0) and return it."""
+        last = self.history[-1] if self.history else {}
+        best = next((m for m in self.history if m["epoch"] == st.best_epoch), last)
+        summary = {
+            "epochs": st.epoch,
+            "steps": st.step,
+            "early_stopped": st.stopped,
+            "best_epoch": st.best_epoch,
+            "best_val_error_px": best.get("val_error_px"),
+            "best_val_error_pct": best.get("val_error_pct"),
+            "best_val_loss": best.get("val_loss"),
+            "final": last,
+            "mean_pose_error_px": last.get("mean_pose_error_px"),
+            "image_size": self.cfg.image_size,
+            "train_seconds": sum(m["seconds"] for m in self.history),
+            "wall_seconds": time.perf_counter() - self.t_start,
+        }
+        if self.main:
+            write_json(self.run / "summary.json", summary)
+            if self.tb is not None:
+                self.tb.close()
+            if st.stopped:
+                print(f"early stopping: no improvement in {self.cfg.patience} epochs", flush=True)
+            if last:
+                print(
+                    f"best epoch {st.best_epoch}: validation error {summary['best_val_error_px']:.2f} px vs "
+                    f"{summary['mean_pose_error_px']:.2f} px for the mean pose",
+                    flush=True,
+                )
+        return summary
+
+
+def _test_hooks(world: World, epoch: int, step: int, batch: dict[str, Any]) -> None:
+    """Test-only instrumentation, driven by environment variables (inert when unset).
+
+    HANDPOSE_TEST_RECORD=DIR        each rank appends the keys it trained on to DIR/keys-rank{R}.jsonl
+    HANDPOSE_TEST_KILL=R:STEP:FILE  rank R SIGKILLs itself at STEP unless FILE exists (it creates
+                                    FILE first, so the restarted job runs through)
+    """
+    record = os.environ.get("HANDPOSE_TEST_RECORD")
+    if record:
+        with open(Path(record) / f"keys-rank{world.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": epoch, "step": step, "keys": list(batch["key"])}) + "\n")
+    kill = os.environ.get("HANDPOSE_TEST_KILL")
+    if kill:
+        rank, at, marker = kill.split(":", 2)
+        if world.rank == int(rank) and step == int(at) and not Path(marker).exists():
+            Path(marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _record_params(raw: nn.Module, world: World) -> None:
+    """Test-only: with HANDPOSE_TEST_RECORD set, each rank writes a digest of its parameters."""
+    record = os.environ.get("HANDPOSE_TEST_RECORD")
+    if record:
+        params = {k: v for k, v in raw.named_parameters()}
+        write_text(Path(record) / f"params-rank{world.rank}.txt", checkpoint.digest(params) + "\n")

@@ -1,0 +1,342 @@
+"""Trainer: recipes, checkpoints, exact resume, and real multi-process runs through torchrun.
+
+The multi-process tests launch `torchrun` exactly as a user would (from the repo root, gloo on
+the CPU) on the shared `packed` fixture, with a tiny model (width 4, 32 px) so each run takes
+seconds. Test-only hooks in handpose.train are driven by environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from handpose import checkpoint
+from handpose.config import load_config
+from handpose.errors import HandposeError
+from handpose.model import ShallowUNet
+from handpose.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "pipelines"
+BIN = Path(sys.executable).parent
+TINY = {
+    "image_size": "32",
+    "width": "4",
+    "batch_size": "4",
+    "val_batches": "0",
+    "workers": "0",
+    "optimizer": "adamw",
+    "lr": "0.01",
+    "schedule": "constant",
+    "log_every": "1",
+}
+
+
+def _args(overrides: dict[str, str]) -> list[str]:
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # One thread per process: several ranks share this machine's two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("HANDPOSE_TEST_RECORD", None)
+    env.pop("HANDPOSE_TEST_KILL", None)
+    return {**env, **extra}
+
+
+def _torchrun(launch: list[str], args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    cmd = [str(BIN / "torchrun"), *launch, *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", ["freihand_tutorial", "freihand_strong", "cpu_demo"])
+def test_recipes_load(name: str) -> None:
+    cfg = load_config(TrainConfig, RECIPES / f"{name}.toml", {"shards": "s", "out": "o"})
+    assert cfg.image_size % 2**cfg.depth == 0
+
+
+def test_tutorial_recipe_is_the_tutorials() -> None:
+    cfg = load_config(TrainConfig, RECIPES / "freihand_tutorial.toml")
+    assert (cfg.batch_size, cfg.batches_per_epoch, cfg.val_batches, cfg.image_size) == (48, 50, 20, 128)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.schedule, cfg.plateau_factor) == (
+        "sgd",
+        0.1,
+        0.0,
+        "plateau",
+        0.5,
+    )
+    assert (cfg.loss, cfg.width, cfg.depth, cfg.augment.enabled) == ("iou", 16, 3, False)
+    assert cfg.patience > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"lrr": "1"}, "'lrr'"),
+        ({"augment.spin": "1"}, "'spin'"),
+        ({"epochs": "many"}, "epochs"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"image_size": "100"}, "image_size"),
+    ],
+)
+def test_recipe_errors_name_the_key(overrides: dict[str, str], needle: str) -> None:
+    with pytest.raises(HandposeError, match=needle):
+        train(RECIPES / "cpu_demo.toml", {"shards": "s", "out": "o", **overrides})
+
+
+def test_missing_shards_is_a_clean_error(tmp_path: Path) -> None:
+    with pytest.raises(HandposeError, match="manifest"):
+        train(RECIPES / "cpu_demo.toml", {"shards": str(tmp_path), "out": str(tmp_path / "run")})
+
+
+# ----------------------------------------------------------------------------- model, checkpoints
+
+
+def test_tutorial_weights_load(shared_data: Path) -> None:
+    path = shared_data / "tutorial-weights" / "model_final"
+    if not path.exists():
+        pytest.skip("tutorial weights absent")
+    model = ShallowUNet()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 128, 128))
+    assert out.shape == (1, 21, 128, 128)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0  # sigmoid heatmaps
+    assert sum(p.numel() for p in model.parameters()) == 491_206
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "config": {}, "norm": {}, "epoch": int(value), "step": 0}
+
+
+def test_corrupt_last_falls_back_to_prev(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "last.pt", _state(1.0), keep_previous=True)
+    checkpoint.save(tmp_path / "last.pt", _state(2.0), keep_previous=True)
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 2
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(UserWarning, match="last.pt.*unreadable"):
+        state, path = checkpoint.load_latest(tmp_path)
+    assert path.name == "prev.pt" and state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+
+
+def test_flipped_tensor_byte_is_detected(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path / "last.pt", _state(1.0))
+    data = bytearray((tmp_path / "last.pt").read_bytes())
+    at = data.find(torch.ones(3).numpy().tobytes())  # the tensor's raw bytes inside the zip
+    data[at] ^= 0xFF
+    (tmp_path / "last.pt").write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="checksum"):
+        checkpoint.load(tmp_path / "last.pt")
+
+
+def test_rng_state_round_trips(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    checkpoint.save(tmp_path / "c.pt", {**_state(0.0), "rng": [checkpoint.rng_state(torch.device("cpu"))]})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"][0], torch.device("cpu"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_exact_resume(packed: Path, tmp_path: Path) -> None:
+    """2 epochs + resume + 2 epochs == 4 straight epochs, bit for bit (loader workers and
+    augmentation on, so their RNG streams must continue exactly too)."""
+    common = {
+        **TINY,
+        "shards": str(packed),
+        "workers": "1",
+        "batches_per_epoch": "3",
+        "val_batches": "2",
+        "augment.enabled": "true",
+        "optimizer": "sgd",
+        "momentum": "0.9",
+        "schedule": "plateau",
+    }
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    summary = train(None, {**common, "out": str(straight), "epochs": "4"})
+    train(None, {**common, "out": str(split), "epochs": "2"})
+    from typer.testing import CliRunner
+
+    from handpose.cli import app
+
+    result = CliRunner().invoke(
+        app, ["train", "--resume", *_args({**common, "out": str(split), "epochs": "4"})]
+    )
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output
+    a, b = checkpoint.load(straight / "checkpoints/last.pt"), checkpoint.load(split / "checkpoints/last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 12)
+    assert [m["epoch"] for m in _metrics(split)] == [1, 2, 3, 4]
+    assert [m["val_error_px"] for m in _metrics(split)] == [m["val_error_px"] for m in _metrics(straight)]
+    assert load_config(TrainConfig, split / "config.toml").epochs == 4
+    assert summary["epochs"] == 4 and summary["mean_pose_error_px"] > 0
+    # a checkpoint's model shape cannot change under a resume
+    with pytest.raises(HandposeError, match="width"):
+        train(None, {**common, "out": str(split), "epochs": "5", "width": "8"})
+
+
+def test_resume_without_checkpoint_is_an_error(packed: Path, tmp_path: Path) -> None:
+    with pytest.raises(HandposeError, match="no checkpoint"):
+        train(None, {**TINY, "shards": str(packed), "out": str(tmp_path)}, resume=True)
+
+
+def test_bench_train(packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from handpose.bench.train import bench_train
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("image_size = 32\nwidth = 4\nbatch_size = 4\nworkers = 0\n")
+    result = bench_train(packed, config=recipe, steps=3)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads(json.dumps(result, sort_keys=True))
+    assert line["samples_per_s"] > 0 and line["in_memory_samples_per_s"] > 0
+    assert line["loader_overhead_pct"] < 100
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _ddp_args(packed: Path, run: Path, epochs: int = 3) -> list[str]:
+    return [
+        "handpose",
+        "train",
+        *_args(
+            {**TINY, "shards": str(packed), "out": str(run), "epochs": str(epochs), "batches_per_epoch": "0"}
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One uninterrupted 2-process run (3 full passes), recording each rank's keys and parameters."""
+    run, record = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("record")
+    _torchrun(
+        ["--nproc_per_node=2", "--standalone"], _ddp_args(packed, run), _env(HANDPOSE_TEST_RECORD=str(record))
+    )
+    return run, record
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks(ddp_run: tuple[Path, Path], packed: Path) -> None:
+    run, record = ddp_run
+    keys: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for rank in (0, 1):
+        for line in (record / f"keys-rank{rank}.jsonl").read_text().splitlines():
+            step = json.loads(line)
+            keys[step["epoch"]][rank] += step["keys"]
+    n_train = json.loads((packed / "manifest.json").read_text())["counts"]["train"]
+    assert sorted(keys) == [0, 1, 2]
+    for epoch, per_rank in keys.items():
+        a, b = per_rank[0], per_rank[1]
+        assert len(a) == len(b) == n_train // 2 and len(set(a)) == len(a)
+        assert not set(a) & set(b), f"epoch {epoch}: ranks shared samples"
+        assert len(set(a) | set(b)) == n_train  # together: the whole split, once
+    assert keys[0][0] != keys[1][0]  # a new order each epoch
+    digests = {(record / f"params-rank{r}.txt").read_text() for r in (0, 1)}
+    assert len(digests) == 1, "parameters differ between ranks"
+    metrics = _metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert all(
+        m["val_samples"] == json.loads((packed / "manifest.json").read_text())["counts"]["val"]
+        for m in metrics
+    )
+    assert (run / "checkpoints" / "best.pt").exists() and (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["-m", "--no-python"])
+def test_other_launch_forms(form: str, packed: Path, tmp_path: Path) -> None:
+    """`torchrun -m handpose train` and `torchrun --no-python handpose train` (console script)."""
+    args = _ddp_args(packed, tmp_path, epochs=1)
+    _torchrun(["--nproc_per_node=2", "--standalone", form], args, _env())
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [1]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_checkpoint(
+    ddp_run: tuple[Path, Path], packed: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of rank 1 in epoch 2 under --max-restarts 1: the job restarts from last.pt, finishes,
+    and ends with exactly the weights of the uninterrupted run."""
+    run, marker = tmp_path / "run", tmp_path / "killed"
+    steps_per_epoch = _metrics(ddp_run[0])[0]["step"]
+    kill = f"1:{steps_per_epoch + 2}:{marker}"
+    out = _torchrun(
+        [
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        ],
+        _ddp_args(packed, run),
+        _env(HANDPOSE_TEST_KILL=kill),
+    )
+    assert marker.exists(), "the kill hook never fired"
+    assert f"at epoch 1, step {steps_per_epoch}" in out  # resumed from the epoch-1 checkpoint
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2, 3]
+    ref = _weights(ddp_run[0])
+    got = _weights(run)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_two_node_launch(ddp_run: tuple[Path, Path], packed: Path, tmp_path: Path) -> None:
+    """Two torchrun launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: one job of 2 ranks, the
+    same result as 2 ranks on one node."""
+    port = _free_port()
+    launch = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=handpose-test",
+    ]
+    cmd = [str(BIN / "torchrun"), *launch, *_ddp_args(packed, tmp_path)]
+    nodes = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert sum("2 process(es)" in o for o in outs) == 1  # only global rank 0 prints
+    ref, got = _weights(ddp_run[0]), _weights(tmp_path)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
