@@ -241,8 +241,14 @@ class DaliLoader:
         n = len(self)
         self._next_epoch = self.epoch + 1
         batches = itertools.islice(_forever(it), n) if self.samples_per_epoch else iter(it)
-        for out in batches:
-            yield self._finish(out[0])
+        done = 0
+        try:
+            for out in batches:
+                yield self._finish(out[0])
+                done += 1
+        finally:
+            if done < n:  # stopped early (e.g. val_batches): DALI cannot reset mid-epoch, so the
+                self._iterator = None  # next pass rebuilds it instead of resuming where this one stopped
 
     def _finish(self, out: dict[str, torch.Tensor]) -> dict[str, Any]:
         uv = out["uv"].float()

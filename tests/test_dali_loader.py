@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -189,3 +190,14 @@ def test_torchrun_two_ranks_dali_exactly_once(packed: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(ranks[0]["keys"] + ranks[1]["keys"]) == _split_keys(packed, "val")
+
+
+def test_stopping_early_restarts_the_next_pass(packed: Path) -> None:
+    """The trainer reads only `val_batches` batches: the next pass must start at the same batch."""
+    loader = make_loader(packed, "val", kind="dali", batch_size=4, workers=1)
+    first = [b["key"] for b in itertools.islice(loader, 2)]
+    loader.set_epoch(1)  # epochs in order would otherwise continue the same DALI pipeline
+    again = [b["key"] for b in itertools.islice(loader, 2)]
+    assert first == again
+    full = [k for b in loader for k in b["key"]]
+    assert sorted(full) == _split_keys(packed, "val")
