@@ -61,15 +61,26 @@ def pack(
     ] = None,
     shard_size: Annotated[float, typer.Option(help="Target shard size in MB.")] = 4.0,
     workers: Workers = None,
-    on_error: Annotated[str, typer.Option(help="fail | skip (skipped samples are listed in the manifest).")] = "fail",
+    on_error: Annotated[
+        str, typer.Option(help="fail | skip (skipped samples are listed in the manifest).")
+    ] = "fail",
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier pack in OUT.")] = False,
 ) -> None:
     """Pack FreiHAND (or COCO keypoints) into WebDataset shards with DALI indexes and a manifest."""
     from handpose.pack import pack as run
 
     run(
-        src, out, fmt=format, images=images, versions=versions, split=split, split_seed=split_seed,
-        shard_size_mb=shard_size, workers=workers, on_error=on_error, overwrite=overwrite,
+        src,
+        out,
+        fmt=format,
+        images=images,
+        versions=versions,
+        split=split,
+        split_seed=split_seed,
+        shard_size_mb=shard_size,
+        workers=workers,
+        on_error=on_error,
+        overwrite=overwrite,
     )
 
 
@@ -78,7 +89,9 @@ def inspect(
     shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
     split: Annotated[str, typer.Option(help="Split to draw samples from.")] = "train",
     n: Annotated[int, typer.Option(help="Samples to draw.")] = 16,
-    png: Annotated[Optional[Path], typer.Option(help="Contact sheet to write [default: SHARDS/inspect-SPLIT.png].")] = None,
+    png: Annotated[
+        Optional[Path], typer.Option(help="Contact sheet to write [default: SHARDS/inspect-SPLIT.png].")
+    ] = None,
 ) -> None:
     """Print the manifest and draw N samples with their skeletons, read back from the shards."""
     from handpose.inspector import inspect_shards
@@ -94,7 +107,9 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (checkpoints, metrics, config).")] = None,
     loader: Annotated[Optional[str], typer.Option(help="wds | dali.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoints/last.pt (automatic when it exists).")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Resume from OUT/checkpoints/last.pt (automatic when it exists).")
+    ] = False,
 ) -> None:
     """Train the UNet (one process, or many under torchrun). Any recipe key: --key value."""
     from handpose.train import train as run
@@ -108,12 +123,18 @@ def train(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="A handpose checkpoint, or a bare state_dict (tutorial weights).")],
-    inputs: Annotated[list[Path], typer.Argument(help="Images, folders, a FreiHAND root, or a shards folder.")],
+    model: Annotated[
+        Path, typer.Argument(help="A handpose checkpoint, or a bare state_dict (tutorial weights).")
+    ],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Images, folders, a FreiHAND root, or a shards folder.")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder (nothing is written elsewhere).")],
     split: Annotated[str, typer.Option(help="Split to read when INPUT is a shards folder.")] = "test",
     labels: Annotated[Optional[Path], typer.Option(help="COCO keypoints json with ground truth.")] = None,
-    coco: Annotated[Optional[Path], typer.Option(help="Also write COCO keypoint results here (inside --out).")] = None,
+    coco: Annotated[
+        Optional[Path], typer.Option(help="Also write COCO keypoint results here (inside --out).")
+    ] = None,
     overlays: Annotated[int, typer.Option(help="Draw this many images with skeletons.")] = 0,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
@@ -125,8 +146,16 @@ def predict(
     from handpose.predict import predict as run
 
     run(
-        model, inputs, out, split=split, labels=labels, coco=coco, overlays=overlays,
-        batch_size=batch_size, workers=workers, device=device,
+        model,
+        inputs,
+        out,
+        split=split,
+        labels=labels,
+        coco=coco,
+        overlays=overlays,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
     )
 
 
