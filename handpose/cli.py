@@ -139,7 +139,9 @@ def predict(
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
     ] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode workers [default: cores - 1].")] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Decode workers [default: cores - 1 on CUDA, 0 on CPU].")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
 ) -> None:
     """Predict keypoints for every image; with labels, write an error report."""

@@ -44,7 +44,7 @@ def heatmaps_to_keypoints(
     ys = torch.arange(hh, device=h.device, dtype=torch.float32) + index_offset
     x = (h.sum(dim=2) * xs).sum(-1) / total
     y = (h.sum(dim=3) * ys).sum(-1) / total
-    score = h.flatten(2).amax(-1)
+    score = h.amax(dim=(2, 3))  # not flatten(2): that copies a channels_last tensor
     return torch.stack([x, y], dim=-1), score
 
 

@@ -142,6 +142,13 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 4
 
 
+def default_workers(device: torch.device) -> int:
+    """Decode processes: cores - 1 beside a GPU; none on a CPU, where the model already uses every
+    core and a decode process only competes with it (`handpose bench predict`, 2 cores: decode in
+    the main process 88.7 images/s vs 63.9 with one decode worker, see BENCHMARKS.md)."""
+    return max(0, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0
+
+
 def pick_device(device: str | None) -> torch.device:
     """`device` as given, else CUDA when available, else the CPU."""
     if device is None:
@@ -645,7 +652,7 @@ def predict(
     _clear_previous(out)
     console = Console(stderr=True, quiet=quiet)
 
-    workers = max(0, (os.cpu_count() or 2) - 1) if workers is None else workers
+    workers = default_workers(dev) if workers is None else workers
     loader = make_loader(
         items, spec, batch_size=batch_size, workers=workers, draft=draft, pin=dev.type == "cuda"
     )

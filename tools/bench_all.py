@@ -62,7 +62,9 @@ def main() -> None:
         )
         results["train_demo"] = handpose("bench", "train", str(shards), "--config", "pipelines/cpu_demo.toml")
     if "predict" in only and TUTORIAL.exists():
-        results["predict"] = handpose("bench", "predict", str(TUTORIAL), str(data / "training" / "rgb"))
+        results["predict"] = handpose(
+            "bench", "predict", str(TUTORIAL), str(data / "training" / "rgb"), "--limit", "256"
+        )
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nresults: {out / 'results.json'}")
 

@@ -89,7 +89,7 @@ def bench_predict(
         "model only, batch 1": lambda: model_only(net, spec, batch[:1], min(n, 64), True),
         END_TO_END: e2e,
         "end to end, NCHW": lambda: e2e(channels_last=False),
-        "end to end, decode in the main process": lambda: e2e(workers=0),
+        "end to end, 1 decode worker": lambda: e2e(workers=1),
         "end to end, no JPEG DCT fast path": lambda: e2e(draft=False),
         "end to end, batch 1": lambda: e2e(files[:64], batch_size=1),  # batch-1 rows: 64 images
     }
