@@ -46,7 +46,15 @@ from handpose.config import AugmentConfig
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, in_frame
 from handpose.imageio import decode_jpeg, warp_affine
-from handpose.shards import SPLITS, Manifest, decode_keypoints, index_name, split_shards
+from handpose.shards import (
+    SPLITS,
+    IndexEntry,
+    Manifest,
+    decode_keypoints,
+    index_name,
+    read_index,
+    split_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,36 +178,17 @@ def _stream_tar(url: str, handler: Handler) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(files, handler=handler)
 
 
-IndexEntry = tuple[str, dict[str, tuple[int, int]]]  # key, {ext: (offset, size)} of READ_MEMBERS
-
-
 @functools.lru_cache(maxsize=64)
 def _read_index(path: str) -> list[IndexEntry] | None:
-    """A shard's DALI index (v1.2: `ext offset size name` per member), or None if there is none.
+    """A shard's index (cached: read once per worker, not once per epoch), or None if there is none.
 
     The webdataset stream and the index list samples in the same order: a sample's position is
     the same for both readers.
     """
     try:
-        with open(path, encoding="ascii") as f:
-            header = f.readline().split()
-            lines = f.read().splitlines()
+        return read_index(path)
     except FileNotFoundError:
         return None
-    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(len(lines)):
-        raise HandposeError(f"{path}: bad index header {' '.join(header)!r} (expected 'v1.2 {len(lines)}')")
-    entries: list[IndexEntry] = []
-    for n, line in enumerate(lines, 2):
-        fields = line.split()
-        if not fields or len(fields) % 4:
-            raise HandposeError(f"{path}:{n}: malformed index line")
-        members = {
-            fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
-            for i in range(0, len(fields), 4)
-            if fields[i] in READ_MEMBERS
-        }
-        entries.append((fields[3].partition(".")[0], members))
-    return entries
 
 
 def _read_by_index(url: str, entries: list[IndexEntry]) -> Iterator[dict]:
@@ -207,8 +196,10 @@ def _read_by_index(url: str, entries: list[IndexEntry]) -> Iterator[dict]:
     try:
         for key, members in entries:
             sample: dict[str, Any] = {"__key__": key, "__url__": url}
-            for ext, (offset, size) in members.items():
-                sample[ext] = os.pread(fd, size, offset)
+            for ext in READ_MEMBERS:  # a missing member is skipped and counted by _decode_warp
+                if ext in members:
+                    offset, size = members[ext]
+                    sample[ext] = os.pread(fd, size, offset)
             yield sample
     finally:
         os.close(fd)

@@ -51,7 +51,7 @@ from handpose.geometry import apply_affine, compose, fit_matrix, invert, scaling
 from handpose.heatmaps import INDEX_OFFSET, TUTORIAL_INDEX_OFFSET, heatmaps_to_keypoints
 from handpose.imageio import JPEG_MAGIC, decode_image, jpeg_size, warp_affine
 from handpose.model import ShallowUNet
-from handpose.shards import MANIFEST, decode_keypoints, index_name, split_shards
+from handpose.shards import MANIFEST, decode_keypoints, index_name, read_index, split_shards
 from handpose.skeleton import NUM_JOINTS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -265,25 +265,16 @@ def _shard_items(root: Path, split: str) -> list[Item]:
             raise HandposeError(
                 f"{root}: {tar.name} or its index {idx.name} is missing (re-run handpose pack)"
             )
-        with open(idx, encoding="ascii") as f, open(tar, "rb") as data:
-            next(f)  # "v1.2 N"
-            for line in f:
-                members = _index_members(line)
+        with open(tar, "rb") as data:
+            for key, members in read_index(idx):
                 if "jpg" not in members or "kp.f32" not in members:
-                    raise HandposeError(f"{idx}: sample without jpg or kp.f32 member: {line.strip()!r}")
-                key = members["jpg"][2].rsplit(".", 1)[0]
+                    raise HandposeError(f"{idx}: sample {key} has no jpg or kp.f32 member")
                 data.seek(members["kp.f32"][0])
                 uv = decode_keypoints(data.read(members["kp.f32"][1])).astype(np.float64)
-                off, size, name = members["jpg"]
+                off, size = members["jpg"]
                 visible = np.asarray(np.isfinite(uv).all(axis=1), dtype=bool)
-                items.append(Item(f"{tar}/{name}", str(tar), off, size, int(key), uv, visible))
+                items.append(Item(f"{tar}/{key}.jpg", str(tar), off, size, int(key), uv, visible))
     return items
-
-
-def _index_members(line: str) -> dict[str, tuple[int, int, str]]:
-    """One DALI index line ('ext offset size name' repeated) -> {ext: (offset, size, name)}."""
-    t = line.split()
-    return {t[i]: (int(t[i + 1]), int(t[i + 2]), t[i + 3]) for i in range(0, len(t) - 3, 4)}
 
 
 def _attach_coco_labels(items: list[Item], path: Path) -> list[Item]:

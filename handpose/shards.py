@@ -121,6 +121,30 @@ class ShardWriter:
         self._f.close()
 
 
+IndexEntry = tuple[str, dict[str, tuple[int, int]]]  # key, {ext: (offset, size)} of each member
+
+
+def read_index(path: str | Path) -> list[IndexEntry]:
+    """Parse a shard's DALI index (v1.2: one line per sample, `ext offset size name` per member).
+
+    The one reader of the format `ShardWriter` writes; the samples come in tar order. Raises
+    FileNotFoundError when there is no index, HandposeError naming the line when it is malformed.
+    """
+    with open(path, encoding="ascii") as f:
+        header = f.readline().split()
+        lines = f.read().splitlines()
+    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(len(lines)):
+        raise HandposeError(f"{path}: bad index header {' '.join(header)!r} (expected 'v1.2 {len(lines)}')")
+    entries: list[IndexEntry] = []
+    for n, line in enumerate(lines, 2):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise HandposeError(f"{path}:{n}: malformed index line")
+        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        entries.append((fields[3].partition(".")[0], members))
+    return entries
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
