@@ -11,8 +11,9 @@ followed by `fn.brightness_contrast(contrast_center=128)` computes, see `dali_lo
     y  = clip(y, 0, 255)
 
 with H = YIQ2RGB @ R(hue) @ diag(1, s, s) @ RGB2YIQ. Everything is linear until the clip, so a
-whole batch is one (B, 3, 3) matrix and a (B, 3) offset: `colour_affine` builds them and
-`apply_colour` applies them as one batched op on the loader's device.
+whole batch is one (B, 3, 3) matrix and a (B, 3) offset: `colour_affine` builds them,
+`folded_affine` folds the loaders' normalisation in, and `colour_normalise` (one sample, CPU
+workers) or `apply_colour` (a batch on the device) apply them.
 """
 
 from __future__ import annotations
@@ -99,30 +100,72 @@ def colour_affine(colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return A, t
 
 
+def folded_affine(
+    colour: np.ndarray | None, n: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Colour jitter and normalisation as one affine map per sample plus a per-channel clip.
+
+    For uint8 RGB x, the loaders' output is ((clip(A x + t, 0, 255) / 255) - mean) / std with
+    (A, t) = `colour_affine(colour)` (identity when `colour` is None). The normalisation is
+    per-channel scale > 0, so it folds into the matrix and the clip bounds:
+    returns A' (n, 3, 3), t' (n, 3), lo (3,), hi (3,) (float64) with output = clip(A' x + t', lo, hi).
+    """
+    if colour is None:
+        A, t = np.broadcast_to(np.eye(3), (n, 3, 3)), np.zeros((n, 3))
+    else:
+        A, t = colour_affine(colour)
+    s = 1.0 / (255.0 * np.asarray(std, np.float64))
+    b = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
+    return A * s[None, :, None], t * s + b, b, 255.0 * s + b
+
+
+def colour_normalise(
+    image: np.ndarray,
+    A: np.ndarray,
+    t: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    out: np.ndarray,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
+    """One sample on the CPU: uint8 CHW `image` -> float32 CHW `out` = clip(A x + t, lo, hi).
+
+    (A, t, lo, hi) is one row of `folded_affine` as float32; `scratch` (like `out`) is reusable.
+    A few numpy passes over one cache-resident image cost about half of what the batched torch
+    ops of `apply_colour` do on a CPU (each of those streams the whole batch through memory).
+    The 3x3 product is written as multiply-adds on purpose: numpy's matmul calls BLAS, whose
+    thread pool then spins on the cores the loader's workers and the train step need.
+    """
+    if scratch is None:
+        scratch = np.empty_like(out)
+    np.copyto(scratch, image)  # uint8 -> float32
+    x, y = scratch.reshape(3, -1), out.reshape(3, -1)
+    tmp = np.empty_like(x[0])
+    for c in range(3):  # one output channel at a time, while it sits in cache
+        yc = y[c]
+        np.multiply(x[0], A[c, 0], out=yc)
+        yc += np.multiply(x[1], A[c, 1], out=tmp)
+        yc += np.multiply(x[2], A[c, 2], out=tmp)
+        yc += t[c]
+        np.clip(yc, lo[c], hi[c], out=yc)
+    return out
+
+
 def apply_colour(
     images: torch.Tensor,
-    colour: torch.Tensor,
+    colour: torch.Tensor | None,
     *,
-    scale: Sequence[float] = (1.0, 1.0, 1.0),
-    bias: Sequence[float] = (0.0, 0.0, 0.0),
-    out: torch.Tensor | None = None,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0 / 255.0,) * 3,
 ) -> torch.Tensor:
-    """Colour-jitter float RGB images (B, 3, H, W) in [0, 255] by rows `colour` (B, 4), clip to
-    [0, 255], then map each channel c to x * scale[c] + bias[c] (the loaders' normalisation).
+    """A batch on the loader's device: RGB images (B, 3, H, W) in [0, 255] (uint8 or float),
+    colour rows (B, 4) or None -> float ((clip(colour(x), 0, 255) / 255) - mean) / std.
 
-    The per-channel map is folded into the colour matrix (scale > 0 keeps the clip exact), so the
-    whole thing is three multiply-adds, one offset and one clip: the loaders are memory-bound here.
-    Writes into `out` (same shape, float) when given.
+    The same map as `colour_normalise` (`folded_affine`); the defaults leave values in [0, 255].
     """
-    A, t = colour_affine(colour.detach().cpu().numpy())
-    s, b = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
-    A_t = torch.as_tensor(A * s[None, :, None], dtype=images.dtype).to(images.device, non_blocking=True)
-    t_t = torch.as_tensor(t * s + b, dtype=images.dtype).to(images.device, non_blocking=True)
     B, _, H, W = images.shape
-    x = images.reshape(B, 3, H * W)
-    y = torch.empty_like(x) if out is None else out.view(B, 3, H * W)
-    torch.mul(A_t[:, :, 0:1], x[:, 0:1], out=y)
-    y.addcmul_(A_t[:, :, 1:2], x[:, 1:2]).addcmul_(A_t[:, :, 2:3], x[:, 2:3]).add_(t_t[:, :, None])
-    for c in range(3):
-        y[:, c].clamp_(float(b[c]), float(255.0 * s[c] + b[c]))
-    return y.view(B, 3, H, W)
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    rows = None if colour is None else colour.detach().cpu().numpy()
+    A, t, lo, hi = (torch.from_numpy(a).to(images.device, dtype) for a in folded_affine(rows, B, mean, std))
+    y = torch.baddbmm(t[:, :, None], A, images.reshape(B, 3, H * W).to(dtype))  # (3, 3) @ (3, H*W) each
+    return torch.clamp(y, lo.view(1, 3, 1), hi.view(1, 3, 1)).view(B, 3, H, W)

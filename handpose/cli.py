@@ -178,13 +178,14 @@ def bench_loader(
     shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
     kind: Annotated[str, typer.Option(help="wds | dali.")] = "wds",
     workers: Annotated[int, typer.Option(help="Loader workers.")] = 2,
-    batches: Annotated[int, typer.Option(help="Batches to time.")] = 50,
+    batches: Annotated[int, typer.Option(help="Batches to time.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 48,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each figure keeps its best.")] = 3,
 ) -> None:
     """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline."""
     from handpose.bench.loader import bench_loader as run
 
-    run(shards, kind=kind, workers=workers, batches=batches, batch_size=batch_size)
+    run(shards, kind=kind, workers=workers, batches=batches, batch_size=batch_size, rounds=rounds)
 
 
 @bench_app.command("train")

@@ -10,8 +10,10 @@
 WDS kind, per DataLoader worker: plan this worker's samples -> read them from the shards (only
 the `.jpg` and `.kp.f32` members, by offset via the `.idx`; nothing is unpickled) -> shuffle
 buffer (train) -> decode with simplejpeg -> one affine per sample (`geometry.augment_matrix`)
-warps the image and moves the keypoints -> batch as uint8 (B, 3, H, W) -> `finish_batch` (float,
-colour jitter, normalisation) on `device`: after the copy on a GPU, in the worker for a CPU device.
+warps the image and moves the keypoints -> colour jitter + normalisation (one folded affine per
+sample, `augment.folded_affine`) on the device, after the uint8 batch (a quarter of float32's
+bytes) has crossed from the worker: one batched op on a GPU, sample by sample into recycled
+output tensors on a CPU (`finish`).
 
 Who reads what (`assign_shards`): the split's samples, shard after shard, are dealt out as
 ranks x workers contiguous runs of equal length (+-1 sample). So val/test/eval read every sample
@@ -41,7 +43,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from handpose.augment import IDENTITY, apply_colour, params_matrix, sample_params
+from handpose.augment import (
+    IDENTITY,
+    apply_colour,
+    colour_normalise,
+    folded_affine,
+    params_matrix,
+    sample_params,
+)
 from handpose.config import AugmentConfig
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, in_frame
@@ -154,7 +163,6 @@ class _Spec:
     samples_per_epoch: int | None  # resampled training when set
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    finish_in_worker: bool  # CPU device: the worker IS the device, so finish batches there
 
 
 def _read_shards(tasks: Iterable[tuple[str, ShardTask]], handler: Handler = _reraise) -> Iterator[dict]:
@@ -256,19 +264,27 @@ def _batches(
     colour: bool,
     skipped: list[tuple[str, str, str]],
     drop_last: bool = False,
+    shared: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Collate in the worker: uint8 images (B, 3, H, W), uv, visible, keys, colour rows (B, 4)."""
+    """Collate in the worker: uint8 images (B, 3, H, W), uv, visible, keys, colour rows (B, 4).
+
+    Images stay uint8 (a quarter of float32's bytes) until `finish` on the device; with `shared`
+    (a DataLoader worker) they are collated straight into shared memory, which the DataLoader
+    would otherwise copy them into.
+    """
     it = iter(items)
     while True:
         chunk = list(itertools.islice(it, batch_size))
         if not chunk or (drop_last and len(chunk) < batch_size):
             break
-        images = np.empty((len(chunk), 3, size, size), np.uint8)
+        shape = (len(chunk), 3, size, size)
+        images = _shared_empty(shape, torch.uint8) if shared else torch.empty(shape, dtype=torch.uint8)
+        out = images.numpy()
         for i, item in enumerate(chunk):
-            images[i] = item[1].transpose(2, 0, 1)  # HWC -> CHW here: 4x cheaper than on floats
+            out[i] = item[1].transpose(2, 0, 1)  # HWC -> CHW here: 4x cheaper than on floats
         uv = np.stack([item[2] for item in chunk]).astype(np.float32)
         batch: dict[str, Any] = {
-            "image": torch.from_numpy(images),
+            "image": images,
             "uv": torch.from_numpy(uv),
             "visible": torch.from_numpy(in_frame(uv, size)),
             "key": [item[0] for item in chunk],
@@ -281,39 +297,68 @@ def _batches(
         yield {"skipped": _take(skipped)}
 
 
-def finish_batch(
-    image: torch.Tensor,
+def finish(
+    images: torch.Tensor,
     colour: torch.Tensor | None,
     mean: Sequence[float],
     std: Sequence[float],
     *,
     out: torch.Tensor | None = None,
-    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, colour-jittered (rows (B, 4) or None), (x / 255 - mean) / std.
 
-    Runs where `image` lives. Writes into `out` if given; `work` (float, same shape) is reusable
-    scratch for the colour input. Fresh 10 MB tensors cost page faults on every batch, so a worker
-    passes both and everything after the first copy is in place.
+    Runs where `images` live: one batched op on a GPU (`augment.apply_colour`), sample by sample
+    on a CPU (`augment.colour_normalise`, cache-resident, into `out` when given).
     """
+    if images.device.type != "cpu":
+        return apply_colour(images, colour, mean=mean, std=std)
+    B, _, H, W = images.shape
+    rows = None if colour is None else colour.numpy()
+    A, t, lo, hi = (a.astype(np.float32) for a in folded_affine(rows, B, mean, std))
     if out is None:
-        out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
-    scale = [1.0 / (255.0 * s) for s in std]
-    bias = [-m / s for m, s in zip(mean, std, strict=True)]
-    if colour is not None:
-        x = work.copy_(image) if work is not None else image.to(torch.float32)
-        return apply_colour(x, colour, scale=scale, bias=bias, out=out)
-    out.copy_(image)  # a plain copy-convert, then in place: faster than mixed-dtype arithmetic
-    out.mul_(torch.tensor(scale, device=out.device).view(1, 3, 1, 1))
-    return out.add_(torch.tensor(bias, device=out.device).view(1, 3, 1, 1))
+        out = torch.empty((B, 3, H, W))
+    src, dst, scratch = images.numpy(), out.numpy(), np.empty((3, H, W), np.float32)
+    for i in range(B):
+        colour_normalise(src[i], A[i], t[i], lo, hi, dst[i], scratch)
+    return out
 
 
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float tensor in shared memory: a worker fills it and the DataLoader hands
-    it to the main process without the extra copy into shared memory (as torch's default_collate
-    does in workers)."""
-    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+class _Recycler:
+    """Output tensors reused once nothing else holds them.
+
+    A fresh 10 MB batch takes ~2,400 page faults as it is first written (on the 2-core VM the
+    finish then ran 5x slower per batch: 3.4 ms vs 0.7 ms); a recycled one takes none. A tensor is
+    free when its storage has no other user: no batch, view, numpy array or autograd graph that
+    still refers to it (torch's storage use count). Without that count it never reuses.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.tensors: list[torch.Tensor] = []
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float tensor; a view, so that every holder counts as a storage user."""
+        for t in self.tensors:
+            if t.shape == shape and _sole_user(t):
+                return t.view(shape)
+        t = torch.empty(shape)
+        self.tensors = [*self.tensors[-(self.keep - 1) :], t] if self.keep > 0 else []
+        return t.view(shape)
+
+
+def _sole_user(t: torch.Tensor) -> bool:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    return use_count(t.untyped_storage()._cdata) <= 2  # `t` itself + the storage object just made
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor in shared memory: a worker fills it and the DataLoader hands it to
+    the main process without the extra copy into shared memory (as torch's default_collate does
+    in workers)."""
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def _take(records: list) -> list:
@@ -354,24 +399,15 @@ class _ShardStream(IterableDataset):
             per_rank = (spec.samples_per_epoch or sum(spec.counts)) // spec.world_size
             quota = worker_quotas(per_rank, spec.batch_size, workers, spec.drop_last)[worker]
             items = itertools.islice(items, quota)
-        batches = _batches(
+        yield from _batches(
             items,
             batch_size=spec.batch_size,
             size=spec.image_size,
             colour=spec.augment is not None,
             skipped=skipped,
             drop_last=spec.drop_last,
+            shared=info is not None,
         )
-        work = torch.empty(0)
-        for batch in batches:
-            if spec.finish_in_worker and "image" in batch:
-                image = batch["image"]
-                if work.shape != image.shape:
-                    work = torch.empty(image.shape)  # reused while batches keep their shape
-                out = _shared_empty(tuple(image.shape)) if info is not None else None
-                colour = batch.pop("colour", None)
-                batch["image"] = finish_batch(image, colour, spec.mean, spec.std, out=out, work=work)
-            yield batch
 
     def _shuffled(self, samples: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
         n = self.spec.shuffle_buffer
@@ -438,13 +474,10 @@ class WdsLoader:
             samples_per_epoch=samples_per_epoch if train else None,
             mean=manifest.mean,
             std=manifest.std,
-            # On a CPU device there is no host -> device copy to save, and finishing in the main
-            # process would compete with the workers for the same cores (and oversubscribe
-            # torch's intra-op threads): the workers finish their own batches in parallel.
-            finish_in_worker=device.type == "cpu",
         )
         self.workers, self.device, self.epoch = workers, device, epoch
         self.stats = LoaderStats()
+        self._outputs = _Recycler()
         self._dataset = _ShardStream(self.spec)
         if train and len(self) == 0:
             n = self.spec.samples_per_epoch or sum(self.spec.counts)
@@ -483,12 +516,11 @@ class WdsLoader:
                 yield self._finish(batch)
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Move to the device; finish uint8 images there unless a CPU worker already did."""
+        """Move to the device and finish the images there (see `finish`)."""
         image = batch["image"].to(self.device, non_blocking=True)
-        if image.dtype == torch.uint8:
-            image = finish_batch(image, batch.get("colour"), self.spec.mean, self.spec.std)
+        out = self._outputs.empty((image.shape[0], 3, *image.shape[2:])) if image.is_cpu else None
         return {
-            "image": image,
+            "image": finish(image, batch.get("colour"), self.spec.mean, self.spec.std, out=out),
             "uv": batch["uv"].to(self.device, non_blocking=True),
             "visible": batch["visible"].to(self.device, non_blocking=True),
             "key": batch["key"],

@@ -159,13 +159,16 @@ def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> 
             if n % cfg.log_every == 0:
                 log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
         seconds = time.perf_counter() - t0
-        train_sums = reduce_sums({"loss": loss_sum, "batches": float(n)}, world)
+        val = evaluate(raw, val_loader, cfg, world, st.mean_pose)
+        skipped = float(train_loader.stats.skipped + val_loader.stats.skipped)  # corrupt, this launch
+        sums = reduce_sums({"loss": loss_sum, "batches": float(n), "skipped": skipped}, world)
         metrics = {
             "epoch": epoch + 1,
             "step": st.step,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": train_sums["loss"] / max(train_sums["batches"], 1),
-            **evaluate(raw, val_loader, cfg, world, st.mean_pose),
+            "train_loss": sums["loss"] / max(sums["batches"], 1),
+            **val,
+            "skipped_samples": int(sums["skipped"]),
             "samples_per_s": n * cfg.batch_size * world.world_size / seconds,
             "seconds": seconds,
         }
@@ -593,6 +596,7 @@ class RunLog:
             f"error {m['val_error_px']:.2f} px ({m['val_error_pct']:.2f}%)  "
             f"mean pose {m['mean_pose_error_px']:.2f} px"
             f"  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s  {m['seconds']:.0f} s"
+            + (f"  {m['skipped_samples']} corrupt samples skipped" if m["skipped_samples"] else "")
             + ("  *" if improved else ""),
             flush=True,
         )

@@ -19,7 +19,7 @@ from shardkit import MEAN, STD, chunk, dot_centroid, dot_sample, jpeg, texture_s
 from handpose import augment as A
 from handpose.config import AugmentConfig
 from handpose.errors import HandposeError
-from handpose.loader import LoaderStats, assign_shards, denormalise, make_loader, worker_quotas
+from handpose.loader import LoaderStats, assign_shards, denormalise, finish, make_loader, worker_quotas
 from handpose.shards import read_manifest, sample_key
 
 TESTS = Path(__file__).resolve().parent
@@ -108,6 +108,40 @@ def test_colour_function_matches_its_definition() -> None:
         np.testing.assert_allclose(got[i], ref, atol=1e-9)
     same = A.apply_colour(torch.tensor(x), torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)).numpy()
     np.testing.assert_allclose(same, x, atol=1e-9)
+
+
+def test_cpu_finish_equals_the_batched_device_finish() -> None:
+    """A CPU device finishes sample by sample (numpy), a GPU in one batched torch op: same batch."""
+    rng = np.random.default_rng(3)
+    images = torch.from_numpy(rng.integers(0, 256, (5, 3, 16, 12), dtype=np.uint8))
+    images[0] = 250  # bright enough that brightness > 1 clips
+    rows = torch.tensor(rng.uniform([1.2, 0.6, 0.6, -20], [1.4, 1.4, 1.4, 20], (5, 4)), dtype=torch.float32)
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
+    for colour in (rows, None):
+        cpu = finish(images, colour, mean, std)
+        batched = A.apply_colour(images, colour, mean=mean, std=std)
+        assert cpu.dtype == batched.dtype == torch.float32
+        torch.testing.assert_close(cpu, batched, atol=1e-5, rtol=0)
+        x = A.apply_colour(images.double(), None if colour is None else colour.double()).numpy()
+        ref = (x / 255 - mean[:, None, None]) / std[:, None, None]
+        np.testing.assert_allclose(cpu.numpy(), ref, atol=1e-4)
+    assert (A.apply_colour(images.double(), rows.double())[0] == 255).any()  # the clip was exercised
+
+
+def test_held_batches_are_never_overwritten(dots: Path) -> None:
+    """Output tensors are recycled only once nothing holds them: keeping batches is safe."""
+    loader = make_loader(dots, "val", batch_size=2, workers=0)
+    held = list(loader)
+    views = [b["image"][0] for b in held]  # a view alone also keeps its batch's storage
+    del held[0]["image"]
+    ptrs, again = [], []
+    for b in loader:  # each batch dropped at once: its storage is reused for a later one
+        ptrs.append(b["image"].data_ptr())
+        again.append(b["image"].clone())
+    assert torch.equal(views[0], again[0][0])
+    assert all(torch.equal(h["image"], a) for h, a in zip(held[1:], again[1:], strict=True))
+    assert len({b["image"].data_ptr() for b in held[1:]}) == len(held) - 1
+    assert len(set(ptrs)) < len(ptrs)
 
 
 # ------------------------------------------------------------------ batches

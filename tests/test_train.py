@@ -212,6 +212,22 @@ def test_exact_resume(packed: Path, tmp_path: Path) -> None:
         train(None, {**common, "out": str(split), "epochs": "5", "width": "8"})
 
 
+def test_corrupt_samples_are_counted_in_metrics(tmp_path: Path) -> None:
+    """Corrupt JPEGs the loaders skip show up in metrics.jsonl, summed since launch."""
+    import numpy as np
+    from shardkit import chunk, texture_sample, write_pack
+
+    rng = np.random.default_rng(7)
+    meta = [json.dumps({"sid": i, "width": 64, "height": 64}).encode() for i in range(14)]
+    samples = [(*texture_sample(i, rng, 64, 64)[:3], {"json": meta[i]}) for i in range(14)]
+    sid, jpg, uv, extra = samples[12]
+    samples[12] = (sid, jpg[: len(jpg) // 2], uv, extra)  # truncated, in val: read once per epoch
+    splits = {"train": chunk(samples[:10], [10]), "val": chunk(samples[10:], [4])}
+    root = write_pack(tmp_path / "shards", splits)
+    train(None, {**TINY, "shards": str(root), "out": str(tmp_path / "run"), "epochs": "2"})
+    assert [m["skipped_samples"] for m in _metrics(tmp_path / "run")] == [1, 2]
+
+
 def test_resume_without_checkpoint_is_an_error(packed: Path, tmp_path: Path) -> None:
     with pytest.raises(HandposeError, match="no checkpoint"):
         train(None, {**TINY, "shards": str(packed), "out": str(tmp_path)}, resume=True)
