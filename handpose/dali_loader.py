@@ -133,7 +133,7 @@ def build_pipeline(
         mt = augment_matrix(shape[1], shape[0], image_size, p)
         image = fn.warp_affine(
             image,
-            matrix=mt.gpu() if gpu else mt,
+            matrix=mt,  # named arguments must be CPU nodes, also for the GPU operator
             size=[image_size, image_size],
             inverse_map=False,  # mt is source -> destination, like geometry.py
             fill_value=0.0,

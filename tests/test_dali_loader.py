@@ -201,3 +201,25 @@ def test_stopping_early_restarts_the_next_pass(packed: Path) -> None:
     assert first == again
     full = [k for b in loader for k in b["key"]]
     assert sorted(full) == _split_keys(packed, "val")
+
+
+@pytest.mark.parametrize("augment", [None, AugmentConfig(flip=True)], ids=["plain", "augment"])
+def test_gpu_graph_is_valid(dots: Path, augment: AugmentConfig | None) -> None:
+    """The GPU pipeline ("mixed" decode, GPU warp/colour/normalise) passes DALI's graph checks.
+
+    Without a GPU DALI can still build the graph, then stops at the CUDA check; an invalid graph
+    (e.g. a GPU node given as a named argument, which DALI refuses) fails before that. With a GPU
+    the pipeline runs and yields a batch.
+    """
+    paths = [str(p) for p in sorted(dots.glob("train-*.tar"))]
+    pipe = D.build_pipeline(
+        paths, batch_size=4, image_size=32, augment=augment, train=True, shard_id=0, num_shards=1,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), threads=1, seed=1, device_id=0,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        pipe.build()
+        image, uv, sid = pipe.run()
+        assert tuple(image.as_tensor().shape()) == (4, 3, 32, 32) and len(sid) == 4
+        return
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pipe.build()
