@@ -138,7 +138,7 @@ def build_pipeline(
             inverse_map=False,  # mt is source -> destination, like geometry.py
             fill_value=0.0,
             interp_type=types.INTERP_LINEAR,
-            dtype=types.FLOAT,  # what colour and normalisation take anyway; 1.16x the loader on a CPU
+            dtype=types.FLOAT,  # what colour/normalisation take; on a CPU cheaper than rounding to uint8
         )
         uv = fn.coord_transform(fn.reshape(kp, shape=[NUM_JOINTS, 2]), MT=mt)
         if p["colour"] is not None:

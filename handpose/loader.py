@@ -326,8 +326,8 @@ def finish(
 class _Recycler:
     """Output tensors reused once nothing else holds them.
 
-    A fresh 10 MB batch takes ~2,400 page faults as it is first written (on the 2-core VM the
-    finish then ran 5x slower per batch: 3.4 ms vs 0.7 ms); a recycled one takes none. A tensor is
+    A fresh 10 MB batch takes ~2,400 page faults as it is first written (profiled on the 2-core VM,
+    that made the finish several times slower than on recycled memory); a recycled one takes none. A tensor is
     free when its storage has no other user: no batch, view, numpy array or autograd graph that
     still refers to it (torch's storage use count). Without that count it never reuses.
     """
