@@ -12,8 +12,8 @@ followed by `fn.brightness_contrast(contrast_center=128)` computes, see `dali_lo
 
 with H = YIQ2RGB @ R(hue) @ diag(1, s, s) @ RGB2YIQ. Everything is linear until the clip, so a
 whole batch is one (B, 3, 3) matrix and a (B, 3) offset: `colour_affine` builds them,
-`folded_affine` folds the loaders' normalisation in, and `colour_normalise` (one sample, CPU
-workers) or `apply_colour` (a batch on the device) apply them.
+`folded_affine` folds the loaders' normalisation in, and `colour_normalise` (one sample at a
+time, when the device is the CPU) or `apply_colour` (a whole batch on a GPU) apply them.
 """
 
 from __future__ import annotations
