@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from handpose.config import AugmentConfig
 from handpose.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -23,6 +24,10 @@ from handpose.shards import (
 
 MEAN = (0.5, 0.45, 0.4)
 STD = (0.25, 0.2, 0.3)
+GEOMETRY_ONLY = AugmentConfig(
+    rotate_deg=60, scale_min=0.8, scale_max=1.25, translate=0.1, flip=True,
+    brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
+)  # fmt: skip
 
 Sample = tuple[int, bytes, np.ndarray, dict[str, bytes]]  # sid, jpeg, uv (21, 2), extra members
 
@@ -97,6 +102,13 @@ def chunk(samples: Sequence[Sample], sizes: Sequence[int]) -> list[list[Sample]]
         start += n
     assert start == len(samples)
     return out
+
+
+def dots_pack(root: Path) -> Path:
+    """The dot images both loader test modules use: train 24 in 3 shards, val 13 in 3 uneven ones."""
+    rng = np.random.default_rng(0)
+    samples = [dot_sample(i, rng) for i in range(37)]
+    return write_pack(root, {"train": chunk(samples[:24], [8, 8, 8]), "val": chunk(samples[24:], [5, 5, 3])})
 
 
 def dot_centroid(image: np.ndarray, floor: float = 40.0) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import chunk, dot_centroid, dot_sample, write_pack
+from shardkit import GEOMETRY_ONLY, dot_centroid, dots_pack
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
@@ -27,18 +27,11 @@ from nvidia.dali import fn, pipeline_def  # noqa: E402
 from handpose import dali_loader as D  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-GEOMETRY_ONLY = AugmentConfig(
-    rotate_deg=60, scale_min=0.8, scale_max=1.25, translate=0.1, flip=True,
-    brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def dots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    samples = [dot_sample(i, rng) for i in range(37)]
-    splits = {"train": chunk(samples[:24], [8, 8, 8]), "val": chunk(samples[24:], [5, 5, 3])}
-    return write_pack(tmp_path_factory.mktemp("dots"), splits)
+    return dots_pack(tmp_path_factory.mktemp("dots"))
 
 
 def _split_keys(root: Path, split: str) -> list[str]:

@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import MEAN, STD, chunk, dot_centroid, dot_sample, jpeg, texture_sample, write_pack
+from shardkit import (
+    GEOMETRY_ONLY,
+    MEAN,
+    STD,
+    chunk,
+    dot_centroid,
+    dots_pack,
+    jpeg,
+    texture_sample,
+    write_pack,
+)
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
@@ -23,21 +33,11 @@ from handpose.loader import LoaderStats, assign_shards, denormalise, finish, mak
 from handpose.shards import read_manifest, sample_key
 
 TESTS = Path(__file__).resolve().parent
-GEOMETRY_ONLY = AugmentConfig(
-    rotate_deg=60, scale_min=0.8, scale_max=1.25, translate=0.1, flip=True,
-    brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def dots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Dot images: train 24 in 3 shards, val 13 in 3 uneven shards."""
-    rng = np.random.default_rng(0)
-    samples = [dot_sample(i, rng) for i in range(37)]
-    return write_pack(
-        tmp_path_factory.mktemp("dots"),
-        {"train": chunk(samples[:24], [8, 8, 8]), "val": chunk(samples[24:], [5, 5, 3])},
-    )
+    return dots_pack(tmp_path_factory.mktemp("dots"))
 
 
 def _keys(loader) -> list[str]:
