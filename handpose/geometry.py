@@ -69,18 +69,33 @@ def apply_affine(M: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ M[:, :2].T + M[:, 2]
 
 
-def fit_matrix(src_w: int, src_h: int, size: int) -> np.ndarray:
-    """Letterbox: scale the whole source into a size x size square, centred, aspect kept.
-
-    A square source is a plain resize; `predict` maps its outputs back with `invert` of this.
-    """
-    s = size / max(src_w, src_h)
-    return np.array([[s, 0.0, (size - src_w * s) / 2], [0.0, s, (size - src_h * s) / 2]])
+Region = tuple[float, float, float]  # (cx, cy, side): the square of source pixels that fills the input
 
 
-def augment_matrix(
-    src_w: int,
-    src_h: int,
+def image_region(src_w: float, src_h: float) -> Region:
+    """The whole image, letterboxed: centred, the longer side fills the input (`crop = "image"`)."""
+    return (src_w / 2, src_h / 2, float(max(src_w, src_h)))
+
+
+def box_region(box: np.ndarray, pad: float) -> Region:
+    """A hand box (x0, y0, x1, y1), made square on its longer side and padded by `pad`
+    (`crop = "box"`; top-down pose estimators use about 1.25)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return ((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1e-6) * pad)
+
+
+def keypoints_box(uv: np.ndarray, labelled: np.ndarray | None = None) -> np.ndarray:
+    """(x0, y0, x1, y1): the extent of the (labelled) keypoints (21, 2); NaN when none is."""
+    uv = np.asarray(uv, np.float64)
+    keep = np.isfinite(uv).all(axis=-1) if labelled is None else np.asarray(labelled, bool)
+    if not keep.any():
+        return np.full(4, np.nan)
+    pts = uv[keep]
+    return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
+
+
+def crop_matrix(
+    region: Region,
     size: int,
     *,
     angle_deg: float = 0.0,
@@ -88,17 +103,33 @@ def augment_matrix(
     shift: tuple[float, float] = (0.0, 0.0),
     flip: bool = False,
 ) -> np.ndarray:
-    """ONE matrix: letterbox fit to `size`, then flip, rotate and scale about the image centre,
-    then shift by a fraction of `size`. With the defaults it equals `fit_matrix`.
+    """THE source -> model-input matrix: the square `region` (centre, side) fills size x size,
+    then flip, rotation and zoom about the input's centre, then a shift by a fraction of `size`.
+
+    Every crop mode and every augmentation is this one matrix; the DALI graph builds its twin
+    (`dali_loader.crop_matrix`) and the tests hold the two equal.
     """
-    base = size / max(src_w, src_h)
+    cx, cy, side = region
     return compose(
         translation(size / 2 + shift[0] * size, size / 2 + shift[1] * size),
         rotation(angle_deg),
-        scaling(base * scale),
+        scaling(size / side * scale),
         scaling(-1.0 if flip else 1.0, 1.0),
-        translation(-src_w / 2, -src_h / 2),
+        translation(-cx, -cy),
     )
+
+
+def fit_matrix(src_w: int, src_h: int, size: int) -> np.ndarray:
+    """Letterbox: scale the whole source into a size x size square, centred, aspect kept.
+
+    A square source is a plain resize; `predict` maps its outputs back with `invert` of this.
+    """
+    return crop_matrix(image_region(src_w, src_h), size)
+
+
+def matrix_scale(M: np.ndarray) -> float:
+    """Destination pixels per source pixel of M (the geometric mean of its two axes)."""
+    return float(math.sqrt(abs(np.linalg.det(np.asarray(M, np.float64)[:, :2]))))
 
 
 def in_frame(uv: np.ndarray, size: int) -> np.ndarray:

@@ -1,4 +1,13 @@
-"""Image decode and warp: the fast paths (simplejpeg, Pillow's C affine) in one place."""
+"""Image decode and warp: the fast paths (simplejpeg, Pillow's C affine) in one place.
+
+`warp_to_input` is THE preprocessing from image bytes and a source -> input matrix to the model's
+input: the WDS loader, `predict` (handpose checkpoints) and `inspect` all call it, so the model
+sees at predict time exactly what it was trained on (augmentation off). Shrinking is antialiased:
+a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the crop shrinks it at least
+that much (libjpeg averages each 8x8 block: a box filter, and 2-6x less decoding), any other image
+is box-reduced by the whole factor (Pillow's `reduce`), then one bilinear affine warp does the rest
+at a scale between 1/2 and 1.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from handpose.geometry import invert
+import math
+
+from handpose.geometry import compose, invert, matrix_scale, scaling
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -64,11 +75,93 @@ def dct_scale(decoded_width: int, width: int) -> float:
 
 
 def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1-8) of a JPEG, 1 when absent, 0 when the header is unreadable.
+
+    Parsed from the APP1 segment directly: Pillow's header parse costs more per sample than the
+    rest of the loader's bookkeeping.
+    """
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF before the pixels
+            return 1
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1 if pos + 4 <= n or pos == n else 0
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 0
+    ifd = int.from_bytes(tiff[4:8], order)  # type: ignore[arg-type]
+    if ifd + 2 > len(tiff):
+        return 0
+    for k in range(int.from_bytes(tiff[ifd : ifd + 2], order)):  # type: ignore[arg-type]
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        if len(entry) < 12:
+            return 0
+        if int.from_bytes(entry[:2], order) == 0x0112:  # type: ignore[arg-type]
+            value = int.from_bytes(entry[8:10], order)  # type: ignore[arg-type]
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), from its header.
+
+    The frame that labels, boxes and `warp_to_input` refer to. ValueError if unreadable.
+    """
+    if data[:2] == JPEG_MAGIC:
+        try:
+            w, h = jpeg_size(data)
+        except ValueError:
+            raise
+        except Exception as e:  # simplejpeg raises its own types for bad headers
+            raise ValueError(f"cannot read JPEG header: {e}") from None
+        return (h, w) if _exif_orientation(data) in (5, 6, 7, 8) else (w, h)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return int(im.getexif().get(0x0112, 1))
-    except Exception:
-        return 0
+            w, h = im.size
+            orientation = int(im.getexif().get(0x0112, 1))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image: {e}") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def dct_factor(scale: float) -> float:
+    """The coarsest JPEG DCT decode scale (1, 1/2, 1/4, 1/8) that still has at least one decoded
+    pixel per output pixel for a warp of `scale` output pixels per source pixel."""
+    for f in (0.125, 0.25, 0.5):
+        if f >= scale:
+            return f
+    return 1.0
+
+
+def decode_for_warp(data: bytes, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes for a warp by M (source -> input): (image, M') with M' mapping the
+    returned, possibly smaller, image's pixels to the same destination. See the module docstring."""
+    orientation = _exif_orientation(data) if data[:2] == JPEG_MAGIC else 0
+    if orientation == 1:
+        w, h = jpeg_size(data)
+        f = dct_factor(matrix_scale(M))
+        image = decode_jpeg(data, min_side=math.ceil(min(w, h) * f) if f < 1 else 0)
+        f = dct_scale(image.shape[1], w)
+    else:
+        image, f = decode_image(data)
+    M = compose(M, scaling(1.0 / f)) if f != 1.0 else M
+    r = int(1.0 / matrix_scale(M) + 1e-9)
+    if r >= 2:  # warp_affine does not antialias: box-reduce by the whole factor first
+        image = np.asarray(Image.fromarray(image).reduce(r))
+        M = compose(M, scaling(float(r)))
+    return image, M
+
+
+def warp_to_input(data: bytes, M: np.ndarray, size: int) -> np.ndarray:
+    """THE preprocessing: image bytes + source -> input matrix M -> uint8 (size, size, 3)."""
+    image, M = decode_for_warp(data, M)
+    return warp_affine(image, M, size)
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:

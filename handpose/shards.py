@@ -1,24 +1,37 @@
-"""The shard format (format_version 1), shared by pack, the loaders, train, predict and inspect.
+"""The shard format (format_version 2): its writer, its ONE reader, and the manifest.
+
+Every stage that touches shards (pack, both loader kinds, train, predict, inspect, bench) goes
+through this module; nothing else opens a shard's tar.
 
 OUT/
-  manifest.json            written last: counts, shards with sha256, pixel mean/std, skipped
+  manifest.json            written last: counts, shards with sha256, pixel mean/std, mean pose,
+                           box statistics, skipped samples
   {split}-{NNNNNN}.tar     WebDataset shards, split in train|val|test|eval
   {split}-{NNNNNN}.idx     DALI `fn.readers.webdataset` index (the format `wds2idx` writes, v1.2)
 
-Each sample, in this member order, under a KEY with no dot (10 digits, see `sample_key`):
-  KEY.jpg      the source JPEG's bytes, unchanged
-  KEY.json     {"key", "sid", "id", "version", "split", "source", "width", "height", "uv", ["xyz", "K"]}
+Each sample is ONE hand, in this member order, under a KEY with no dot (`sample_key(sid)`):
+  KEY.jpg      the source JPEG's bytes, unchanged (a photo with three hands is stored three times)
+  KEY.json     {"key", "sid", "id", "hand", "version", "split", "source", "width", "height",
+                "uv", "visibility", "box", ["xyz", "K"], ["image_id"]}
   KEY.kp.f32   uv as 42 little-endian float32 (x0, y0, x1, y1, ...), source-image pixels
+  KEY.vis.u8   21 uint8 visibilities as labelled (0 = not labelled; COCO's 1/2 kept as given)
+  KEY.box.f32  the hand box as 4 little-endian float32 (x0, y0, x1, y1), source-image pixels
   KEY.sid.i64  the sample id as one little-endian int64 (KEY == f"{sid:010d}"), so readers that
                cannot carry strings (DALI) can still report keys
-Only these members are ever decoded; nothing is unpickled.
+"Source-image pixels" are those of the image as displayed (EXIF orientation applied), in the
+pixel convention of geometry.py. Only these members are ever decoded; nothing is unpickled.
+Version 1 (no vis/box members, one sample per image) is refused with "re-pack".
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +42,10 @@ from handpose.errors import HandposeError
 from handpose.skeleton import NUM_JOINTS
 
 FORMAT_NAME = "handpose-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test", "eval")
-MEMBERS = ("jpg", "json", "kp.f32", "sid.i64")
+MEMBERS = ("jpg", "json", "kp.f32", "vis.u8", "box.f32", "sid.i64")
 EVAL_SID_OFFSET = 1_000_000_000  # evaluation-set keys: FreiHAND file number + this offset
 
 
@@ -59,6 +72,50 @@ def decode_keypoints(data: bytes) -> np.ndarray:
     if len(data) != NUM_JOINTS * 2 * 4:
         raise ValueError(f"keypoint member has {len(data)} bytes, expected {NUM_JOINTS * 8}")
     return np.frombuffer(data, dtype="<f4").reshape(NUM_JOINTS, 2).astype(np.float32)
+
+
+def encode_visibility(visibility: np.ndarray) -> bytes:
+    """(21,) visibilities (0 = not labelled) -> 21 uint8."""
+    return np.asarray(visibility, dtype=np.uint8).reshape(NUM_JOINTS).tobytes()
+
+
+def decode_visibility(data: bytes) -> np.ndarray:
+    """21 uint8 -> (21,) uint8."""
+    if len(data) != NUM_JOINTS:
+        raise ValueError(f"visibility member has {len(data)} bytes, expected {NUM_JOINTS}")
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def encode_box(box: np.ndarray) -> bytes:
+    """(x0, y0, x1, y1) pixels -> 4 little-endian float32."""
+    return np.asarray(box, dtype="<f4").reshape(4).tobytes()
+
+
+def decode_box(data: bytes) -> np.ndarray:
+    """4 little-endian float32 -> (4,) float32 (x0, y0, x1, y1)."""
+    if len(data) != 16:
+        raise ValueError(f"box member has {len(data)} bytes, expected 16")
+    box = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not (np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]):
+        raise ValueError(f"box member {box.tolist()} is not a box (x0 < x1, y0 < y1, finite)")
+    return box
+
+
+def encode_sid(sid: int) -> bytes:
+    return np.array([sid], dtype="<i8").tobytes()
+
+
+def sample_members(jpg: bytes, meta: dict[str, Any], uv: np.ndarray, visibility: np.ndarray,
+                   box: np.ndarray, sid: int) -> dict[str, bytes]:
+    """One sample's members in the order of MEMBERS (what `ShardWriter.write` takes)."""
+    return {
+        "jpg": jpg,
+        "json": json.dumps(meta, separators=(",", ":")).encode(),
+        "kp.f32": encode_keypoints(uv),
+        "vis.u8": encode_visibility(visibility),
+        "box.f32": encode_box(box),
+        "sid.i64": encode_sid(sid),
+    }
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -145,6 +202,107 @@ def read_index(path: str | Path) -> list[IndexEntry]:
     return entries
 
 
+Sample = dict[str, Any]  # {"__key__": KEY, "__url__": shard path, EXT: member bytes, ...}
+
+
+def read_samples(
+    tar: str | Path, exts: Sequence[str], start: int = 0, stop: int | None = None
+) -> Iterator[Sample]:
+    """Samples [start, stop) of one shard in tar order, each with the members `exts` as bytes.
+
+    THE shard reader. With the shard's `.idx` (every pack writes one) each member is one `pread`
+    at its offset; without it the tar is streamed (same order, so positions agree). Members not
+    in `exts` are never read; a sample lacking one of them simply lacks the key (the caller
+    decides whether that is an error). An unreadable shard raises HandposeError naming it.
+    """
+    tar = Path(tar)
+    index = _index_or_none(index_name(str(tar)))
+    try:
+        if index is not None:
+            yield from _read_by_index(tar, index[start:stop], exts)
+        else:
+            yield from itertools.islice(_stream_tar(tar, exts), start, stop)
+    except (OSError, tarfile.TarError) as e:
+        raise HandposeError(f"{tar}: unreadable shard ({e}); re-run handpose pack") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index(path: str, size: int, mtime_ns: int) -> list[IndexEntry]:
+    return read_index(path)
+
+
+def _index_or_none(path: str) -> list[IndexEntry] | None:
+    """A shard's index, parsed once per process (keyed on size and mtime), or None if absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return _cached_index(path, st.st_size, st.st_mtime_ns)
+
+
+def _read_by_index(tar: Path, entries: list[IndexEntry], exts: Sequence[str]) -> Iterator[Sample]:
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        for key, members in entries:
+            sample: Sample = {"__key__": key, "__url__": str(tar)}
+            for ext in exts:
+                if ext in members:
+                    offset, size = members[ext]
+                    data = os.pread(fd, size, offset)
+                    if len(data) != size:
+                        raise HandposeError(f"{tar}: truncated at sample {key} (re-run handpose pack)")
+                    sample[ext] = data
+            yield sample
+    finally:
+        os.close(fd)
+
+
+def _stream_tar(tar: Path, exts: Sequence[str]) -> Iterator[Sample]:
+    """The tar's samples without an index: members grouped by key (the part before the first dot)."""
+    wanted = set(exts)
+    current: Sample | None = None
+    with tarfile.open(tar, mode="r|") as f:
+        for info in f:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": str(tar)}
+            if ext in wanted:
+                current[ext] = f.extractfile(info).read()  # type: ignore[union-attr]
+    if current is not None:
+        yield current
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One sample's label, decoded and checked: what loaders, predict and inspect use."""
+
+    uv: np.ndarray  # (21, 2) float32 source pixels
+    visibility: np.ndarray  # (21,) uint8, 0 = not labelled
+    box: np.ndarray  # (4,) float32 x0, y0, x1, y1 source pixels
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """(21,) bool: joints with a label (visibility > 0) and finite coordinates."""
+        return (self.visibility > 0) & np.isfinite(self.uv).all(axis=1)
+
+
+ANNOTATION_MEMBERS = ("kp.f32", "vis.u8", "box.f32")
+
+
+def decode_annotation(sample: Sample) -> Annotation:
+    """The label members of a sample; ValueError (a data error) names what is missing or wrong."""
+    missing = [ext for ext in ANNOTATION_MEMBERS if ext not in sample]
+    if missing:
+        raise ValueError(f"missing member {missing[0]}")
+    return Annotation(
+        decode_keypoints(sample["kp.f32"]), decode_visibility(sample["vis.u8"]), decode_box(sample["box.f32"])
+    )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -179,6 +337,17 @@ class Manifest:
     def shard_samples(self, split: str) -> list[int]:
         return [int(s["samples"]) for s in self.data["shards"] if s["split"] == split]
 
+    def mean_pose(self, crop: str, size: int, pad: float = 1.0) -> np.ndarray:
+        """The train split's mean pose (21, 2) in model-input pixels of a `crop` input of `size`.
+
+        pack stores it in units of the crop ("image": the letterboxed square, 0..1; "box":
+        relative to the box centre, in box sides), so it is exact for any size and pad.
+        """
+        mp = self.data["mean_pose"]
+        if crop == "image":
+            return np.asarray(mp["image"], np.float64) * size
+        return (np.asarray(mp["box"], np.float64) / pad + 0.5) * size
+
 
 def read_manifest(root: str | Path) -> Manifest:
     """Read OUT/manifest.json; a clear error if the folder is not a complete handpose pack."""
@@ -192,6 +361,11 @@ def read_manifest(root: str | Path) -> Manifest:
         ) from None
     except json.JSONDecodeError as e:
         raise HandposeError(f"{path}: unreadable manifest: {e}") from None
+    if data.get("format") == FORMAT_NAME and data.get("format_version") == 1:
+        raise HandposeError(
+            f"{path}: shard format v1 (no hand boxes or visibility); re-pack the data with this "
+            f"version of handpose (handpose pack SRC {root} --overwrite)"
+        )
     if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:
         raise HandposeError(
             f"{path}: format {data.get('format')!r} v{data.get('format_version')!r}, "
