@@ -1,5 +1,6 @@
 """Atomic writes: a temp name in the same folder, then os.replace, so a crash never leaves a
-file that looks complete."""
+file that looks complete. Also the checks that an output path can be written, made before any
+work starts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from handpose.errors import HandposeError
 
 
 def tmp_name(path: Path) -> Path:
@@ -54,3 +57,27 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     if root_r != path_r and root_r not in path_r.parents:
         raise ValueError(f"refusing to write {path_r}: outside the output folder {root_r}")
     return path_r
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work starts, an output folder that cannot be one: an existing file, a
+    path under a file, or a place we may not write. `what` names it for the user (`--out`)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise HandposeError(f"{what} {path}: {p} is not writable")
+            return path
+        if p.exists() or p.is_symlink():
+            where = "is a file" if p == path else f"is under {p}, which is a file"
+            raise HandposeError(f"{what} {path}: {where}, not a folder")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse an output file name that is a folder, or whose folder `check_output_dir` refuses."""
+    path = Path(path)
+    if path.is_dir():
+        raise HandposeError(f"{what} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, what)
+    return path

@@ -1,36 +1,124 @@
 """The `handpose` command line: parse options, call one function per command, nothing else.
 
-A HandposeError (bad data, bad options) becomes a one-line message and exit code 1; anything
-else is a bug and keeps its traceback.
+Every user mistake ends the same way: ONE line `error: ...` on stderr that names the flag, file,
+sample or field, and exit code 1, whether the code raised a HandposeError or the option parser
+refused a value. Ctrl-C prints `interrupted` and exits 130 (writes are atomic, so what was
+complete stays complete). Anything else is a bug and keeps its traceback. Under torchrun every
+rank exits with that code and only rank 0 prints the line.
+
+Help text is printed as written (no rich markup): `[default: ...]` and paths with brackets stay.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
-from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
+from handpose import __version__
+from handpose.console import make_console
 from handpose.errors import HandposeError
+
+try:  # Typer vendors click since 0.2x; before, it used the click package
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    import click.exceptions as click_errors  # type: ignore[no-redef]
+
+
+class Interrupted(Exception):
+    """Ctrl-C, carried past Typer's own handler (which exits 130 without a word)."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+
 
 app = typer.Typer(
     name="handpose",
+    cls=_Group,
     help="Train and run 21-joint 2D hand-keypoint models (FreiHAND -> shards -> DDP UNet -> predict).",
+    epilog="Each command's --help lists its options and ends with examples: handpose train --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(help="Benchmarks: each prints a table, then one JSON line.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: each prints a table, then one JSON line.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(bench_app, name="bench")
-err = Console(stderr=True)
+err = make_console(stderr=True)
 
 Workers = Annotated[Optional[int], typer.Option(help="Worker processes [default: all cores].")]
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        print(f"handpose {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+# Examples end each --help; "\b" keeps the lines as written.
+EXAMPLES = {
+    "synth": """\b
+Example:
+  handpose synth data/freihand --n 2000 --eval 200""",
+    "pack": """\b
+Examples:
+  handpose pack data/freihand data/shards
+  handpose pack FreiHAND_pub_v2 data/shards-all --versions all --split-seed 0
+  handpose pack annotations.json data/shards-coco --format coco --images images/""",
+    "inspect": """\b
+Example:
+  handpose inspect data/shards --split val --n 25 --png val-samples.png""",
+    "train": """\b
+Examples:
+  handpose train --config pipelines/cpu_demo.toml --shards data/shards --out runs/demo
+  handpose train --config pipelines/cpu_demo.toml --show-config     (every recipe key)
+  torchrun --nproc_per_node=8 handpose train --config pipelines/freihand_strong.toml \\
+      --shards data/shards --out runs/strong --lr 3e-3 --augment.rotate_deg 45""",
+    "predict": """\b
+Examples:
+  handpose predict runs/demo/checkpoints/best.pt ~/photos --out runs/photos --overlays 8
+  handpose predict runs/demo/checkpoints/best.pt data/shards --split test --out runs/test
+  handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial""",
+    "bench pack": """\b
+Example:
+  handpose bench pack --n 2000 --workdir bench-out/pack""",
+    "bench loader": """\b
+Example:
+  handpose bench loader data/shards --kind wds --workers 2 --batches 50""",
+    "bench train": """\b
+Example:
+  handpose bench train data/shards --config pipelines/cpu_demo.toml --steps 20""",
+    "bench predict": """\b
+Example:
+  handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256""",
+}
+
+
+@app.command(epilog=EXAMPLES["synth"])
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write (FreiHAND layout).")],
     n: Annotated[int, typer.Option(help="Unique training ids.")] = 500,
@@ -46,7 +134,7 @@ def synth(
     run(out, n=n, n_eval=eval, versions=versions, seed=seed, size=size, workers=workers)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["pack"])
 def pack(
     src: Annotated[Path, typer.Argument(help="FreiHAND root, or a COCO keypoints json with --format coco.")],
     out: Annotated[Path, typer.Argument(help="Output folder for shards and manifest.json.")],
@@ -84,7 +172,7 @@ def pack(
     )
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["inspect"])
 def inspect(
     shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
     split: Annotated[str, typer.Option(help="Split to draw samples from.")] = "train",
@@ -99,7 +187,9 @@ def inspect(
     inspect_shards(shards, split=split, n=n, png=png)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=EXAMPLES["train"]
+)
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option(help="Recipe TOML (pipelines/*.toml).")] = None,
@@ -110,18 +200,37 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Resume from OUT/checkpoints/last.pt (automatic when it exists).")
     ] = False,
+    show_config: Annotated[
+        bool,
+        typer.Option(
+            "--show-config",
+            help="Print every recipe key with its value, default and meaning (TOML, from --config "
+            "and the flags given), then exit.",
+        ),
+    ] = False,
 ) -> None:
-    """Train the UNet (one process, or many under torchrun). Any recipe key: --key value."""
-    from handpose.train import train as run
+    """Train the UNet (one process, or many under torchrun).
 
+    Every recipe key is also a flag: --key value (e.g. --lr 3e-3, --augment.flip true); a flag
+    overrides the recipe. --show-config lists the keys with their defaults.
+    """
     overrides = _pairs(ctx.args)
     for key, value in (("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)):
         if value is not None:
             overrides[key] = str(value)
+    if show_config:
+        from handpose.config import describe_toml, load_config
+        from handpose.train import TrainConfig
+
+        cfg = load_config(TrainConfig, config, overrides)
+        print(describe_toml(cfg, "handpose train recipe: every key, its value, its meaning"), end="")
+        return
+    from handpose.train import train as run
+
     run(config, overrides, resume=resume)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["predict"])
 def predict(
     model: Annotated[
         Path, typer.Argument(help="A handpose checkpoint, or a bare state_dict (tutorial weights).")
@@ -130,7 +239,13 @@ def predict(
         list[Path], typer.Argument(help="Images, folders, a FreiHAND root, or a shards folder.")
     ],
     out: Annotated[Path, typer.Option(help="Output folder (nothing is written elsewhere).")],
-    split: Annotated[str, typer.Option(help="Split to read when INPUT is a shards folder.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Split to read: a shards folder's split name, or for a FreiHAND root train | eval "
+            "(test: eval when it is labelled, else train)."
+        ),
+    ] = "test",
     labels: Annotated[Optional[Path], typer.Option(help="COCO keypoints json with ground truth.")] = None,
     coco: Annotated[
         Optional[Path], typer.Option(help="Also write COCO keypoint results here (inside --out).")
@@ -161,7 +276,7 @@ def predict(
     )
 
 
-@bench_app.command("pack")
+@bench_app.command("pack", epilog=EXAMPLES["bench pack"])
 def bench_pack(
     n: Annotated[int, typer.Option(help="Generated images to pack.")] = 10_000,
     workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("bench-out/pack"),
@@ -173,7 +288,7 @@ def bench_pack(
     run(n=n, workdir=workdir, workers=workers)
 
 
-@bench_app.command("loader")
+@bench_app.command("loader", epilog=EXAMPLES["bench loader"])
 def bench_loader(
     shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
     kind: Annotated[str, typer.Option(help="wds | dali.")] = "wds",
@@ -188,7 +303,7 @@ def bench_loader(
     run(shards, kind=kind, workers=workers, batches=batches, batch_size=batch_size, rounds=rounds)
 
 
-@bench_app.command("train")
+@bench_app.command("train", epilog=EXAMPLES["bench train"])
 def bench_train(
     shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
     config: Annotated[Optional[Path], typer.Option(help="Recipe TOML.")] = None,
@@ -201,7 +316,7 @@ def bench_train(
     run(shards, config=config, loader=loader, steps=steps)
 
 
-@bench_app.command("predict")
+@bench_app.command("predict", epilog=EXAMPLES["bench predict"])
 def bench_predict(
     model: Annotated[Path, typer.Argument(help="Checkpoint or bare state_dict.")],
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
@@ -236,14 +351,69 @@ def _pairs(args: list[str]) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    """Console-script entry: run the app, turning HandposeError into a clean exit 1."""
+# ----------------------------------------------------------------------------- the boundary
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _should_print() -> bool:
+    """Under torchrun a mistake found before the ranks connect is found by every rank alike: rank 0
+    says so. Past that point an error may be one rank's own (its shard), so that rank prints."""
+    if _rank() == 0:
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _reply_to_torchrun(message: str) -> None:
+    """Put the line in this rank's torchelastic error file (the `@record` mechanism), so torchrun's
+    failure summary shows it in place of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
+
+
+def _fail(message: str) -> NoReturn:
+    """One line, exit code 1."""
+    message = " ".join(message.split())  # one line, whatever the message held
+    if _should_print():
+        rank = f"rank {_rank()}: " if _rank() else ""
+        err.print(Text.assemble(("error: ", "bold red"), rank, message))
+    _reply_to_torchrun(message)
+    sys.exit(1)
+
+
+def _interrupted() -> NoReturn:
+    if _rank() == 0:
+        err.print(Text("interrupted", style="yellow"))
+    sys.exit(130)
+
+
+def _usage_line(e: Any) -> str:
+    """A parser error (unknown option, bad number, missing argument) as one line with its command."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    return f"{e.format_message()}{where}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app; user mistakes become one line and exit code 1."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:webdataset")
+    command = typer.main.get_command(app)
     try:
-        app()
+        # standalone_mode=False: errors come back to us instead of Typer printing a boxed,
+        # wrapped message and exiting 2.
+        code = command.main(args=argv, prog_name="handpose", standalone_mode=False)
     except HandposeError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        _fail(str(e))
+    except Interrupted:
+        _interrupted()
+    except click_errors.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `handpose`: the help is what was asked for
+            print(e.format_message())
+            sys.exit(0)
+        _fail(_usage_line(e))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from handpose.errors import HandposeError
+
 
 @dataclass(frozen=True)
 class World:
@@ -48,6 +50,8 @@ def setup_world(device: str | None = None) -> World:
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise HandposeError(f"device {device!r}: CUDA is not available on this machine")
     if use_cuda:
         dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)

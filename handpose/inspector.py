@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from rich.console import Console
 from rich.table import Table
 
-from handpose.atomic import write_bytes
+from handpose.atomic import check_output_file, write_bytes
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, fit_matrix
 from handpose.imageio import decode_jpeg, warp_affine
@@ -42,9 +42,11 @@ def inspect_shards(
     """
     if n < 1:
         raise HandposeError(f"--n {n}: must be >= 1")
+    if png is not None:
+        check_output_file(png, "--png")
     root = Path(root)
     manifest, shards = split_shards(root, split)
-    console = Console()
+    console = make_console()
     for table in manifest_tables(manifest):
         console.print(table)
     samples = list(read_samples(shards, n))

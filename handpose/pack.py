@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from handpose import __version__
 from handpose.atomic import tmp_name, write_json
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.freihand import Dataset, Problem, Record, parse_versions, read_coco, read_freihand
 from handpose.imageio import decode_jpeg, jpeg_size
@@ -62,7 +62,7 @@ _OURS = re.compile(
     r"|\.(?:(?:train|val|test|eval)-\d{6}\.(?:tar|idx)|manifest\.json)\.tmp\d+)$"
 )
 _TMP = re.compile(r"^\..+\.tmp\d+$")
-console = Console(stderr=True, highlight=False)
+console = make_console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def pack(
         raise HandposeError(f"--workers {workers}: must be >= 1")
     data = read_source(src, fmt=fmt, images=images, versions=versions)
     for note in data.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"note: {note}")
 
     problems = list(data.problems)
     samples = _stat_samples(data.records, assign_splits(data.ids, fractions, split_seed), problems)
@@ -595,7 +595,7 @@ def _report(manifest: dict[str, Any], out: Path) -> None:
     console.print(f"packed {total} samples ({counts}) into {shards} shards: {out}")
     skipped = manifest["skipped"]
     if skipped:
-        console.print(f"[yellow]skipped {len(skipped)} samples[/] (all listed in manifest.json 'skipped'):")
+        console.print(f"skipped {len(skipped)} samples (all listed in manifest.json 'skipped'):")
         for e in skipped[:10]:
             console.print(f"  id {e['id']} ({e['file']}): {e['reason']}")
         if len(skipped) > 10:

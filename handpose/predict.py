@@ -44,7 +44,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from handpose import checkpoint, report
-from handpose.atomic import inside, write_json
+from handpose.atomic import check_output_dir, inside, write_json
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.freihand import load_json, read_freihand
 from handpose.geometry import apply_affine, compose, fit_matrix, invert, scaling
@@ -87,12 +88,14 @@ def load_model(
     """Load a handpose checkpoint (config and normalisation inside) or a bare state_dict (the
     tutorial's `model_final`: 128 px, its normalisation and decoder), in eval mode."""
     path = Path(path)
+    if not path.is_file():
+        raise HandposeError(
+            f"{path}: model file not found" if not path.exists() else f"{path}: is not a file"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise HandposeError(f"{path}: model file not found") from None
-    except Exception as e:  # a damaged or foreign file fails in many ways
-        raise HandposeError(f"{path}: not a loadable model ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged or foreign file fails in many ways; the message says which
+        raise HandposeError(f"{path}: {_unloadable(path, e)}") from None
     if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
         try:
             state = checkpoint.load(path)  # verifies the digest and required keys
@@ -117,14 +120,46 @@ def load_model(
         width, depth = _unet_shape(weights)
         net = ShallowUNet(width=width, depth=depth)
     else:
-        raise HandposeError(f"{path}: neither a handpose checkpoint nor a state_dict of tensors")
+        raise HandposeError(f"{path}: not a handpose checkpoint or tutorial state_dict")
+    expected, given = set(net.state_dict()), set(weights)
+    if expected != given:
+        raise HandposeError(
+            f"{path}: weights are for another architecture "
+            f"({len(expected - given)} missing, {len(given - expected)} unexpected keys)"
+        )
     try:
         net.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise HandposeError(f"{path}: weights do not fit a ShallowUNet: {e}") from None
+    except RuntimeError:  # same keys, other shapes: name the first tensor that differs
+        raise HandposeError(
+            f"{path}: weights are for another architecture ({_shape_mismatch(net, weights)})"
+        ) from None
     # Module.to accepts memory_format at run time; the stubs do not list it.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return net.eval().to(device).to(memory_format=fmt), spec  # type: ignore[call-overload]
+
+
+def _unloadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused `path`, in words (torch's own message is many lines about
+    weights_only): a PyTorch file cut short or damaged, pickled objects we refuse to load, or not
+    a PyTorch file at all."""
+    import pickle
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    pytorch = head == b"PK\x03\x04" or head[:1] == b"\x80"  # zip format, or the legacy pickle format
+    if isinstance(error, pickle.UnpicklingError) and pytorch and zipfile.is_zipfile(path):
+        return "not a handpose checkpoint or tutorial state_dict (it holds pickled objects, never loaded)"
+    if pytorch:
+        return "truncated or damaged (a PyTorch file that cannot be read back; copy or save it again)"
+    return "not a handpose checkpoint or tutorial state_dict (not a PyTorch file)"
+
+
+def _shape_mismatch(net: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str:
+    for name, t in net.state_dict().items():
+        if tuple(weights[name].shape) != tuple(t.shape):
+            return f"{name} is {tuple(weights[name].shape)}, expected {tuple(t.shape)}"
+    return "tensor shapes differ"
 
 
 def _unet_shape(weights: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -236,9 +271,14 @@ def _image_files(folder: Path, *, skip: Path) -> list[Path]:
     return found
 
 
+FREIHAND_SPLITS = ("train", "training", "eval", "evaluation", "test")
+
+
 def _freihand_items(root: Path, split: str) -> tuple[list[Item], list[dict[str, str]]]:
-    """A FreiHAND root: --split train|training or eval|evaluation; any other value (the default
-    'test') takes the evaluation set when it is labelled, else the training set."""
+    """A FreiHAND root: --split train|training or eval|evaluation; 'test' (the default: the
+    held-out images) takes the evaluation set when it is labelled, else the training set."""
+    if split not in FREIHAND_SPLITS:
+        raise HandposeError(f"--split {split!r}: a FreiHAND root ({root}) has {', '.join(FREIHAND_SPLITS)}")
     data = read_freihand(root, versions=None)
     want_eval = split in ("eval", "evaluation") or (
         split not in ("train", "training") and any(r.evaluation for r in data.records)
@@ -280,11 +320,16 @@ def _shard_items(root: Path, split: str) -> list[Item]:
 def _attach_coco_labels(items: list[Item], path: Path) -> list[Item]:
     """Label images from a COCO keypoints json, matched by file_name relative to the json's folder,
     else by a base name that occurs once. Joints with visibility 0 do not count."""
-    data = load_json(path)
+    try:
+        data = load_json(path)
+    except HandposeError as e:  # its message starts with the path
+        raise HandposeError(f"--labels {e}") from None
     if not isinstance(data, dict) or not all(
         isinstance(data.get(k), list) for k in ("images", "annotations")
     ):
-        raise HandposeError(f"{path}: not a COCO keypoints json (needs 'images' and 'annotations' lists)")
+        raise HandposeError(
+            f"--labels {path}: not a COCO keypoints json (needs 'images' and 'annotations' lists)"
+        )
     names = {im["id"]: str(im["file_name"]) for im in data["images"] if "id" in im and "file_name" in im}
     by_file: dict[str, tuple[int, np.ndarray]] = {}
     for a in data["annotations"]:
@@ -304,6 +349,14 @@ def _attach_coco_labels(items: list[Item], path: Path) -> list[Item]:
         else:
             iid, kp = hit
             out.append(Item(it.path, it.file, it.offset, it.length, iid, kp[:, :2].copy(), kp[:, 2] > 0))
+    if items and not any(a is not b for a, b in zip(items, out, strict=True)):
+        # An explicit --labels that labels nothing is a mistake (wrong json, wrong folder), not a run
+        # without a report.
+        example = f" such as {next(iter(by_file))!r}" if by_file else ""
+        raise HandposeError(
+            f"--labels {path}: matches none of the {len(items)} input images ({len(by_file)} annotated "
+            f"file_names{example}, matched relative to {root} or by a unique base name)"
+        )
     return out
 
 
@@ -624,14 +677,17 @@ def predict(
     HandposeError when nothing could be predicted. `quiet`, `channels_last` and `draft` (the
     JPEG DCT fast path) exist for the benchmark and tests.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HandposeError(f"--out {out}: exists and is not a folder")
+    out = check_output_dir(out, "--out")
+    for flag, value, least in (
+        ("--batch-size", batch_size, 1),
+        ("--workers", workers, 0),
+        ("--overlays", overlays, 0),
+    ):
+        if value is not None and value < least:
+            raise HandposeError(f"{flag} {value}: must be >= {least}")
     coco_path = _output_path(out, coco, "--coco")
     dev = pick_device(device)
-    batch_size = batch_size or default_batch_size(dev)
-    if batch_size < 1:
-        raise HandposeError(f"--batch-size must be >= 1, got {batch_size}")
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
     net, spec = model if isinstance(model, tuple) else load_model(model, dev, channels_last=channels_last)
     items, problems = collect_inputs(inputs, out, split=split, labels=labels)
     if not items and not problems:
@@ -641,7 +697,7 @@ def predict(
         )
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     _clear_previous(out)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
 
     workers = default_workers(dev) if workers is None else workers
     loader = make_loader(
@@ -685,7 +741,7 @@ def predict(
         "images_per_s": n_ok / seconds,
         "report": None,
     }
-    console.print(f"predicted [bold]{n_ok}[/] images, {n_err} errors, {n_ok / seconds:.1f} img/s -> {out}")
+    console.print(f"predicted {n_ok} images, {n_err} errors, {n_ok / seconds:.1f} img/s -> {out}")
     if kept.labelled:
         result["report"] = report.write_report(
             out, kept.labelled_set(items), model_size=spec.size, load_image=load, console=console

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from handpose.atomic import write_bytes, write_json, write_text
+from handpose.console import make_console
 from handpose.skeleton import BONES, FINGER_COLORS, FINGERS, JOINT_NAMES, NUM_JOINTS, joint_finger
 
 OUTPUTS = ("report.json", "report.md", "error_hist.png", "pck.png", "gallery.png")
@@ -162,9 +163,9 @@ def write_report(
     table. `load_image(index)` returns an input image (RGB uint8) for the gallery. Returns the
     report dict, or None when no keypoint has a label."""
     out = Path(out)
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     if not lab.visible.any():
-        console.print("[yellow]no labelled keypoints: no report[/]")
+        console.print("no labelled keypoints: no report")
         return None
     rep = summarise(lab, model_size)
     write_json(out / "report.json", rep)

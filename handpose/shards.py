@@ -105,8 +105,9 @@ def encode_sid(sid: int) -> bytes:
     return np.array([sid], dtype="<i8").tobytes()
 
 
-def sample_members(jpg: bytes, meta: dict[str, Any], uv: np.ndarray, visibility: np.ndarray,
-                   box: np.ndarray, sid: int) -> dict[str, bytes]:
+def sample_members(
+    jpg: bytes, meta: dict[str, Any], uv: np.ndarray, visibility: np.ndarray, box: np.ndarray, sid: int
+) -> dict[str, bytes]:
     """One sample's members in the order of MEMBERS (what `ShardWriter.write` takes)."""
     return {
         "jpg": jpg,
@@ -353,14 +354,17 @@ def read_manifest(root: str | Path) -> Manifest:
     """Read OUT/manifest.json; a clear error if the folder is not a complete handpose pack."""
     root = Path(root)
     path = root / MANIFEST
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise HandposeError(f"{root}: {what}; expected a packed shards folder (handpose pack)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HandposeError(
             f"{root}: no {MANIFEST} (not a packed shards folder, or packing did not finish)"
         ) from None
-    except json.JSONDecodeError as e:
-        raise HandposeError(f"{path}: unreadable manifest: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HandposeError(f"{path}: unreadable manifest: {getattr(e, 'strerror', None) or e}") from None
     if data.get("format") == FORMAT_NAME and data.get("format_version") == 1:
         raise HandposeError(
             f"{path}: shard format v1 (no hand boxes or visibility); re-pack the data with this "

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from handpose.atomic import write_bytes, write_text
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.geometry import project_points
 from handpose.skeleton import FINGER_JOINTS, FINGERS, NUM_JOINTS
@@ -603,7 +603,7 @@ def synth(
     tasks = list(_chunks(splits, dirs, seed, size, versions, workers))
     labels: dict[str, list] = {s: [None] * c for s, c in splits.items()}
     total = sum(splits.values()) * versions
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     t0 = time.perf_counter()
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from handpose import checkpoint
-from handpose.atomic import write_json, write_text
-from handpose.config import AugmentConfig, load_config, to_dict, to_toml
+from handpose.atomic import check_output_dir, write_json, write_text
+from handpose.config import AugmentConfig, Sources, read_config, to_dict, to_toml
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -42,7 +42,7 @@ from handpose.distributed import (
     setup_world,
     teardown,
 )
-from handpose.errors import HandposeError
+from handpose.errors import ConfigError, HandposeError
 from handpose.geometry import apply_affine, fit_matrix
 from handpose.heatmaps import LOSSES, heatmaps_to_keypoints, keypoints_to_heatmaps
 from handpose.model import ShallowUNet
@@ -67,20 +67,20 @@ class TrainConfig:
     image_size: int = 128  # model input side, px; heatmaps have the same size
     augment: AugmentConfig = AugmentConfig(enabled=False)
     width: int = 16  # ShallowUNet width; 16 + depth 3 is the tutorial's model
-    depth: int = 3
+    depth: int = 3  # ShallowUNet down/up levels (image_size must divide by 2**depth)
     sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
     loss: Literal["iou", "mse"] = "iou"
     index_offset: float = 0.5  # decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
-    epochs: int = 1000
-    batch_size: int = 48
+    epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
+    batch_size: int = 48  # samples per step PER PROCESS
     batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
     val_batches: int = 20  # per rank; 0 = the whole validation split
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
+    lr: float = 0.1  # peak learning rate
     momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 (SGD) or decoupled (AdamW) weight decay
     schedule: Literal["plateau", "cosine", "constant"] = "plateau"
-    plateau_factor: float = 0.5
+    plateau_factor: float = 0.5  # plateau: multiply the rate by this when the loss stalls
     plateau_patience: int = 20  # epochs
     plateau_on: Literal["train_loss", "val_loss"] = "train_loss"  # the tutorial stepped on train loss
     warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over this many epochs
@@ -96,16 +96,22 @@ class TrainConfig:
     log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
 
     def __post_init__(self) -> None:
+        for name in ("width", "depth", "image_size", "sigma", "epochs", "batch_size", "log_every"):
+            if not getattr(self, name) > 0:  # `not >` also refuses NaN
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in (
+            *("workers", "batches_per_epoch", "val_batches", "patience", "plateau_patience"),
+            *("warmup_epochs", "grad_clip", "lr", "momentum", "weight_decay", "min_lr", "min_delta"),
+        ):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
         if self.image_size % 2**self.depth:
-            raise HandposeError(
-                f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}"
+            raise ConfigError(
+                ("image_size", "depth"),
+                f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}",
             )
-        for name in ("width", "depth", "epochs", "batch_size", "workers", "log_every"):
-            if getattr(self, name) < (0 if name == "workers" else 1):
-                raise HandposeError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("batches_per_epoch", "val_batches", "patience", "warmup_epochs", "grad_clip", "lr"):
-            if getattr(self, name) < 0:
-                raise HandposeError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # Keys that change the model's shape: a resumed run must keep them.
@@ -119,15 +125,29 @@ def train(
 
     Resumes from RUN/checkpoints/last.pt when it exists; `resume=True` requires it to.
     """
-    cfg = load_config(TrainConfig, recipe, overrides)
-    if not cfg.shards or not cfg.out:
-        raise HandposeError("train needs --shards DIR and --out RUN (or shards/out in the recipe)")
-    manifest = read_manifest(cfg.shards)
+    cfg, sources = read_config(TrainConfig, recipe, overrides)
+    manifest = check_inputs(cfg, sources)
     world = setup_world(None if cfg.device == "auto" else cfg.device)
     # No barrier on the error path: the other ranks may never reach it; exiting lets torchrun stop them.
     summary = fit(cfg, world, manifest, resume=resume)
     teardown(world)
     return summary
+
+
+def check_inputs(cfg: TrainConfig, sources: Sources) -> Manifest:
+    """Everything a user can get wrong, checked before any process group or loader exists, so
+    every rank stops at once with the same one-line error naming the flag or recipe key."""
+    if not cfg.shards or not cfg.out:
+        raise HandposeError("train needs --shards DIR and --out RUN (or shards/out in the recipe)")
+    check_output_dir(cfg.out, sources.name("out"))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise HandposeError(
+            f"{sources.name('device')}: CUDA is not available on this machine (use cpu or auto)"
+        )
+    try:
+        return read_manifest(cfg.shards)
+    except HandposeError as e:
+        raise HandposeError(f"{sources.name('shards')}: {e}") from None
 
 
 def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> dict[str, Any]:
@@ -539,7 +559,11 @@ class RunLog:
 
             self.tb = SummaryWriter(str(run / "tensorboard"))
         except ImportError:
-            pass
+            print(
+                "note: TensorBoard logging is off (the tensorboard package is not installed; "
+                "pip install 'handpose[tensorboard]' turns it on)",
+                flush=True,
+            )
         from rich.console import Console
 
         self.console = Console()

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from handpose.augment import params_matrix, sample_params
 from handpose.config import AugmentConfig
+from handpose.console import make_console
 from handpose.geometry import apply_affine, in_frame
 from handpose.imageio import decode_jpeg, warp_affine
 from handpose.loader import make_loader
@@ -61,7 +61,7 @@ def bench_loader(
     rounds: int = 3,
 ) -> dict[str, Any]:
     """Time the loader and its limits/baseline on `shards`; print a table, then one JSON line."""
-    console = Console()
+    console = make_console()
     augment = AugmentConfig(flip=True)
     samples = _read_samples(shards, LIMIT_SAMPLES)
 

@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg
 
@@ -31,7 +32,7 @@ def bench_pack(*, n: int = 10_000, workdir: str | Path, workers: int | None = No
     workdir = Path(workdir)
     workers = workers or _cores()
     src, out = workdir / "src", workdir / "shards"
-    console = Console()
+    console = make_console()
     _ensure_source(src, n, workers, console)
     files = sorted((src / "training" / "rgb").iterdir())[:n]
     mb = sum(f.stat().st_size for f in files) / 1e6

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 
+from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.predict import (
     IMAGE_SUFFIXES,
@@ -58,7 +58,7 @@ def bench_predict(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Time predict on up to `limit` images of the folder `images`; print a table and a JSON line."""
-    console = Console()
+    console = make_console()
     dev = pick_device(device)
     net, spec = load_model(model, dev)
     files = _images(Path(images), limit)

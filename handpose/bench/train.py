@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from handpose.config import load_config
+from handpose.console import make_console
 from handpose.distributed import World, setup_world
 from handpose.train import TrainConfig, build, make_loader, seed_everything, train_step
 
@@ -95,7 +95,7 @@ def bench_train(
         f"{1000 * t_loader / steps:.1f}",
     )
     table.add_row("in-memory batches", f"{samples / t_memory:.1f}", f"{1000 * t_memory / steps:.1f}")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"loader overhead: {result['loader_overhead_pct']:.1f}% of the step time (target <= 5%)")
     print(json.dumps(result, sort_keys=True), flush=True)
