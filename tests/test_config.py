@@ -40,11 +40,11 @@ def test_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        ({"lrr": "1"}, "'lrr'"),
-        ({"augment.spin": "1"}, "'spin'"),
-        ({"epochs": "two"}, "epochs"),
-        ({"epochs": "1.5"}, "epochs"),
-        ({"augment.scale_min": "2"}, "scale_min"),
+        ({"lrr": "1"}, "--lrr"),
+        ({"augment.spin": "1"}, "--augment.spin"),
+        ({"epochs": "two"}, "--epochs"),
+        ({"epochs": "1.5"}, "--epochs"),
+        ({"augment.scale_min": "2"}, "--augment.scale_min"),
     ],
 )
 def test_errors_name_the_key(overrides: dict, needle: str) -> None:

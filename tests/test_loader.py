@@ -29,7 +29,7 @@ from shardkit import (
 from handpose import augment as A
 from handpose.config import AugmentConfig
 from handpose.errors import HandposeError
-from handpose.loader import LoaderStats, assign_shards, denormalise, finish, make_loader, worker_quotas
+from handpose.loader import assign_shards, denormalise, finish, make_loader, worker_quotas
 from handpose.shards import read_manifest, sample_key
 
 TESTS = Path(__file__).resolve().parent
@@ -397,10 +397,3 @@ def test_code_errors_are_not_swallowed(dots: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("handpose.loader.warp_affine", broken)
     with pytest.raises(TypeError, match="bug"):
         list(make_loader(dots, "val", batch_size=2, workers=0))
-
-
-def test_loader_stats_accumulates() -> None:
-    stats = LoaderStats()
-    stats.add([("a.tar", "0000000001", "bad")])
-    stats.add([("b.tar", "0000000002", "bad")])
-    assert stats.skipped == 2 and stats.samples[1][0] == "b.tar"

@@ -78,8 +78,16 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["freihand_tutorial", "freihand_strong", "cpu_demo"])
 def test_recipes_load(name: str) -> None:
-    cfg = load_config(TrainConfig, RECIPES / f"{name}.toml", {"shards": "s", "out": "o"})
-    assert cfg.image_size % 2**cfg.depth == 0
+    """Every key a recipe sets reaches the config with its value (none dropped or mis-typed)."""
+    import tomllib
+
+    path = RECIPES / f"{name}.toml"
+    cfg = load_config(TrainConfig, path, {"shards": "s", "out": "o"})
+    for key, value in tomllib.loads(path.read_text()).items():
+        got = getattr(cfg, key)
+        if isinstance(value, dict):
+            got = {k: getattr(got, k) for k in value}
+        assert got == value and type(got) is type(value), key
 
 
 def test_tutorial_recipe_is_the_tutorials() -> None:
@@ -99,11 +107,11 @@ def test_tutorial_recipe_is_the_tutorials() -> None:
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        ({"lrr": "1"}, "'lrr'"),
-        ({"augment.spin": "1"}, "'spin'"),
-        ({"epochs": "many"}, "epochs"),
-        ({"optimizer": "adam"}, "optimizer"),
-        ({"image_size": "100"}, "image_size"),
+        ({"lrr": "1"}, "--lrr"),
+        ({"augment.spin": "1"}, "--augment.spin"),
+        ({"epochs": "many"}, "--epochs"),
+        ({"optimizer": "adam"}, "--optimizer"),
+        ({"image_size": "100"}, "--image_size"),
     ],
 )
 def test_recipe_errors_name_the_key(overrides: dict[str, str], needle: str) -> None:
@@ -174,7 +182,7 @@ def test_rng_state_round_trips(tmp_path: Path) -> None:
 
 
 def test_exact_resume(packed: Path, tmp_path: Path) -> None:
-    """2 epochs + resume + 2 epochs == 4 straight epochs, bit for bit (loader workers and
+    """1 epoch + resume + 1 epoch == 2 straight epochs, bit for bit (loader workers and
     augmentation on, so their RNG streams must continue exactly too)."""
     common = {
         **TINY,
@@ -188,28 +196,28 @@ def test_exact_resume(packed: Path, tmp_path: Path) -> None:
         "schedule": "plateau",
     }
     straight, split = tmp_path / "straight", tmp_path / "split"
-    summary = train(None, {**common, "out": str(straight), "epochs": "4"})
-    train(None, {**common, "out": str(split), "epochs": "2"})
+    summary = train(None, {**common, "out": str(straight), "epochs": "2"})
+    train(None, {**common, "out": str(split), "epochs": "1"})
     from typer.testing import CliRunner
 
     from handpose.cli import app
 
     result = CliRunner().invoke(
-        app, ["train", "--resume", *_args({**common, "out": str(split), "epochs": "4"})]
+        app, ["train", "--resume", *_args({**common, "out": str(split), "epochs": "2"})]
     )
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output
     a, b = checkpoint.load(straight / "checkpoints/last.pt"), checkpoint.load(split / "checkpoints/last.pt")
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 12)
-    assert [m["epoch"] for m in _metrics(split)] == [1, 2, 3, 4]
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    assert [m["epoch"] for m in _metrics(split)] == [1, 2]
     assert [m["val_error_px"] for m in _metrics(split)] == [m["val_error_px"] for m in _metrics(straight)]
-    assert load_config(TrainConfig, split / "config.toml").epochs == 4
-    assert summary["epochs"] == 4 and summary["mean_pose_error_px"] > 0
+    assert load_config(TrainConfig, split / "config.toml").epochs == 2
+    assert summary["epochs"] == 2 and summary["mean_pose_error_px"] > 0
     # a checkpoint's model shape cannot change under a resume
     with pytest.raises(HandposeError, match="width"):
-        train(None, {**common, "out": str(split), "epochs": "5", "width": "8"})
+        train(None, {**common, "out": str(split), "epochs": "3", "width": "8"})
 
 
 def test_corrupt_samples_are_counted_in_metrics(tmp_path: Path) -> None:
@@ -224,8 +232,28 @@ def test_corrupt_samples_are_counted_in_metrics(tmp_path: Path) -> None:
     samples[12] = (sid, jpg[: len(jpg) // 2], uv, extra)  # truncated, in val: read once per epoch
     splits = {"train": chunk(samples[:10], [10]), "val": chunk(samples[10:], [4])}
     root = write_pack(tmp_path / "shards", splits)
-    train(None, {**TINY, "shards": str(root), "out": str(tmp_path / "run"), "epochs": "2"})
+    run = {"shards": str(root), "out": str(tmp_path / "run"), "epochs": "2", "batches_per_epoch": "2"}
+    train(None, {**TINY, **run})  # 2 train steps an epoch: the corrupt sample is in val, read in full
     assert [m["skipped_samples"] for m in _metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_tensorboard_off_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the tensorboard package, the run's first lines say that TensorBoard logging is off
+    and how to turn it on."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    from handpose.distributed import World
+    from handpose.shards import Manifest
+    from handpose.train import LoopState, RunLog
+
+    cfg = TrainConfig(shards="s", out=str(tmp_path))
+    manifest = Manifest(tmp_path, {"counts": {"train": 3, "val": 1}})
+    RunLog(cfg, World(), tmp_path, LoopState(mean_pose=torch.zeros(21, 2)), manifest)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "TensorBoard" in line]
+    assert len(notes) == 1 and "logging is off" in notes[0] and "handpose[tensorboard]" in notes[0]
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_resume_without_checkpoint_is_an_error(packed: Path, tmp_path: Path) -> None:
@@ -241,8 +269,18 @@ def test_bench_train(packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     result = bench_train(packed, config=recipe, steps=3)
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == json.loads(json.dumps(result, sort_keys=True))
+    # the figures describe the recipe's run, and agree with each other
+    assert (line["batch_size"], line["image_size"], line["width"], line["workers"], line["steps"]) == (
+        4,
+        32,
+        4,
+        0,
+        3,
+    )
     assert line["samples_per_s"] > 0 and line["in_memory_samples_per_s"] > 0
-    assert line["loader_overhead_pct"] < 100
+    ratio = line["samples_per_s"] / line["in_memory_samples_per_s"]
+    assert line["loader_overhead_pct"] == pytest.approx(100 * (1 - ratio))
+    assert line["step_ms"] == pytest.approx(1000 * 4 / line["in_memory_samples_per_s"])
 
 
 # ----------------------------------------------------------------------------- torchrun
