@@ -12,12 +12,11 @@ at a scale between 1/2 and 1.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
-
-import math
 
 from handpose.geometry import compose, invert, matrix_scale, scaling
 

@@ -105,8 +105,9 @@ def encode_sid(sid: int) -> bytes:
     return np.array([sid], dtype="<i8").tobytes()
 
 
-def sample_members(jpg: bytes, meta: dict[str, Any], uv: np.ndarray, visibility: np.ndarray,
-                   box: np.ndarray, sid: int) -> dict[str, bytes]:
+def sample_members(
+    jpg: bytes, meta: dict[str, Any], uv: np.ndarray, visibility: np.ndarray, box: np.ndarray, sid: int
+) -> dict[str, bytes]:
     """One sample's members in the order of MEMBERS (what `ShardWriter.write` takes)."""
     return {
         "jpg": jpg,
@@ -290,12 +291,12 @@ class Annotation:
         return (self.visibility > 0) & np.isfinite(self.uv).all(axis=1)
 
 
-ANNOTATION_MEMBERS = ("kp.f32", "vis.u8", "box.f32")
+READ_LABELS = ("kp.f32", "vis.u8", "box.f32")  # the label members every reader decodes
 
 
 def decode_annotation(sample: Sample) -> Annotation:
     """The label members of a sample; ValueError (a data error) names what is missing or wrong."""
-    missing = [ext for ext in ANNOTATION_MEMBERS if ext not in sample]
+    missing = [ext for ext in READ_LABELS if ext not in sample]
     if missing:
         raise ValueError(f"missing member {missing[0]}")
     return Annotation(
