@@ -16,9 +16,9 @@ import pytest
 import torch
 from shardkit import (
     GEOMETRY_ONLY,
-    box_dot_sample,
     MEAN,
     STD,
+    box_dot_sample,
     chunk,
     dot_centroid,
     dots_pack,
@@ -29,11 +29,11 @@ from shardkit import (
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
-from handpose.errors import HandposeError
 from handpose.datasets import apportion
+from handpose.errors import HandposeError
 from handpose.loader import denormalise, make_loader
-from handpose.wds_loader import assign_shards, finish, worker_quotas
 from handpose.shards import read_manifest, sample_key
+from handpose.wds_loader import assign_shards, finish, worker_quotas
 
 TESTS = Path(__file__).resolve().parent
 
