@@ -12,7 +12,8 @@ OUT/
 Each sample is ONE hand, in this member order, under a KEY with no dot (`sample_key(sid)`):
   KEY.jpg      the source JPEG's bytes, unchanged (a photo with three hands is stored three times)
   KEY.json     {"key", "sid", "id", "hand", "version", "split", "source", "width", "height",
-                "uv", "visibility", "box", ["xyz", "K"], ["image_id"]}
+                "uv", "visibility", "box", ["xyz", "K"] (FreiHAND), ["image_id"] (COCO),
+                ["label", "class"] (YOLO: "labels/a.txt:3", the line's class)}
   KEY.kp.f32   uv as 42 little-endian float32 (x0, y0, x1, y1, ...), source-image pixels
   KEY.vis.u8   21 uint8 visibilities as labelled (0 = not labelled; COCO's 1/2 kept as given)
   KEY.box.f32  the hand box as 4 little-endian float32 (x0, y0, x1, y1), source-image pixels
