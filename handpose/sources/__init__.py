@@ -154,7 +154,7 @@ def load_json(path: Path) -> Any:
 def check_visibility(values: np.ndarray) -> np.ndarray:
     """Per-joint visibilities (21,) -> uint8; each must be 0, 1 or 2 and one must be > 0."""
     v = np.asarray(values, np.float64)
-    bad = ~np.isin(v, (0.0, 1.0, 2.0))
+    bad = (v != 0) & (v != 1) & (v != 2)
     if bad.any():
         j = int(np.argmax(bad))
         raise ValueError(f"keypoint {j} has visibility {v[j]:g}; expected 0 (not labelled), 1 or 2")

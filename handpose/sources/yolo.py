@@ -87,9 +87,13 @@ def read_yolo(src: str | Path) -> Dataset:
 
 def label_path(image: Path) -> Path:
     """Ultralytics' rule: the last `/images/` of the path becomes `/labels/`, the suffix `.txt`."""
-    head, sep, tail = str(image).rpartition(f"{os.sep}images{os.sep}")
-    path = Path(f"{head}{os.sep}labels{os.sep}{tail}") if sep else image
-    return path.with_suffix(".txt")
+    return Path(_label_str(str(image)))
+
+
+def _label_str(image: str) -> str:
+    head, sep, tail = image.rpartition(f"{os.sep}images{os.sep}")
+    path = f"{head}{os.sep}labels{os.sep}{tail}" if sep else image
+    return path[: -len(os.path.splitext(path)[1]) or None] + ".txt"
 
 
 def _label_dir(images: Path) -> Path:
@@ -146,8 +150,9 @@ def _check_disjoint(folders: list[Folder]) -> None:
 
 
 def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml: Path | None) -> Dataset:
-    images: list[tuple[Folder, Path]] = []
-    labels: set[Path] = set()
+    # Paths are handled as strings here: pathlib costs more than parsing the labels at 20k images.
+    images: list[tuple[Folder, str]] = []
+    labels: set[str] = set()
     notes: list[str] = []
     for folder in folders:
         found = list_images(folder.images)
@@ -158,23 +163,24 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
         elif found:
             notes.append(f"{_rel(label_dir, root)}: no labels folder; its {len(found)} images hold no hands")
     order = {s: k for k, s in enumerate(SPLITS)}
-    images.sort(key=lambda fp: (order[fp[0].split] if fp[0].split else 0, _rel(fp[1], root)))
+    top = str(root)
+    images.sort(key=lambda fp: (order[fp[0].split] if fp[0].split else 0, _rel_str(fp[1], top)))
 
-    by_label: dict[Path, list[int]] = {}
+    by_label: dict[str, list[int]] = {}
     for ordinal, (_, image) in enumerate(images):
-        by_label.setdefault(label_path(image), []).append(ordinal)
+        by_label.setdefault(_label_str(image), []).append(ordinal)
     records: list[Record] = []
     problems: list[Problem] = []
     ids: list[int] = []
     background = 0
     for lp, ordinals in by_label.items():
-        if lp not in labels and not lp.is_file():
+        if lp not in labels and not os.path.isfile(lp):
             background += len(ordinals)
             continue
         labels.discard(lp)
-        lrel = _rel(lp, root)
+        lrel = _rel_str(lp, top)
         if len(ordinals) > 1:
-            names = ", ".join(images[k][1].name for k in ordinals)
+            names = ", ".join(os.path.basename(images[k][1]) for k in ordinals)
             reason = f"is the label of {len(ordinals)} images ({names}); rename one"
             problems.append(Problem(None, lrel, reason))
             continue
@@ -187,7 +193,7 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
         ordinal = ordinals[0]
         if folder.split is None:
             ids.append(ordinal)
-        file = _rel(image, root)
+        file, path = _rel_str(image, top), Path(image)
         for hand, (line, h) in hands.items():
             records.append(
                 Record(
@@ -195,7 +201,7 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
                     id=ordinal,
                     hand=hand,
                     file=file,
-                    path=image,
+                    path=path,
                     uv=h.uv,
                     visibility=h.visibility,
                     box=h.box,
@@ -206,14 +212,15 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
                 )
             )
     for lp in sorted(labels):  # label files that no image claimed
-        if lp.name == "classes.txt":  # LabelImg's class list, not a label
-            notes.append(f"{_rel(lp, root)}: a class list, not a label: ignored")
+        if os.path.basename(lp) == "classes.txt":  # LabelImg's class list, not a label
+            notes.append(f"{_rel_str(lp, top)}: a class list, not a label: ignored")
         else:
-            problems.append(Problem(None, _rel(lp, root), f"no image {lp.stem}.* for this label"))
+            stem = os.path.basename(lp)[: -len(".txt")]
+            problems.append(Problem(None, _rel_str(lp, top), f"no image {stem}.* for this label"))
 
     source = {
         "format": "yolo",
-        "path": str(root),
+        "path": top,
         "yaml": str(yaml) if yaml else None,
         "layout": layout,
         "folders": [
@@ -228,23 +235,30 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
     return Dataset(records, problems, sorted(ids), source, notes, background=background, own_splits=own)
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[str]:
     """Image files under `folder` (recursive, hidden names skipped), by relative path."""
-    return _walk(folder, lambda n: n.rpartition(".")[2].lower() in IMAGE_SUFFIXES and "." in n)
+    return _walk(folder, lambda n: "." in n and n.rpartition(".")[2].lower() in IMAGE_SUFFIXES)
 
 
-def _walk(folder: Path, keep: Any) -> list[Path]:
-    out: list[Path] = []
+def _walk(folder: Path, keep: Any) -> list[str]:
+    """Paths (str) of the files under `folder` whose name passes `keep`, by relative path."""
+    out: list[tuple[str, str]] = []
+    start = len(str(folder)) + 1
     for d, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        out += [Path(d) / n for n in filenames if not n.startswith(".") and keep(n)]
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+        prefix = d[start:].replace(os.sep, "/")
+        prefix = prefix + "/" if prefix else ""
+        out += [(prefix + n, os.path.join(d, n)) for n in filenames if not n.startswith(".") and keep(n)]
+    return [path for _, path in sorted(out)]
 
 
-def read_label(path: Path, rel: str, dims: int | None) -> tuple[dict[int, tuple[int, Hand]], list[Problem]]:
+def read_label(
+    path: str | Path, rel: str, dims: int | None
+) -> tuple[dict[int, tuple[int, Hand]], list[Problem]]:
     """A label file -> ({hand: (line number, Hand)}, problems naming `rel`:line)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
     except OSError as e:
         return {}, [Problem(None, rel, f"unreadable label file ({e.strerror})")]
     except UnicodeDecodeError:
@@ -269,13 +283,11 @@ def parse_line(fields: list[str], dims: int | None) -> Hand:
     d = next((k for k in allowed if n == 5 + NUM_JOINTS * k), None)
     if d is None:
         raise ValueError(_count_message(n, allowed))
-    values = []
-    for k, f in enumerate(fields, 1):
-        try:
-            values.append(float(f))
-        except ValueError:
-            raise ValueError(f"field {k} {f!r} is not a number") from None
-    a = np.array(values)
+    try:
+        a = np.array(fields, dtype=np.float64)
+    except ValueError:  # name the first field that is no number
+        k, f = next((k, f) for k, f in enumerate(fields, 1) if not _is_number(f))
+        raise ValueError(f"field {k} {f!r} is not a number") from None
     if not np.isfinite(a).all():
         k = int(np.argmax(~np.isfinite(a)))
         raise ValueError(f"field {k + 1} is {fields[k]} (not a finite number)")
@@ -301,6 +313,14 @@ def parse_line(fields: list[str], dims: int | None) -> Hand:
     return Hand(int(a[0]), box, uv, vis)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _count_message(n: int, allowed: tuple[int, ...]) -> str:
     """'62 fields, expected 68 (class, box, 21 x (x, y, v)); 62 fields would be 19 keypoints ...'."""
     want = " or ".join(f"{5 + NUM_JOINTS * d} (class, box, {NUM_JOINTS} x {_VALUES[d]})" for d in allowed)
@@ -316,10 +336,13 @@ def _count_message(n: int, allowed: tuple[int, ...]) -> str:
 
 def _rel(path: Path, root: Path) -> str:
     """`path` relative to the dataset root (posix), or absolute when it lies outside."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+    return _rel_str(str(path), str(root))
+
+
+def _rel_str(path: str, root: str) -> str:
+    if path.startswith(root + os.sep):
+        path = path[len(root) + 1 :]
+    return path.replace(os.sep, "/")
 
 
 # ---- the dataset yaml -------------------------------------------------------------------------------
