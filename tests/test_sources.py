@@ -362,6 +362,8 @@ def test_find_folders_layouts(tmp_path: Path) -> None:
     assert folders[1].images == tmp_path / "a" / "valid" / "images"  # Roboflow's name for val
     folders, layout = find_folders(tmp_path / "b")
     assert layout == "images/{split}" and [f.images.name for f in folders] == ["train", "valid", "test"]
+    (tmp_path / "b" / "images" / "loose.jpg").write_bytes(b"")
+    assert "images/: 1 images outside the split folders: not packed" in read_yolo(tmp_path / "b").notes
     folders, layout = find_folders(tmp_path / "c")
     assert layout == "images" and [f.split for f in folders] == [None]
     folders, _ = find_folders(tmp_path / "d")

@@ -82,7 +82,13 @@ def read_yolo(src: str | Path) -> Dataset:
     else:
         root, (folders, layout), dims = src, find_folders(src), None
     _check_disjoint(folders)
-    return _read(root, folders, dims, layout, yaml=src if layout == "yaml" else None)
+    data = _read(root, folders, dims, layout, yaml=src if layout == "yaml" else None)
+    if layout == "images/{split}":
+        with os.scandir(src / "images") as it:
+            loose = sum(1 for e in it if e.is_file() and e.name.rpartition(".")[2].lower() in IMAGE_SUFFIXES)
+        if loose:
+            data.notes.append(f"images/: {loose} images outside the split folders: not packed")
+    return data
 
 
 def label_path(image: Path) -> Path:
