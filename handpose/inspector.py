@@ -30,7 +30,7 @@ from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, fit_matrix
 from handpose.imageio import image_size, warp_to_input
 from handpose.shards import (
-    ANNOTATION_MEMBERS,
+    READ_LABELS,
     SPLITS,
     Annotation,
     Manifest,
@@ -162,7 +162,7 @@ def read_back(shards: list[Path], n: int) -> Iterator[Drawable]:
     naming the shard and key."""
     count = 0
     for shard in shards:
-        for sample in read_samples(shard, ("jpg", "json", *ANNOTATION_MEMBERS), 0, n - count):
+        for sample in read_samples(shard, ("jpg", "json", *READ_LABELS), 0, n - count):
             key = sample["__key__"]
             try:
                 meta = json.loads(sample["json"])
