@@ -1,7 +1,10 @@
 """Per-sample augmentation parameters and the colour jitter, shared by the WDS and DALI loaders.
 
-Geometry is NOT defined here: `params_matrix` hands the sampled angle/scale/shift/flip to
-`geometry.augment_matrix`, the one home of the source -> model-input matrix.
+Geometry is NOT defined here: `params_matrix` hands the sampled angle/scale/shift/flip and the
+crop region to `geometry.crop_matrix`, the one home of the source -> model-input matrix.
+
+After the warp, on the uint8 model input: an optional Gaussian blur (`blur_sigma` px, 0 = none)
+and one optional occluding rectangle of a flat grey (`occluder`); then the colour jitter.
 
 Colour jitter, on RGB values in [0, 255] after the warp (the same definition DALI's `fn.hsv`
 followed by `fn.brightness_contrast(contrast_center=128)` computes, see `dali_loader.py`):
@@ -19,14 +22,15 @@ time, when the device is the CPU) or `apply_colour` (a whole batch on a GPU) app
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
+from PIL import Image, ImageFilter
 
 from handpose.config import AugmentConfig
-from handpose.geometry import augment_matrix
+from handpose.geometry import Region, crop_matrix
 
 CONTRAST_CENTRE = 128.0  # mid-grey on the [0, 255] scale
 
@@ -37,7 +41,7 @@ YIQ2RGB = np.linalg.inv(RGB2YIQ)
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """One sample's augmentation. The defaults are the identity (a plain letterbox resize)."""
+    """One sample's augmentation. The defaults are the identity (a plain crop resize)."""
 
     angle_deg: float = 0.0
     scale: float = 1.0
@@ -47,6 +51,9 @@ class AugmentParams:
     contrast: float = 1.0
     saturation: float = 1.0
     hue_deg: float = 0.0
+    blur_sigma: float = 0.0  # model-input px; 0 = no blur
+    occluder: tuple[float, float, float, float] | None = None  # x, y, w, h as fractions of the input
+    occluder_grey: float = 0.0  # its fill, 0..255
 
     def colour(self) -> tuple[float, float, float, float]:
         """(brightness, contrast, saturation, hue_deg): the row `colour_affine` takes."""
@@ -57,27 +64,46 @@ IDENTITY = AugmentParams()
 
 
 def sample_params(cfg: AugmentConfig, rng: np.random.Generator) -> AugmentParams:
-    """Draw one sample's parameters; every range is uniform, flip is a fair coin when enabled."""
+    """Draw one sample's parameters; every range is uniform, flip/blur/occlusion are coin flips."""
     if not cfg.enabled:
         return IDENTITY
-    u = rng.uniform(-1.0, 1.0, size=9)  # one call: per-sample Python overhead matters in workers
+    u = rng.uniform(0.0, 1.0, size=17)  # one call: per-sample Python overhead matters in workers
+    v = 2.0 * u[:8] - 1.0  # the symmetric ranges
+    occluder = None
+    if u[11] < cfg.occlude:
+        w, h = 0.1 + u[12:14] * (cfg.occlude_size - 0.1)
+        occluder = (float(u[14] * (1 - w)), float(u[15] * (1 - h)), float(w), float(h))
     return AugmentParams(
-        angle_deg=float(u[0] * cfg.rotate_deg),
-        scale=float(cfg.scale_min + (u[1] + 1.0) / 2.0 * (cfg.scale_max - cfg.scale_min)),
-        shift=(float(u[2] * cfg.translate), float(u[3] * cfg.translate)),
-        flip=bool(cfg.flip and u[8] < 0.0),
-        brightness=float(1.0 + u[4] * cfg.brightness),
-        contrast=float(1.0 + u[5] * cfg.contrast),
-        saturation=float(1.0 + u[6] * cfg.saturation),
-        hue_deg=float(u[7] * cfg.hue_deg),
+        angle_deg=float(v[0] * cfg.rotate_deg),
+        scale=float(cfg.scale_min + u[1] * (cfg.scale_max - cfg.scale_min)),
+        shift=(float(v[2] * cfg.translate), float(v[3] * cfg.translate)),
+        flip=bool(cfg.flip and u[8] < 0.5),
+        brightness=float(1.0 + v[4] * cfg.brightness),
+        contrast=float(1.0 + v[5] * cfg.contrast),
+        saturation=float(1.0 + v[6] * cfg.saturation),
+        hue_deg=float(v[7] * cfg.hue_deg),
+        blur_sigma=float(0.3 + u[10] * (cfg.blur_sigma - 0.3)) if u[9] < cfg.blur else 0.0,
+        occluder=occluder,
+        occluder_grey=float(255.0 * u[16]) if occluder else 0.0,
     )
 
 
-def params_matrix(p: AugmentParams, src_w: int, src_h: int, size: int) -> np.ndarray:
-    """The 2x3 source -> model-input matrix of `p` (letterbox fit folded in)."""
-    return augment_matrix(
-        src_w, src_h, size, angle_deg=p.angle_deg, scale=p.scale, shift=p.shift, flip=p.flip
-    )
+def params_matrix(p: AugmentParams, region: Region, size: int) -> np.ndarray:
+    """The 2x3 source -> model-input matrix of `p` for a crop `region` (geometry.crop_matrix)."""
+    return crop_matrix(region, size, angle_deg=p.angle_deg, scale=p.scale, shift=p.shift, flip=p.flip)
+
+
+def blur_and_occlude(image: np.ndarray, p: AugmentParams) -> np.ndarray:
+    """The post-warp pixel augmentations on a uint8 (S, S, 3) model input (a new array if any)."""
+    if p.blur_sigma > 0:
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(p.blur_sigma)))
+    if p.occluder is not None:
+        s = image.shape[0]
+        x, y, w, h = p.occluder
+        x0, y0 = int(x * s), int(y * s)
+        image = image.copy() if not image.flags.writeable else image
+        image[y0 : y0 + max(1, round(h * s)), x0 : x0 + max(1, round(w * s))] = round(p.occluder_grey)
+    return image
 
 
 def hsv_matrix(saturation: float, hue_deg: float) -> np.ndarray:
@@ -101,22 +127,25 @@ def colour_affine(colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def folded_affine(
-    colour: np.ndarray | None, n: int, mean: Sequence[float], std: Sequence[float]
+    colour: np.ndarray | None, n: int, mean: ArrayLike, std: ArrayLike
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Colour jitter and normalisation as one affine map per sample plus a per-channel clip.
 
     For uint8 RGB x, the loaders' output is ((clip(A x + t, 0, 255) / 255) - mean) / std with
     (A, t) = `colour_affine(colour)` (identity when `colour` is None). The normalisation is
-    per-channel scale > 0, so it folds into the matrix and the clip bounds:
-    returns A' (n, 3, 3), t' (n, 3), lo (3,), hi (3,) (float64) with output = clip(A' x + t', lo, hi).
+    per-channel scale > 0, so it folds into the matrix and the clip bounds. `mean`/`std` are (3,)
+    or per sample (n, 3) (a mix of shard sets, each with its own normalisation).
+    Returns A' (n, 3, 3), t' (n, 3), lo (n, 3), hi (n, 3) (float64): output = clip(A' x + t', lo, hi).
     """
     if colour is None:
         A, t = np.broadcast_to(np.eye(3), (n, 3, 3)), np.zeros((n, 3))
     else:
         A, t = colour_affine(colour)
-    s = 1.0 / (255.0 * np.asarray(std, np.float64))
-    b = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
-    return A * s[None, :, None], t * s + b, b, 255.0 * s + b
+    mean_ = np.broadcast_to(np.asarray(mean, np.float64), (n, 3))
+    std_ = np.broadcast_to(np.asarray(std, np.float64), (n, 3))
+    s = 1.0 / (255.0 * std_)
+    b = -mean_ / std_
+    return A * s[:, :, None], t * s + b, b, 255.0 * s + b
 
 
 def colour_normalise(
@@ -130,7 +159,7 @@ def colour_normalise(
 ) -> np.ndarray:
     """One sample on the CPU: uint8 CHW `image` -> float32 CHW `out` = clip(A x + t, lo, hi).
 
-    (A, t, lo, hi) is one row of `folded_affine` as float32; `scratch` (like `out`) is reusable.
+    (A, t, lo, hi) is one sample's row of `folded_affine` as float32; `scratch` (like `out`) is reusable.
     A few numpy passes over one cache-resident image cost about half of what the batched torch
     ops of `apply_colour` do on a CPU (each of those streams the whole batch through memory).
     The 3x3 product is written as multiply-adds on purpose: numpy's matmul calls BLAS, whose
@@ -155,17 +184,18 @@ def apply_colour(
     images: torch.Tensor,
     colour: torch.Tensor | None,
     *,
-    mean: Sequence[float] = (0.0, 0.0, 0.0),
-    std: Sequence[float] = (1.0 / 255.0,) * 3,
+    mean: ArrayLike = (0.0, 0.0, 0.0),
+    std: ArrayLike = (1.0 / 255.0,) * 3,
 ) -> torch.Tensor:
     """A batch on the loader's device: RGB images (B, 3, H, W) in [0, 255] (uint8 or float),
     colour rows (B, 4) or None -> float ((clip(colour(x), 0, 255) / 255) - mean) / std.
 
-    The same map as `colour_normalise` (`folded_affine`); the defaults leave values in [0, 255].
+    The same map as `colour_normalise` (`folded_affine`; mean/std (3,) or (B, 3)); the defaults
+    leave values in [0, 255].
     """
     B, _, H, W = images.shape
     dtype = images.dtype if images.is_floating_point() else torch.float32
     rows = None if colour is None else colour.detach().cpu().numpy()
     A, t, lo, hi = (torch.from_numpy(a).to(images.device, dtype) for a in folded_affine(rows, B, mean, std))
     y = torch.baddbmm(t[:, :, None], A, images.reshape(B, 3, H * W).to(dtype))  # (3, 3) @ (3, H*W) each
-    return torch.clamp(y, lo.view(1, 3, 1), hi.view(1, 3, 1)).view(B, 3, H, W)
+    return torch.maximum(torch.minimum(y, hi[:, :, None]), lo[:, :, None]).view(B, 3, H, W)

@@ -136,16 +136,32 @@ def synth(
 
 @app.command(epilog=EXAMPLES["pack"])
 def pack(
-    src: Annotated[Path, typer.Argument(help="FreiHAND root, or a COCO keypoints json with --format coco.")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="FreiHAND root; COCO keypoints json (--format coco); YOLO-pose dataset root "
+            "(SRC/{split}/images + labels, SRC/images/{split} + SRC/labels/{split}, SRC/images + "
+            "SRC/labels) or its dataset yaml (--format yolo)."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder for shards and manifest.json.")],
-    format: Annotated[str, typer.Option("--format", help="freihand | coco.")] = "freihand",
+    format: Annotated[str, typer.Option("--format", help="freihand | coco | yolo.")] = "freihand",
     images: Annotated[
         Optional[Path], typer.Option(help="COCO: image folder [default: the json's folder].")
     ] = None,
-    versions: Annotated[str, typer.Option(help="gs | all | comma list of gs,hom,sample,auto.")] = "gs",
-    split: Annotated[str, typer.Option(help="train,val,test fractions over unique ids.")] = "0.8,0.15,0.05",
+    versions: Annotated[
+        Optional[str],
+        typer.Option(help="FreiHAND: gs | all | comma list of gs,hom,sample,auto [default: gs]."),
+    ] = None,
+    split: Annotated[
+        Optional[str],
+        typer.Option(
+            help="train,val,test fractions of the split units (FreiHAND ids, images) [default: "
+            "0.8,0.15,0.05]; a YOLO dataset with split folders keeps its own splits."
+        ),
+    ] = None,
     split_seed: Annotated[
-        Optional[int], typer.Option(help="Shuffle ids with this seed [default: id order].")
+        Optional[int], typer.Option(help="Shuffle split units with this seed [default: id order].")
     ] = None,
     shard_size: Annotated[float, typer.Option(help="Target shard size in MB.")] = 4.0,
     workers: Workers = None,
@@ -154,7 +170,8 @@ def pack(
     ] = "fail",
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier pack in OUT.")] = False,
 ) -> None:
-    """Pack FreiHAND (or COCO keypoints) into WebDataset shards with DALI indexes and a manifest."""
+    """Pack FreiHAND, COCO keypoints or YOLO-pose labels into WebDataset shards (one sample per
+    hand, with its box and per-joint visibility), DALI indexes and a manifest."""
     from handpose.pack import pack as run
 
     run(

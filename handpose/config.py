@@ -49,6 +49,10 @@ class AugmentConfig:
     contrast: float = 0.2  # factor uniform in [1 - c, 1 + c] about mid-grey
     saturation: float = 0.2  # factor uniform in [1 - s, 1 + s]
     hue_deg: float = 10.0  # rotation uniform in [-h, h] degrees
+    blur: float = 0.0  # probability of a Gaussian blur after the warp
+    blur_sigma: float = 1.5  # its sigma, uniform in [0.3, blur_sigma] model-input px
+    occlude: float = 0.0  # probability of one occluding rectangle of a random grey
+    occlude_size: float = 0.4  # its sides, uniform in [0.1, occlude_size] x the model input size
 
     def __post_init__(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:
@@ -62,6 +66,13 @@ class AugmentConfig:
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("blur", "occlude"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"is a probability in [0, 1], got {getattr(self, name)}")
+        if not self.blur_sigma >= 0.3:
+            raise ConfigError("blur_sigma", f"must be >= 0.3 px, got {self.blur_sigma}")
+        if not 0.1 <= self.occlude_size <= 1:
+            raise ConfigError("occlude_size", f"must be in [0.1, 1], got {self.occlude_size}")
 
 
 _TRUE = ("true", "1", "yes", "on")

@@ -12,12 +12,11 @@ at a scale between 1/2 and 1.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
-
-import math
 
 from handpose.geometry import compose, invert, matrix_scale, scaling
 
@@ -192,3 +191,23 @@ def warp_affine(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
         (size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
     )
     return np.asarray(out)
+
+
+def image_format(data: bytes) -> str:
+    """The format of image bytes from their signature: 'JPEG', 'PNG', 'GIF', 'BMP', 'TIFF',
+    'WebP', 'HEIF/AVIF', or 'unknown' (no decoding)."""
+    if data[:2] == JPEG_MAGIC:
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:2] == b"BM":
+        return "BMP"
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    return "unknown"

@@ -1,10 +1,12 @@
 """`handpose inspect`: print a pack's manifest and draw samples read back from its shards.
 
 The contact sheet is how a user checks that labels survived packing: every sample is read with
-plain `tarfile` (only the .jpg, .json and .kp.f32 members are decoded, nothing is unpickled),
-letterboxed into a CELL x CELL tile with the same matrix for image and keypoints, and drawn
-with the skeleton. Sheet size: ceil(sqrt(k)) columns x ceil(k / columns) rows of CELL pixels,
-k = min(n, samples in the split).
+the shard reader (`shards.read_samples`; only the .jpg, .json and label members are decoded,
+nothing is unpickled), letterboxed into a CELL x CELL tile by THE preprocessing
+(`imageio.warp_to_input` with `geometry.fit_matrix`), and its keypoints and hand box moved by
+the same matrix and drawn: bones and joints in finger colours (joints that are not labelled are
+left out), the box in white. Sheet size: ceil(sqrt(k)) columns x ceil(k / columns) rows of CELL
+pixels, k = min(n, samples in the split).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,33 @@ from handpose.atomic import check_output_file, write_bytes
 from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, fit_matrix
-from handpose.imageio import decode_jpeg, warp_affine
-from handpose.shards import SPLITS, Manifest, decode_keypoints, split_shards
+from handpose.imageio import image_size, warp_to_input
+from handpose.shards import (
+    READ_LABELS,
+    SPLITS,
+    Annotation,
+    Manifest,
+    decode_annotation,
+    read_samples,
+    split_shards,
+)
 from handpose.skeleton import BONES, FINGER_COLORS, NUM_JOINTS, joint_finger
 
 CELL = 224  # tile side in pixels
 WRIST_COLOR = (255, 255, 255)
+BOX_COLOR = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Drawable:
+    """One sample read back from a shard: what a tile shows."""
+
+    key: str
+    jpg: bytes  # the stored image bytes
+    width: int  # displayed size (EXIF orientation applied): the frame of the labels
+    height: int
+    annotation: Annotation
+    meta: dict[str, Any]
 
 
 def inspect_shards(
@@ -49,7 +72,7 @@ def inspect_shards(
     console = make_console()
     for table in manifest_tables(manifest):
         console.print(table)
-    samples = list(read_samples(shards, n))
+    samples = list(read_back(shards, n))
     png = Path(png) if png is not None else root / f"inspect-{split}.png"
     sheet = contact_sheet(samples)
     buf = io.BytesIO()
@@ -61,7 +84,7 @@ def inspect_shards(
 
 
 def manifest_tables(m: Manifest) -> list[Table]:
-    """The manifest as rich tables: summary, splits, stats, skipped samples."""
+    """The manifest as rich tables: summary, splits, stats, hands (images and boxes), skipped."""
     d = m.data
     summary = Table(title=f"pack {m.root}", show_header=False)
     summary.add_row("format", f"{d['format']} v{d['format_version']} (handpose {d.get('tool_version', '?')})")
@@ -95,86 +118,103 @@ def manifest_tables(m: Manifest) -> list[Table]:
         stats.add_row("uv max px", f"{kb['max_px'][0]:.1f}", f"{kb['max_px'][1]:.1f}", "")
         stats.caption += f"; {kb.get('samples_outside_image', 0)} samples have keypoints outside the image"
 
-    tables = [summary, splits, stats]
+    tables = [summary, splits, stats, hands_table(d)]
     skipped = d.get("skipped", [])
     if skipped:
         sk = Table(title=f"skipped ({len(skipped)})")
         for col in ("id", "file", "reason"):
             sk.add_column(col)
         for e in skipped[:20]:
-            sk.add_row(str(e["id"]), e["file"], e["reason"])
+            sk.add_row(str(e.get("id", "-")), e["file"], e["reason"])
         if len(skipped) > 20:
             sk.caption = f"... and {len(skipped) - 20} more in manifest.json"
         tables.append(sk)
     return tables
 
 
-def read_samples(shards: list[Path], n: int) -> Iterator[dict[str, Any]]:
-    """The first `n` samples of `shards` in order: {key, image, meta, uv} per sample."""
+def hands_table(d: dict[str, Any]) -> Table:
+    """Images (with hands, background), hands per image, labelled joints and the hand boxes."""
+    table = Table(title="hands")
+    table.add_column("")
+    for col in ("min", "p10", "median", "p90", "max"):
+        table.add_column(col, justify="right")
+    boxes, images = d.get("boxes", {}), d.get("images", {})
+    for key, name, fmt in (
+        ("side_px", "box side px", "{:.1f}"),
+        ("side_frac", "box side / image side", "{:.3f}"),
+    ):
+        if boxes.get(key):
+            table.add_row(name, *(fmt.format(boxes[key][c]) for c in ("min", "p10", "median", "p90", "max")))
+    per = boxes.get("hands_per_image", {})
+    fraction = d.get("keypoint_bounds", {}).get("labelled_fraction")
+    notes = [
+        f"images: {images.get('with_hands', '?')} with hands, {images.get('background', '?')} background",
+        f"hands per image: mean {per.get('mean')}, max {per.get('max')}",
+        f"labelled joints: {fraction * 100:.1f}%" if fraction is not None else "",
+        f"box / keypoint extent (median): {boxes.get('box_to_keypoints')}",
+        f"boxes reaching past the image: {boxes.get('outside_image', 0)}",
+    ]
+    table.caption = "; ".join(n for n in notes if n)
+    return table
+
+
+def read_back(shards: list[Path], n: int) -> Iterator[Drawable]:
+    """The first `n` samples of `shards` in order, decoded; a bad member is a HandposeError
+    naming the shard and key."""
     count = 0
     for shard in shards:
-        for sample in _tar_samples(shard):
-            yield sample
+        for sample in read_samples(shard, ("jpg", "json", *READ_LABELS), 0, n - count):
+            key = sample["__key__"]
+            try:
+                meta = json.loads(sample["json"])
+                annotation = decode_annotation(sample)
+                width, height = image_size(sample["jpg"])
+            except (KeyError, ValueError) as e:
+                raise HandposeError(f"{shard}: sample {key}: bad or missing member ({e})") from None
+            yield Drawable(key, sample["jpg"], width, height, annotation, meta)
             count += 1
-            if count == n:
-                return
+        if count == n:
+            return
 
 
-def _tar_samples(shard: Path) -> Iterator[dict[str, Any]]:
-    """Group a shard's members by key; decode only the members we know (never unpickle)."""
-    current: dict[str, bytes] = {}
-    key = None
-    try:
-        with tarfile.open(shard, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, _, ext = info.name.partition(".")
-                if k != key and current:
-                    yield _decode(shard, key, current)  # type: ignore[arg-type]
-                    current = {}
-                key = k
-                if ext in ("jpg", "json", "kp.f32"):
-                    current[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
-            if current:
-                yield _decode(shard, key, current)  # type: ignore[arg-type]
-    except (OSError, tarfile.TarError) as e:
-        raise HandposeError(f"{shard}: unreadable shard: {e}") from None
-
-
-def _decode(shard: Path, key: str, members: dict[str, bytes]) -> dict[str, Any]:
-    try:
-        meta = json.loads(members["json"])
-        uv = decode_keypoints(members["kp.f32"])
-        image = decode_jpeg(members["jpg"])
-    except (KeyError, ValueError) as e:
-        raise HandposeError(f"{shard}: sample {key}: bad or missing member ({e})") from None
-    return {"key": key, "image": image, "meta": meta, "uv": uv}
-
-
-def contact_sheet(samples: list[dict[str, Any]]) -> Image.Image:
-    """Tiles of CELL px, each image letterboxed with its keypoints moved by the same matrix."""
+def contact_sheet(samples: list[Drawable]) -> Image.Image:
+    """Tiles of CELL px, each image letterboxed with its keypoints and box moved by the same matrix."""
     cols = max(1, math.ceil(math.sqrt(len(samples))))
     rows = max(1, math.ceil(len(samples) / cols))
     sheet = Image.new("RGB", (cols * CELL, rows * CELL), (0, 0, 0))
     for k, s in enumerate(samples):
-        h, w = s["image"].shape[:2]
-        M = fit_matrix(w, h, CELL)
-        tile = Image.fromarray(warp_affine(s["image"], M, CELL))
-        draw_skeleton(ImageDraw.Draw(tile), apply_affine(M, s["uv"]))
-        ImageDraw.Draw(tile).text((3, 2), s["key"], fill=(255, 255, 255))
+        M = fit_matrix(s.width, s.height, CELL)
+        try:
+            tile = Image.fromarray(warp_to_input(s.jpg, M, CELL))
+        except ValueError as e:
+            raise HandposeError(f"sample {s.key}: undecodable image ({e})") from None
+        draw = ImageDraw.Draw(tile)
+        box = apply_affine(M, s.annotation.box.reshape(2, 2)) - 0.5  # the letterbox keeps the corner order
+        draw.rectangle([tuple(box[0]), tuple(box[1])], outline=BOX_COLOR, width=1)
+        draw_skeleton(draw, apply_affine(M, s.annotation.uv), s.annotation.labelled)
+        draw.text((3, 2), s.key, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
         sheet.paste(tile, ((k % cols) * CELL, (k // cols) * CELL))
     return sheet
 
 
-def draw_skeleton(draw: ImageDraw.ImageDraw, uv: np.ndarray, *, radius: int = 3, width: int = 2) -> None:
-    """Bones and joints in finger colours. uv puts pixel i's centre at i + 0.5, while Pillow
-    puts it at integer i: hence the -0.5. Pillow truncates float boxes, so each dot is drawn
-    around the nearest whole pixel, keeping it symmetric about the keypoint (within 0.5 px)."""
+def draw_skeleton(
+    draw: ImageDraw.ImageDraw,
+    uv: np.ndarray,
+    labelled: np.ndarray | None = None,
+    *,
+    radius: int = 3,
+    width: int = 2,
+) -> None:
+    """Bones and joints in finger colours; joints not `labelled` (and their bones) are left out.
+    uv puts pixel i's centre at i + 0.5, while Pillow puts it at integer i: hence the -0.5.
+    Pillow truncates float boxes, so each dot is drawn around the nearest whole pixel, keeping it
+    symmetric about the keypoint (within 0.5 px)."""
     p = np.asarray(uv, np.float64).reshape(NUM_JOINTS, 2) - 0.5
+    show = np.ones(NUM_JOINTS, bool) if labelled is None else np.asarray(labelled, bool)
     for a, b in BONES:
-        draw.line([tuple(p[a]), tuple(p[b])], fill=FINGER_COLORS[joint_finger(b)], width=width)
-    for j in range(NUM_JOINTS):
-        colour = WRIST_COLOR if j == 0 else FINGER_COLORS[joint_finger(j)]
+        if show[a] and show[b]:
+            draw.line([tuple(p[a]), tuple(p[b])], fill=FINGER_COLORS[joint_finger(b)], width=width)
+    for j in np.flatnonzero(show):
+        colour = WRIST_COLOR if j == 0 else FINGER_COLORS[joint_finger(int(j))]
         x, y = round(p[j, 0]), round(p[j, 1])
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))

@@ -47,13 +47,14 @@ from handpose import checkpoint, report
 from handpose.atomic import check_output_dir, inside, write_json
 from handpose.console import make_console
 from handpose.errors import HandposeError
-from handpose.freihand import load_json, read_freihand
 from handpose.geometry import apply_affine, compose, fit_matrix, invert, scaling
 from handpose.heatmaps import INDEX_OFFSET, TUTORIAL_INDEX_OFFSET, heatmaps_to_keypoints
 from handpose.imageio import JPEG_MAGIC, decode_image, jpeg_size, warp_affine
 from handpose.model import ShallowUNet
 from handpose.shards import MANIFEST, decode_keypoints, index_name, read_index, split_shards
 from handpose.skeleton import NUM_JOINTS
+from handpose.sources import load_json
+from handpose.sources.freihand import read_freihand
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MIN_SIDE_PX = 8  # smaller images cannot show a hand; they go to errors.jsonl

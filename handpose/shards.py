@@ -12,7 +12,8 @@ OUT/
 Each sample is ONE hand, in this member order, under a KEY with no dot (`sample_key(sid)`):
   KEY.jpg      the source JPEG's bytes, unchanged (a photo with three hands is stored three times)
   KEY.json     {"key", "sid", "id", "hand", "version", "split", "source", "width", "height",
-                "uv", "visibility", "box", ["xyz", "K"], ["image_id"]}
+                "uv", "visibility", "box", ["xyz", "K"] (FreiHAND), ["image_id"] (COCO),
+                ["label", "class"] (YOLO: "labels/a.txt:3", the line's class)}
   KEY.kp.f32   uv as 42 little-endian float32 (x0, y0, x1, y1, ...), source-image pixels
   KEY.vis.u8   21 uint8 visibilities as labelled (0 = not labelled; COCO's 1/2 kept as given)
   KEY.box.f32  the hand box as 4 little-endian float32 (x0, y0, x1, y1), source-image pixels
@@ -291,12 +292,12 @@ class Annotation:
         return (self.visibility > 0) & np.isfinite(self.uv).all(axis=1)
 
 
-ANNOTATION_MEMBERS = ("kp.f32", "vis.u8", "box.f32")
+READ_LABELS = ("kp.f32", "vis.u8", "box.f32")  # the label members every reader decodes
 
 
 def decode_annotation(sample: Sample) -> Annotation:
     """The label members of a sample; ValueError (a data error) names what is missing or wrong."""
-    missing = [ext for ext in ANNOTATION_MEMBERS if ext not in sample]
+    missing = [ext for ext in READ_LABELS if ext not in sample]
     if missing:
         raise ValueError(f"missing member {missing[0]}")
     return Annotation(

@@ -1,8 +1,10 @@
-"""`handpose train`: the ShallowUNet trainer, one process or many under torchrun (DDP).
+"""`handpose train`: the trainer, one process or many under torchrun (DDP).
 
-Read `fit` top to bottom: build everything, maybe resume, then the epoch loop. Heatmap targets
-are rendered on the training device from the batch keypoints; keypoints are decoded with the
-decoder `predict` uses (heatmaps.heatmaps_to_keypoints). Only the global rank 0 prints and writes.
+Read `fit` top to bottom: build everything, maybe resume, then the epoch loop. The model
+(`model.build_model`, chosen by `arch`) owns its loss and its decoder, which `predict` uses too.
+Training reads one packed folder or a weighted mix of several (`shards`, `weights`, `crop`);
+validation reports every folder's val split apart, and the FIRST folder's numbers choose best.pt.
+Only the global rank 0 prints and writes.
 
 RUN/config.toml       the resolved config (recipe + overrides)
 RUN/metrics.jsonl     one JSON line per epoch
@@ -18,7 +20,6 @@ import math
 import os
 import random
 import signal
-import tarfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import nn
 from handpose import checkpoint
 from handpose.atomic import check_output_dir, write_json, write_text
 from handpose.config import AugmentConfig, Sources, read_config, to_dict, to_toml
+from handpose.datasets import ShardSet, apportion
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -43,11 +45,8 @@ from handpose.distributed import (
     teardown,
 )
 from handpose.errors import ConfigError, HandposeError
-from handpose.geometry import apply_affine, fit_matrix
-from handpose.heatmaps import LOSSES, heatmaps_to_keypoints, keypoints_to_heatmaps
-from handpose.model import ShallowUNet
-from handpose.shards import Manifest, decode_keypoints, read_manifest
-from handpose.skeleton import NUM_JOINTS
+from handpose.model import build_model
+from handpose.shards import read_manifest
 
 
 @dataclass(frozen=True)
@@ -59,18 +58,22 @@ class TrainConfig:
     one optimizer step consumes batch_size x world_size samples.
     """
 
-    shards: str = ""  # packed shards folder (handpose pack)
+    shards: tuple[str, ...] = ()  # packed folder(s) (handpose pack); several = a weighted mix
+    weights: tuple[float, ...] = ()  # share of each folder in every training batch [default: equal]
+    crop: tuple[Literal["image", "box"], ...] = ("image",)  # per folder, or one for all
+    box_pad: float = 1.25  # crop = "box": the square box's side x this fills the input
     out: str = ""  # run folder
     loader: Literal["wds", "dali"] = "wds"
     workers: int = 2  # loader worker processes per rank
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    image_size: int = 128  # model input side, px; heatmaps have the same size
+    image_size: int = 128  # model input side, px
     augment: AugmentConfig = AugmentConfig(enabled=False)
-    width: int = 16  # ShallowUNet width; 16 + depth 3 is the tutorial's model
-    depth: int = 3  # ShallowUNet down/up levels (image_size must divide by 2**depth)
+    arch: Literal["unet", "strided"] = "unet"  # model.ARCHS; unet 16/3 is the tutorial's model
+    width: int = 16  # channels of the first stage
+    depth: int = 3  # unet: down/up levels; strided: blocks per stage
     sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
-    loss: Literal["iou", "mse"] = "iou"
-    index_offset: float = 0.5  # decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
+    loss: Literal["iou", "mse", "l1"] = "iou"  # unet: iou | mse heatmap loss; strided: l1
+    index_offset: float = 0.5  # unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
     epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
     batch_size: int = 48  # samples per step PER PROCESS
     batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
@@ -107,15 +110,23 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
-        if self.image_size % 2**self.depth:
+        if self.arch == "unet" and self.image_size % 2**self.depth:
             raise ConfigError(
                 ("image_size", "depth"),
                 f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}",
             )
+        if self.weights and len(self.weights) != len(self.shards):
+            raise ConfigError(
+                ("weights", "shards"), f"{len(self.weights)} given for {len(self.shards)} shards folders"
+            )
+        if len(self.crop) not in (1, len(self.shards)):
+            raise ConfigError("crop", f"give one mode, or one per shards folder ({len(self.shards)})")
+        if not self.box_pad >= 1:
+            raise ConfigError("box_pad", f"must be >= 1, got {self.box_pad}")
 
 
 # Keys that change the model's shape: a resumed run must keep them.
-SHAPE_KEYS = ("width", "depth", "image_size")
+SHAPE_KEYS = ("arch", "width", "depth", "image_size")
 
 
 def train(
@@ -126,15 +137,15 @@ def train(
     Resumes from RUN/checkpoints/last.pt when it exists; `resume=True` requires it to.
     """
     cfg, sources = read_config(TrainConfig, recipe, overrides)
-    manifest = check_inputs(cfg, sources)
+    check_inputs(cfg, sources)
     world = setup_world(None if cfg.device == "auto" else cfg.device)
     # No barrier on the error path: the other ranks may never reach it; exiting lets torchrun stop them.
-    summary = fit(cfg, world, manifest, resume=resume)
+    summary = fit(cfg, world, resume=resume)
     teardown(world)
     return summary
 
 
-def check_inputs(cfg: TrainConfig, sources: Sources) -> Manifest:
+def check_inputs(cfg: TrainConfig, sources: Sources) -> None:
     """Everything a user can get wrong, checked before any process group or loader exists, so
     every rank stops at once with the same one-line error naming the flag or recipe key."""
     if not cfg.shards or not cfg.out:
@@ -144,24 +155,24 @@ def check_inputs(cfg: TrainConfig, sources: Sources) -> Manifest:
         raise HandposeError(
             f"{sources.name('device')}: CUDA is not available on this machine (use cpu or auto)"
         )
-    try:
-        return read_manifest(cfg.shards)
-    except HandposeError as e:
-        raise HandposeError(f"{sources.name('shards')}: {e}") from None
+    for folder in cfg.shards:
+        try:
+            read_manifest(folder)
+        except HandposeError as e:
+            raise HandposeError(f"{sources.name('shards')}: {e}") from None
 
 
-def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> dict[str, Any]:
+def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     """Build, maybe resume, run the epochs. The loop below is the whole training procedure."""
     run = Path(cfg.out)
     seed_everything(cfg.seed + world.rank)
     raw, model, opt, scaler = build(cfg, world)
-    train_loader = make_loader(cfg, world, "train", epoch=0)
-    val_loader = make_loader(cfg, world, "val", epoch=0)
+    train_loader = make_loader(cfg, world, "train")
+    val_loaders = [make_loader(cfg, world, "val", only=i) for i in range(len(cfg.shards))]
     steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
     sched = make_scheduler(cfg, opt, steps)
     st = maybe_resume(cfg, world, run, raw, opt, sched, scaler, LoopState(), required=resume)
-    st.mean_pose = st.mean_pose if st.mean_pose is not None else mean_pose(manifest, cfg.image_size, world)
-    log = RunLog(cfg, world, run, st, manifest)
+    log = RunLog(cfg, world, run, st, train_loader.sets)
     for epoch in range(st.epoch, cfg.epochs):
         if st.stopped:
             break
@@ -170,7 +181,7 @@ def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> 
         t0, loss_sum, n = time.perf_counter(), torch.zeros((), device=world.device), 0
         log.start_epoch(epoch, steps)
         for n, batch in enumerate(islice(train_loader, steps), 1):
-            loss = train_step(model, batch, opt, scaler, cfg, world)
+            loss = train_step(model, raw, batch, opt, scaler, cfg, world)
             if cfg.schedule == "cosine":
                 sched.step()  # per-step schedule: warm-up and decay in optimizer steps
             loss_sum += loss
@@ -179,8 +190,8 @@ def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> 
             if n % cfg.log_every == 0:
                 log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
         seconds = time.perf_counter() - t0
-        val = evaluate(raw, val_loader, cfg, world, st.mean_pose)
-        skipped = float(train_loader.stats.skipped + val_loader.stats.skipped)  # corrupt, this launch
+        val = validate(raw, val_loaders, cfg, world)
+        skipped = float(train_loader.stats.skipped + sum(v.stats.skipped for v in val_loaders))
         sums = reduce_sums({"loss": loss_sum, "batches": float(n), "skipped": skipped}, world)
         metrics = {
             "epoch": epoch + 1,
@@ -195,7 +206,7 @@ def fit(cfg: TrainConfig, world: World, manifest: Manifest, *, resume: bool) -> 
         if cfg.schedule == "plateau":
             sched.step(metrics[cfg.plateau_on])
         improved = st.update(epoch + 1, metrics[cfg.monitor], cfg)
-        save_checkpoints(cfg, world, run, manifest, raw, opt, sched, scaler, st, best=improved)
+        save_checkpoints(cfg, world, run, train_loader.sets, raw, opt, sched, scaler, st, best=improved)
         log.end_epoch(metrics, improved)
     _record_params(raw, world)
     return log.finish(st)
@@ -218,9 +229,17 @@ def amp_dtype(cfg: TrainConfig, world: World) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
 
-def build(cfg: TrainConfig, world: World) -> tuple[ShallowUNet, nn.Module, torch.optim.Optimizer, Any]:
+def build(cfg: TrainConfig, world: World) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
     """Model (bare and wrapped for training: channels_last, DDP, compile), optimizer, grad scaler."""
-    raw = ShallowUNet(cfg.width, cfg.depth).to(world.device)
+    raw = build_model(
+        cfg.arch,
+        width=cfg.width,
+        depth=cfg.depth,
+        image_size=cfg.image_size,
+        sigma=cfg.sigma,
+        loss=cfg.loss,
+        index_offset=cfg.index_offset,
+    ).to(world.device)
     cuda = world.device.type == "cuda"
     if cuda and cfg.channels_last:
         raw = raw.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -264,26 +283,31 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def make_loader(cfg: TrainConfig, world: World, split: str, *, epoch: int) -> Any:
-    """The real loader for `split`; the GLOBAL rank picks its shard of the data."""
+def make_loader(cfg: TrainConfig, world: World, split: str, *, only: int | None = None) -> Any:
+    """The real loader for `split` of every shards folder (or only folder `only`); the GLOBAL
+    rank picks its shard of the data."""
     from handpose.loader import make_loader as _make
 
     train = split == "train"
+    crops = cfg.crop * len(cfg.shards) if len(cfg.crop) == 1 else cfg.crop
+    pick = range(len(cfg.shards)) if only is None else [only]
     return _make(
-        cfg.shards,
+        [cfg.shards[i] for i in pick],
         split,
         kind=cfg.loader,
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
         augment=cfg.augment if (train and cfg.augment.enabled) else None,
+        crop=[crops[i] for i in pick],
+        box_pad=cfg.box_pad,
+        weights=[cfg.weights[i] for i in pick] if cfg.weights else None,
         rank=world.rank,
         world_size=world.world_size,
         workers=cfg.workers,
         seed=cfg.seed,
-        epoch=epoch,
         device=world.device,
         # batches_per_epoch > 0: each rank draws random shards (the tutorial's random batches);
-        # 0: full passes, the ranks' samples partition the split exactly.
+        # 0: full passes over the first folder, the ranks' samples partition it exactly.
         samples_per_epoch=(
             cfg.batches_per_epoch * cfg.batch_size * world.world_size
             if train and cfg.batches_per_epoch
@@ -294,21 +318,22 @@ def make_loader(cfg: TrainConfig, world: World, split: str, *, epoch: int) -> An
 
 def train_step(
     model: nn.Module,
+    raw: nn.Module,
     batch: dict[str, Any],
     opt: torch.optim.Optimizer,
     scaler: Any,
     cfg: TrainConfig,
     world: World,
 ) -> torch.Tensor:
-    """One optimizer step; returns the detached loss (no host sync)."""
+    """One optimizer step; returns the detached loss (no host sync). `model` is the wrapped
+    module (DDP/compile) that runs the forward, `raw` the bare one that owns the loss."""
     images = batch["image"]
     if world.device.type == "cuda" and cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    target = keypoints_to_heatmaps(batch["uv"], batch["visible"], cfg.image_size, cfg.sigma)
     dtype = amp_dtype(cfg, world)
     with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        pred = model(images)
-    loss = LOSSES[cfg.loss](pred, target)  # losses compute in fp32
+        out = model(images)
+    loss = raw.loss(out, batch["uv"], batch["visible"])  # losses compute in fp32, visible joints only
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -320,44 +345,65 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
-    raw: nn.Module, loader: Any, cfg: TrainConfig, world: World, mean_uv: torch.Tensor
-) -> dict[str, float]:
-    """Validation loss and mean keypoint error (px at model size, % of the side) over visible
-    joints, and the same error for always predicting the mean training pose; summed over ranks."""
+def validate(raw: nn.Module, loaders: list[Any], cfg: TrainConfig, world: World) -> dict[str, Any]:
+    """Every folder's val split apart; the first folder's figures are also the plain `val_*` keys
+    (the ones `monitor`, best.pt and early stopping use)."""
     sync_buffers(raw, world)  # every rank evaluates (and rank 0 saves) the same BN statistics
     raw.eval()
+    out: dict[str, Any] = {}
+    for i, loader in enumerate(loaders):
+        s = loader.sets[0]
+        figures = evaluate(raw, loader, cfg, world, s.manifest.mean_pose(s.crop, cfg.image_size, s.pad))
+        if i == 0:
+            out.update(figures)
+        if len(loaders) > 1:
+            out.update({f"{s.name}/{k}": v for k, v in figures.items()})
+    return out
+
+
+def evaluate(raw: nn.Module, loader: Any, cfg: TrainConfig, world: World, mean_uv: Any) -> dict[str, float]:
+    """Validation loss and mean keypoint error over visible joints (px at model size, % of the
+    input side and, for box crops, % of the box's longer side), PCK@0.2 of the box, and the same
+    error for always predicting the mean training pose; summed over ranks."""
     dtype = amp_dtype(cfg, world)
-    mean_uv = mean_uv.to(world.device)
-    sums = torch.zeros(5, dtype=torch.float64, device=world.device)
+    crop, pad = loader.sets[0].crop, loader.sets[0].pad
+    mean_uv = torch.as_tensor(mean_uv, dtype=torch.float32, device=world.device)
+    box_px = cfg.image_size / pad if crop == "box" else cfg.image_size  # the box's longer side, input px
+    sums = torch.zeros(6, dtype=torch.float64, device=world.device)
     for batch in islice(loader, cfg.val_batches or None):
         uv, vis = batch["uv"], batch["visible"]
         with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = raw(batch["image"])
-        loss = LOSSES[cfg.loss](pred, keypoints_to_heatmaps(uv, vis, cfg.image_size, cfg.sigma))
-        pred_uv, _ = heatmaps_to_keypoints(pred, cfg.index_offset)
-        err = (pred_uv - uv).norm(dim=-1)[vis].sum()
-        base = (mean_uv - uv).norm(dim=-1)[vis].sum()
+        loss = raw.loss(pred, uv, vis)
+        pred_uv, _ = raw.decode(pred)
+        err = (pred_uv.float() - uv).norm(dim=-1)[vis]
+        base = (mean_uv - uv).norm(dim=-1)[vis]
         sums += torch.stack(
             [
                 loss.double() * len(uv),
                 torch.tensor(len(uv), dtype=torch.float64, device=world.device),
-                err.double(),
+                err.sum().double(),
                 vis.sum().double(),
-                base.double(),
+                base.sum().double(),
+                (err <= 0.2 * box_px).sum().double(),
             ]
         )
-    loss_sum, n, err_sum, n_vis, base_sum = all_reduce_sum(sums, world).tolist()
+    loss_sum, n, err_sum, n_vis, base_sum, pck = all_reduce_sum(sums, world).tolist()
     if n == 0 or n_vis == 0:
-        raise HandposeError(f"{cfg.shards}: the validation split gave no samples with visible joints")
+        raise HandposeError(
+            f"{loader.sets[0].manifest.root}: the validation split gave no samples with visible joints"
+        )
     err_px = err_sum / n_vis
-    return {
+    figures = {
         "val_loss": loss_sum / n,
         "val_error_px": err_px,
         "val_error_pct": 100 * err_px / cfg.image_size,
         "mean_pose_error_px": base_sum / n_vis,
         "val_samples": int(n),
     }
+    if crop == "box":
+        figures.update(val_error_pct_box=100 * err_px / box_px, val_pck_box=pck / n_vis)
+    return figures
 
 
 def agree_steps(steps: int, world: World) -> int:
@@ -376,36 +422,6 @@ def sync_buffers(module: nn.Module, world: World) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
-def _train_annotations(tar_path: Path) -> Any:
-    """Yield (uv source px (21, 2), width, height) per sample of a shard; images are skipped."""
-    size: dict[str, tuple[int, int]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if ext == "json":
-                meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                size[key] = (int(meta["width"]), int(meta["height"]))
-            elif ext == "kp.f32":
-                yield decode_keypoints(tar.extractfile(member).read()), *size.pop(key)  # type: ignore[union-attr]
-
-
-def mean_pose(manifest: Manifest, image_size: int, world: World) -> torch.Tensor:
-    """Mean training pose (21, 2) in model-input px (letterbox fit, no augmentation).
-
-    The baseline every error is compared with: predicting it for every image. Ranks read
-    disjoint shards and sum, so the cost is one pass over the annotations, not the images.
-    """
-    acc = np.zeros(NUM_JOINTS * 2 + 1)
-    for path in manifest.shards("train")[world.rank :: world.world_size]:
-        for uv, w, h in _train_annotations(path):
-            acc[:-1] += apply_affine(fit_matrix(w, h, image_size), uv).reshape(-1)
-            acc[-1] += 1
-    total = all_reduce_sum(torch.from_numpy(acc).to(world.device), world).cpu()
-    if total[-1] == 0:
-        raise HandposeError(f"{manifest.root}: the train split has no samples")
-    return (total[:-1] / total[-1]).float().reshape(NUM_JOINTS, 2)
-
-
 # ----------------------------------------------------------------------------- loop state, checkpoints
 
 
@@ -419,7 +435,6 @@ class LoopState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the last improvement
     stopped: bool = False  # early stopping fired
-    mean_pose: torch.Tensor | None = None  # (21, 2) model px
 
     def update(self, epoch: int, value: float, cfg: TrainConfig) -> bool:
         """Record a finished epoch; True when `value` improved the best (-> best.pt)."""
@@ -440,7 +455,7 @@ def save_checkpoints(
     cfg: TrainConfig,
     world: World,
     run: Path,
-    manifest: Manifest,
+    sets: list[ShardSet],
     raw: nn.Module,
     opt: torch.optim.Optimizer,
     sched: Any,
@@ -459,7 +474,13 @@ def save_checkpoints(
     state = {
         "model": raw.state_dict(),
         "config": to_dict(cfg),
-        "norm": {"mean": list(manifest.mean), "std": list(manifest.std)},
+        # predict normalises with the FIRST folder's statistics: list the target domain first
+        "norm": {"mean": list(sets[0].mean), "std": list(sets[0].std)},
+        "sets": [
+            {"name": s.name, "crop": s.crop, "pad": s.pad, "mean": list(s.mean), "std": list(s.std)}
+            for s in sets
+        ],
+        "boxes": {"box_to_keypoints": sets[0].manifest.data.get("boxes", {}).get("box_to_keypoints")},
         "epoch": st.epoch,
         "step": st.step,
         "optimizer": opt.state_dict(),
@@ -529,7 +550,8 @@ def maybe_resume(
             + (f" (changed: {', '.join(sorted(changed))})" if changed else ""),
             flush=True,
         )
-    return LoopState(**ck["state"])
+    known = {f.name for f in dataclasses.fields(LoopState)}
+    return LoopState(**{k: v for k, v in ck["state"].items() if k in known})
 
 
 # ----------------------------------------------------------------------------- logging
@@ -539,7 +561,7 @@ class RunLog:
     """Rank 0's outputs: progress bar, one printed line and one metrics.jsonl line per epoch,
     TensorBoard scalars when tensorboard is installed, summary.json. Other ranks: no-ops."""
 
-    def __init__(self, cfg: TrainConfig, world: World, run: Path, st: LoopState, manifest: Manifest):
+    def __init__(self, cfg: TrainConfig, world: World, run: Path, st: LoopState, sets: list[ShardSet]):
         self.cfg, self.main, self.run = cfg, world.is_main, run
         self.samples_per_step = cfg.batch_size * world.world_size
         self.history: list[dict[str, Any]] = []
@@ -567,12 +589,12 @@ class RunLog:
         from rich.console import Console
 
         self.console = Console()
-        assert st.mean_pose is not None
-        print(
-            f"train {manifest.count('train')} samples, val {manifest.count('val')}, {world.world_size} "
-            f"process(es) on {world.device}; mean-pose baseline computed from the train split",
-            flush=True,
+        folders = "; ".join(
+            f"{s.name}: train {s.manifest.count('train')}, val {s.manifest.count('val')}, crop {s.crop}"
+            + (f", {share} per batch" if len(sets) > 1 else "")
+            for s, share in zip(sets, apportion(cfg.batch_size, [s.weight for s in sets]), strict=True)
         )
+        print(f"{folders}; {world.world_size} process(es) on {world.device}", flush=True)
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         self.t_epoch, self.epoch = time.perf_counter(), epoch
@@ -615,10 +637,20 @@ class RunLog:
                 if k != "epoch":
                     self.tb.add_scalar(k, v, metrics["epoch"])
         m = metrics
+        box = (
+            f", {m['val_error_pct_box']:.2f}% of box, PCK@0.2 {m['val_pck_box']:.3f}"
+            if "val_pck_box" in m
+            else ""
+        )
+        others = "".join(
+            f"  [{k[: -len('/val_error_px')]} {v:.2f} px]"
+            for k, v in m.items()
+            if k.endswith("/val_error_px")
+        )
         print(
             f"epoch {m['epoch']:4d}  train {m['train_loss']:.4f}  val {m['val_loss']:.4f}  "
-            f"error {m['val_error_px']:.2f} px ({m['val_error_pct']:.2f}%)  "
-            f"mean pose {m['mean_pose_error_px']:.2f} px"
+            f"error {m['val_error_px']:.2f} px ({m['val_error_pct']:.2f}%{box})  "
+            f"mean pose {m['mean_pose_error_px']:.2f} px{others}"
             f"  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s  {m['seconds']:.0f} s"
             + (f"  {m['skipped_samples']} corrupt samples skipped" if m["skipped_samples"] else "")
             + ("  *" if improved else ""),
@@ -637,6 +669,8 @@ class RunLog:
             "best_val_error_px": best.get("val_error_px"),
             "best_val_error_pct": best.get("val_error_pct"),
             "best_val_loss": best.get("val_loss"),
+            "best_val_error_pct_box": best.get("val_error_pct_box"),
+            "best_val_pck_box": best.get("val_pck_box"),
             "final": last,
             "mean_pose_error_px": last.get("mean_pose_error_px"),
             "image_size": self.cfg.image_size,

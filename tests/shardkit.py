@@ -10,14 +10,15 @@ import numpy as np
 import simplejpeg
 
 from handpose.config import AugmentConfig
+from handpose.geometry import keypoints_box
 from handpose.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
     ShardWriter,
-    encode_keypoints,
     index_name,
     sample_key,
+    sample_members,
     sha256_file,
     shard_name,
 )
@@ -30,6 +31,8 @@ GEOMETRY_ONLY = AugmentConfig(
 )  # fmt: skip
 
 Sample = tuple[int, bytes, np.ndarray, dict[str, bytes]]  # sid, jpeg, uv (21, 2), extra members
+# extra members are added after the format's own, or replace them ("vis.u8", "box.f32", ...);
+# without them visibility is all 1 and the box is the keypoints' extent grown by 1 px.
 
 
 def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -53,7 +56,30 @@ def texture_sample(sid: int, rng: np.random.Generator, w: int = 224, h: int = 22
     return sid, jpeg(img), rng.uniform(0, [w, h], size=(21, 2)), {}
 
 
-def write_pack(root: Path, splits: dict[str, Sequence[Sequence[Sample]]]) -> Path:
+def box_dot_sample(sid: int, rng: np.random.Generator, w: int, h: int, box_side: float) -> Sample:
+    """A dark image with a bright dot on joint 0 inside an off-centre hand box of about
+    `box_side` px (the box member); the dot's size grows with the box so it survives shrinking."""
+    r = max(2, round(box_side / 40))
+    side = box_side * rng.uniform(0.8, 1.2, 2)
+    x0 = rng.uniform(0, w - side[0])
+    y0 = rng.uniform(0, h - side[1])
+    cx = int(x0 + side[0] * rng.uniform(0.3, 0.7))
+    cy = int(y0 + side[1] * rng.uniform(0.3, 0.7))
+    img = np.full((h, w, 3), 20, np.uint8)
+    img[cy - r : cy + r + 1, cx - r : cx + r + 1] = 255
+    uv = np.column_stack([rng.uniform(x0, x0 + side[0], 21), rng.uniform(y0, y0 + side[1], 21)])
+    uv[0] = (cx + 0.5, cy + 0.5)
+    box = np.array([x0, y0, x0 + side[0], y0 + side[1]])
+    return sid, jpeg(img, 100), uv, {"box.f32": box.astype("<f4").tobytes()}
+
+
+def write_pack(
+    root: Path,
+    splits: dict[str, Sequence[Sequence[Sample]]],
+    *,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> Path:
     """Write {split: [shard samples, ...]} with ShardWriter plus a minimal manifest.json."""
     root.mkdir(parents=True, exist_ok=True)
     entries, counts = [], {}
@@ -64,11 +90,11 @@ def write_pack(root: Path, splits: dict[str, Sequence[Sequence[Sample]]]) -> Pat
             writer = ShardWriter(root / name, root / index_name(name))
             for sid, jpg, uv, extra in samples:
                 key = sample_key(sid)
+                vis = np.ones(21, np.uint8)
                 members = {
-                    "jpg": jpg,
-                    "json": json.dumps({"key": key, "sid": sid}).encode(),
-                    "kp.f32": encode_keypoints(uv),
-                    "sid.i64": np.int64(sid).astype("<i8").tobytes(),
+                    **sample_members(
+                        jpg, {"key": key, "sid": sid}, uv, vis, keypoints_box(uv) + [-1, -1, 1, 1], sid
+                    ),
                     **extra,
                 }
                 writer.write(key, members)
@@ -88,7 +114,8 @@ def write_pack(root: Path, splits: dict[str, Sequence[Sequence[Sample]]]) -> Pat
         "format_version": FORMAT_VERSION,
         "shards": entries,
         "counts": counts,
-        "stats": {"mean": list(MEAN), "std": list(STD), "pixels": 1},
+        "stats": {"mean": list(mean), "std": list(std), "pixels": 1},
+        "mean_pose": {"image": [[0.5, 0.5]] * 21, "box": [[0.0, 0.0]] * 21, "labelled": [1] * 21},
     }
     (root / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return root

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import GEOMETRY_ONLY, dot_centroid, dots_pack
+from shardkit import GEOMETRY_ONLY, box_dot_sample, dot_centroid, dots_pack, write_pack
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
-from handpose.geometry import augment_matrix
+from handpose.geometry import apply_affine, box_region, crop_matrix, invert
 from handpose.loader import denormalise, make_loader
-from handpose.shards import read_manifest, sample_key
+from handpose.shards import decode_box, read_manifest, read_samples, sample_key
 
 dali = pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
@@ -52,24 +52,23 @@ def _by_key(loader, manifest) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     return out
 
 
-def test_in_graph_matrix_equals_geometry_augment_matrix() -> None:
+def test_in_graph_matrix_equals_geometry_crop_matrix() -> None:
     rows = np.array(
-        [[200, 224, 20.0, 1.1, 0.05, -0.1, 1.0], [300, 180, -35.0, 0.8, -0.1, 0.02, 0.0]], np.float32
+        [[100, 112, 224, 20.0, 1.1, 0.05, -0.1, 1.0], [150, 90, 300, -35.0, 0.8, -0.1, 0.02, 0.0]], np.float32
     )
 
     @pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def pipe():
         x = fn.external_source(source=lambda: list(rows), batch=True)
-        p = {"angle": x[2], "scale": x[3], "tx": x[4], "ty": x[5], "flip": x[6]}
-        return D.augment_matrix(x[0], x[1], 128, p)
+        p = {"angle": x[3], "scale": x[4], "tx": x[5], "ty": x[6], "flip": x[7]}
+        return D.crop_matrix(x[0], x[1], x[2], 128, p)
 
     p = pipe()
     p.build()
     (mt,) = p.run()
-    for i, (w, h, angle, scale, tx, ty, flip) in enumerate(rows):
-        ref = augment_matrix(
-            int(w),
-            int(h),
+    for i, (cx, cy, side, angle, scale, tx, ty, flip) in enumerate(rows):
+        ref = crop_matrix(
+            (float(cx), float(cy), float(side)),
             128,
             angle_deg=float(angle),
             scale=float(scale),
@@ -196,8 +195,11 @@ def test_stopping_early_restarts_the_next_pass(packed: Path) -> None:
     assert sorted(full) == _split_keys(packed, "val")
 
 
-@pytest.mark.parametrize("augment", [None, AugmentConfig(flip=True)], ids=["plain", "augment"])
-def test_gpu_graph_is_valid(dots: Path, augment: AugmentConfig | None) -> None:
+@pytest.mark.parametrize(
+    "augment", [None, AugmentConfig(flip=True, blur=0.5, occlude=0.5)], ids=["plain", "augment"]
+)
+@pytest.mark.parametrize("crop", ["image", "box"])
+def test_gpu_graph_is_valid(dots: Path, augment: AugmentConfig | None, crop: str) -> None:
     """The GPU pipeline ("mixed" decode, GPU warp/colour/normalise) passes DALI's graph checks.
 
     Without a GPU DALI can still build the graph, then stops at the CUDA check; an invalid graph
@@ -206,13 +208,90 @@ def test_gpu_graph_is_valid(dots: Path, augment: AugmentConfig | None) -> None:
     """
     paths = [str(p) for p in sorted(dots.glob("train-*.tar"))]
     pipe = D.build_pipeline(
-        paths, batch_size=4, image_size=32, augment=augment, train=True, shard_id=0, num_shards=1,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), threads=1, seed=1, device_id=0,
+        paths, crop=crop, pad=1.25, batch_size=4, image_size=32, augment=augment, train=True, shard_id=0,
+        num_shards=1, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), threads=1, seed=1, device_id=0,
     )  # fmt: skip
     if torch.cuda.is_available():
         pipe.build()
-        image, uv, sid = pipe.run()
+        image, uv, vis, sid = pipe.run()
         assert tuple(image.as_tensor().shape()) == (4, 3, 32, 32) and len(sid) == 4
         return
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         pipe.build()
+
+
+# ------------------------------------------------------------------ box crops, mixed sets
+
+
+BOX_SHAPES = [(224, 224, 60), (224, 224, 150), (640, 480, 90), (320, 200, 120), (1280, 960, 350)]
+
+
+@pytest.fixture(scope="module")
+def box_dots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Off-centre boxes (sample k has shape k % 5); the crops shrink the photos less than 2x,
+    except the last shape (3.4x)."""
+    rng = np.random.default_rng(12)
+    samples = [box_dot_sample(i, rng, w, h, side) for i, (w, h, side) in enumerate(BOX_SHAPES * 4)]
+    return write_pack(tmp_path_factory.mktemp("boxdots"), {"train": [samples], "val": [samples]})
+
+
+def test_box_crop_parity_with_wds_without_augmentation(box_dots: Path) -> None:
+    """Same keys, uv to 1e-3 px and visibility. Images: where the crop shrinks the photo less
+    than 2x, within 1.5 grey levels except on the photo's own edge (where a padded box reaches past
+    the photo, Pillow extends the edge pixel and DALI blends it with the black fill: one line);
+    where it shrinks more, the two antialiasing filters (DCT-domain decode, DALI's resize) differ
+    at sharp edges but agree to 0.1 grey levels on average."""
+    manifest = read_manifest(box_dots)
+    wds = _by_key(make_loader(box_dots, "val", batch_size=5, workers=0, crop="box"), manifest)
+    dali = _by_key(make_loader(box_dots, "val", kind="dali", batch_size=5, workers=1, crop="box"), manifest)
+    assert sorted(wds) == sorted(dali)
+    boxes = {
+        s["__key__"]: decode_box(s["box.f32"])
+        for t in manifest.shards("val")
+        for s in read_samples(t, ["box.f32"])
+    }
+    centres = np.stack(np.meshgrid(np.arange(128) + 0.5, np.arange(128) + 0.5), -1).reshape(-1, 2)
+    for k, (im, uv, vis) in wds.items():
+        d_im, d_uv, d_vis = dali[k]
+        np.testing.assert_allclose(d_uv, uv, atol=1e-3)
+        assert (d_vis == vis).all()
+        diff = np.abs(d_im - im).max(axis=0)
+        w, h, _ = BOX_SHAPES[int(k) % 5]
+        if int(k) % 5 == 4:
+            assert diff.mean() <= 0.1, k
+            continue
+        src = apply_affine(invert(crop_matrix(box_region(boxes[k], 1.25), 128)), centres).reshape(128, 128, 2)
+        off_edge = np.maximum(np.abs(src[..., 0] - w / 2) - w / 2, np.abs(src[..., 1] - h / 2) - h / 2)
+        assert diff[np.abs(off_edge) > 1.0].max() <= 1.5, k
+        assert diff.mean() <= 0.2, k
+
+
+def test_box_crop_dot_lands_on_transformed_keypoint(box_dots: Path) -> None:
+    manifest = read_manifest(box_dots)
+    loader = make_loader(
+        box_dots, "train", kind="dali", batch_size=5, workers=1, crop="box", augment=GEOMETRY_ONLY, seed=3
+    )
+    checked = 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            images = denormalise(batch["image"], manifest).numpy()
+            for image, uv in zip(images, batch["uv"].numpy(), strict=True):
+                if not ((uv[0] >= 6) & (uv[0] < 122)).all():
+                    continue
+                np.testing.assert_allclose(dot_centroid(image), uv[0], atol=1.0)
+                checked += 1
+    assert checked >= 30
+
+
+def test_mixed_sets_share_of_every_batch(dots: Path, box_dots: Path) -> None:
+    """Two sets with weights 1:1 at batch 4: every batch is 2 + 2, each set with its own crop."""
+    loader = make_loader(
+        [dots, box_dots], "train", kind="dali", batch_size=4, weights=[1, 1], crop=["image", "box"], workers=1
+    )
+    assert len(loader) == 24 // 2
+    n = 0
+    for batch in loader:
+        assert sorted(batch["set"].tolist()) == [0, 0, 1, 1]
+        n += 1
+    assert n == len(loader)

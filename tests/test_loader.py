@@ -18,6 +18,7 @@ from shardkit import (
     GEOMETRY_ONLY,
     MEAN,
     STD,
+    box_dot_sample,
     chunk,
     dot_centroid,
     dots_pack,
@@ -28,9 +29,11 @@ from shardkit import (
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
+from handpose.datasets import apportion
 from handpose.errors import HandposeError
-from handpose.loader import assign_shards, denormalise, finish, make_loader, worker_quotas
+from handpose.loader import denormalise, make_loader
 from handpose.shards import read_manifest, sample_key
+from handpose.wds_loader import assign_shards, finish, worker_quotas
 
 TESTS = Path(__file__).resolve().parent
 
@@ -45,14 +48,14 @@ def _keys(loader) -> list[str]:
 
 
 def _drop_indexes(root: Path, drop: bool) -> Path:
-    """Without `.idx` files the loader streams the tars with webdataset instead of reading by offset."""
+    """Without `.idx` files the shard reader streams the tars instead of reading by offset."""
     if drop:
         for idx in root.glob("*.idx"):
             idx.unlink()
     return root
 
 
-READERS = pytest.mark.parametrize("no_index", [False, True], ids=["by-index", "wds-stream"])
+READERS = pytest.mark.parametrize("no_index", [False, True], ids=["by-index", "tar-stream"])
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -76,8 +79,18 @@ def test_assign_shards_more_slots_than_samples() -> None:
 
 
 def test_worker_quotas_whole_batches() -> None:
-    assert worker_quotas(100, 8, 3, drop_last=True) == [32, 32, 32]
-    assert worker_quotas(100, 8, 3, drop_last=False) == [34, 33, 33]
+    assert worker_quotas(12, 3) == [4, 4, 4]
+    assert worker_quotas(13, 3) == [5, 4, 4]
+    assert worker_quotas(2, 3) == [1, 1, 0]
+
+
+def test_apportion_shares() -> None:
+    assert apportion(32, [1.0]) == [32]
+    assert apportion(32, [0.7, 0.3]) == [22, 10]
+    assert apportion(10, [1, 1, 1]) == [4, 3, 3]
+    assert apportion(8, [100, 1]) == [7, 1]  # every set keeps at least one sample
+    with pytest.raises(HandposeError, match="cannot hold"):
+        apportion(2, [1, 1, 1])
 
 
 def test_sample_params_ranges_and_identity() -> None:
@@ -347,7 +360,7 @@ def test_corrupt_jpeg_is_skipped_counted_and_logged(
     sid, jpg, uv, extra = samples[5]
     samples[5] = (sid, b"\xff\xd8garbage" * 20, uv, extra)
     root = _drop_indexes(write_pack(tmp_path, {"val": chunk(samples, [4, 2])}), no_index)
-    with caplog.at_level(logging.WARNING, logger="handpose.loader"):
+    with caplog.at_level(logging.WARNING, logger="handpose.wds_loader"):
         loader = make_loader(root, "val", batch_size=4, workers=0)
         keys = _keys(loader)
     assert sorted(keys) == [sample_key(i) for i in (0, 1, 2, 4)]
@@ -394,6 +407,152 @@ def test_code_errors_are_not_swallowed(dots: Path, monkeypatch: pytest.MonkeyPat
     def broken(*args, **kwargs):
         raise TypeError("bug")
 
-    monkeypatch.setattr("handpose.loader.warp_affine", broken)
+    monkeypatch.setattr("handpose.wds_loader.blur_and_occlude", broken)
     with pytest.raises(TypeError, match="bug"):
         list(make_loader(dots, "val", batch_size=2, workers=0))
+
+
+# ------------------------------------------------------------------ box crops, visibility, mixed sets
+
+
+@pytest.fixture(scope="module")
+def box_dots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Off-centre hand boxes of 40-420 px in 224 px to 1280 x 960 photos, one dot per sample."""
+    rng = np.random.default_rng(11)
+    shapes = [
+        (224, 224, 40),
+        (224, 224, 150),
+        (640, 480, 120),
+        (640, 480, 400),
+        (1280, 960, 420),
+        (320, 200, 90),
+    ]
+    samples = [box_dot_sample(i, rng, w, h, side) for i, (w, h, side) in enumerate(shapes * 4)]
+    return write_pack(
+        tmp_path_factory.mktemp("boxdots"), {"train": [samples[:12], samples[12:]], "val": [samples]}
+    )
+
+
+def test_box_crop_dot_lands_on_transformed_keypoint(box_dots: Path) -> None:
+    """crop="box" with rotation, zoom, shift and flip: the dot lands within 1 px of the keypoint."""
+    manifest = read_manifest(box_dots)
+    checked = 0
+    for augment, split in ((GEOMETRY_ONLY, "train"), (None, "val")):
+        loader = make_loader(box_dots, split, batch_size=6, workers=0, crop="box", augment=augment, seed=2)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                images = denormalise(batch["image"], manifest).numpy()
+                for image, uv in zip(images, batch["uv"].numpy(), strict=True):
+                    if not ((6 <= uv[0]) & (uv[0] < 122)).all():
+                        continue  # dot cut by the frame edge
+                    np.testing.assert_allclose(dot_centroid(image), uv[0], atol=1.0)
+                    checked += 1
+    assert checked >= 60
+
+
+def test_box_crop_fills_the_input_with_the_padded_box(box_dots: Path) -> None:
+    """Without augmentation the box's centre lands on the input's centre and the padded box's
+    longer side spans the input: keypoints map by exactly that similarity transform."""
+    from handpose.shards import decode_box, decode_keypoints, read_samples
+
+    labels = {
+        s["__key__"]: (decode_box(s["box.f32"]), decode_keypoints(s["kp.f32"]))
+        for tar in read_manifest(box_dots).shards("val")
+        for s in read_samples(tar, ["box.f32", "kp.f32"])
+    }
+    batch = next(iter(make_loader(box_dots, "val", batch_size=24, workers=0, crop="box", box_pad=1.25)))
+    for key, uv in zip(batch["key"], batch["uv"].numpy(), strict=True):
+        (x0, y0, x1, y1), src = labels[key]
+        scale = 128 / (1.25 * max(x1 - x0, y1 - y0))
+        want = (src - [(x0 + x1) / 2, (y0 + y1) / 2]) * scale + 64
+        np.testing.assert_allclose(uv, want, atol=1e-3)
+
+
+def test_not_labelled_joints_are_not_visible(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    sid, jpg, uv, _ = texture_sample(1, rng)
+    vis = np.ones(21, np.uint8)
+    vis[[2, 5, 20]] = 0
+    root = write_pack(tmp_path, {"val": [[(sid, jpg, uv, {"vis.u8": vis.tobytes()})]]})
+    batch = next(iter(make_loader(root, "val", batch_size=1, workers=0)))
+    assert (~batch["visible"][0]).nonzero().flatten().tolist() == [2, 5, 20]
+
+
+def _mix(tmp_path: Path) -> tuple[Path, Path]:
+    """Two packs with different normalisations: A of grey-100 images, B of grey-200 images."""
+    grey = {name: jpeg(np.full((64, 64, 3), g, np.uint8), 100) for name, g in (("a", 100), ("b", 200))}
+    rng = np.random.default_rng(8)
+
+    def samples(name: str, base: int, n: int) -> list:
+        return [(base + i, grey[name], rng.uniform(8, 56, (21, 2)), {}) for i in range(n)]
+
+    a = write_pack(
+        tmp_path / "a", {"train": chunk(samples("a", 0, 40), [20, 20]), "val": [samples("a", 100, 5)]}
+    )
+    b = write_pack(
+        tmp_path / "b",
+        {"train": [samples("b", 1000, 9)], "val": [samples("b", 1100, 3)]},
+        mean=(0.2, 0.3, 0.4),
+        std=(0.1, 0.2, 0.3),
+    )
+    return a, b
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixed_sets_exact_share_and_own_normalisation(tmp_path: Path, workers: int) -> None:
+    """Weights 3:1 at batch 8: every batch on every rank and worker holds 6 of A and 2 of B, and
+    each sample is normalised with its own set's mean/std."""
+    a, b = _mix(tmp_path)
+    expect = {
+        0: (100 / 255 - np.array(MEAN)) / np.array(STD),
+        1: (200 / 255 - np.array([0.2, 0.3, 0.4])) / np.array([0.1, 0.2, 0.3]),
+    }
+    batches = 0
+    for rank in range(2):
+        loader = make_loader(
+            [a, b], "train", batch_size=8, weights=[3, 1], rank=rank, world_size=2, workers=workers
+        )
+        assert len(loader) == 40 // 2 // 6  # about one pass over the first set
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                batches += 1
+                ids = batch["set"].tolist()
+                assert sorted(ids) == [0] * 6 + [1] * 2
+                for set_id, image in zip(ids, batch["image"].numpy(), strict=True):
+                    np.testing.assert_allclose(image[:, 32, 32], expect[set_id], atol=0.05)
+                assert all(int(k) >= 1000 for k, i in zip(batch["key"], ids, strict=True) if i == 1)
+    assert batches == 2 * 3 * 3
+
+
+def test_mixed_sets_validation_reads_each_set_once(tmp_path: Path) -> None:
+    a, b = _mix(tmp_path)
+    seen = []
+    for rank in range(2):
+        for batch in make_loader([a, b], "val", batch_size=2, rank=rank, world_size=2, workers=2):
+            seen += [(s, k) for s, k in zip(batch["set"].tolist(), batch["key"], strict=True)]
+    assert sorted(seen) == [(0, sample_key(100 + i)) for i in range(5)] + [
+        (1, sample_key(1100 + i)) for i in range(3)
+    ]
+
+
+def test_blur_and_occlusion_change_only_pixels(box_dots: Path) -> None:
+    """Blur and occlusion leave the geometry alone: same keypoints, different pixels."""
+    plain = AugmentConfig(rotate_deg=20, brightness=0, contrast=0, saturation=0, hue_deg=0)
+    heavy = AugmentConfig(
+        rotate_deg=20,
+        brightness=0,
+        contrast=0,
+        saturation=0,
+        hue_deg=0,
+        blur=1.0,
+        occlude=1.0,
+        occlude_size=0.5,
+    )
+    a = next(iter(make_loader(box_dots, "train", batch_size=6, workers=0, crop="box", augment=plain, seed=4)))
+    b = next(iter(make_loader(box_dots, "train", batch_size=6, workers=0, crop="box", augment=heavy, seed=4)))
+    assert a["key"] == b["key"]
+    assert not torch.equal(a["image"], b["image"])
+    # the parameters are drawn from one array per sample: the geometry draws do not move
+    torch.testing.assert_close(a["uv"], b["uv"])

@@ -1,4 +1,5 @@
-"""`handpose pack`: round trip, DALI index, splits, determinism, resume after a crash, bad input."""
+"""`handpose pack` (FreiHAND and COCO input): round trip, DALI index, manifest v2, splits,
+determinism, resume after a crash, bad input. YOLO input: test_pack_yolo.py."""
 
 from __future__ import annotations
 
@@ -17,10 +18,18 @@ import pytest
 
 from handpose import cli
 from handpose.errors import HandposeError
-from handpose.geometry import project_points
+from handpose.geometry import keypoints_box, project_points
 from handpose.imageio import decode_jpeg
 from handpose.pack import assign_splits, pack, parse_split, pixel_sums
-from handpose.shards import EVAL_SID_OFFSET, MEMBERS, decode_keypoints, read_manifest, sample_key
+from handpose.shards import (
+    EVAL_SID_OFFSET,
+    MEMBERS,
+    decode_box,
+    decode_keypoints,
+    decode_visibility,
+    read_manifest,
+    sample_key,
+)
 
 # The options of the `packed` fixture in conftest.py: re-packing with them must give its bytes.
 PACKED = {"versions": "all", "split": "0.6,0.2,0.2", "shard_size_mb": 0.06}
@@ -71,11 +80,17 @@ def test_round_trip_labels_images_and_keys(packed: Path, synth_root: Path) -> No
         np.testing.assert_array_equal(meta["xyz"], xyz[part][meta["id"]])
         np.testing.assert_array_equal(meta["K"], K[part][meta["id"]])
         assert (meta["width"], meta["height"]) == (224, 224) and meta["split"] in s["shard"]
+        # v2: every joint labelled, the box is the keypoints' extent, one hand per image
+        assert decode_visibility(s["vis.u8"]).tolist() == [1] * 21 == meta["visibility"]
+        box = keypoints_box(np.array(meta["uv"]))
+        np.testing.assert_array_equal(decode_box(s["box.f32"]), box.astype(np.float32))
+        np.testing.assert_array_equal(meta["box"], box)
+        assert meta["hand"] == 0 and "label" not in meta and "image_id" not in meta
 
 
 def test_manifest_fields_and_stats(packed: Path, synth_root: Path) -> None:
     m = read_manifest(packed).data
-    assert m["format_version"] == 1 and m["tool_version"] and m["skipped"] == []
+    assert m["format_version"] == 2 and m["tool_version"] and m["skipped"] == []
     assert m["source"]["format"] == "freihand" and m["options"]["versions"] == "all"
     for shard in m["shards"]:
         tar = packed / shard["name"]
@@ -98,6 +113,68 @@ def test_manifest_fields_and_stats(packed: Path, synth_root: Path) -> None:
     uv = np.array([json.loads(s["json"])["uv"] for s in read_pack(packed).values()]).reshape(-1, 2)
     np.testing.assert_allclose(m["keypoint_bounds"]["min_px"], uv.min(0))
     np.testing.assert_allclose(m["keypoint_bounds"]["max_px"], uv.max(0))
+    assert m["keypoint_bounds"]["labelled_fraction"] == 1.0
+    assert m["images"] == {"with_hands": 96, "background": 0}
+    assert m["boxes"]["hands_per_image"] == {"mean": 1.0, "max": 1}
+
+
+def expected_manifest_v2(root: Path) -> dict:
+    """mean_pose, boxes and keypoint bounds computed directly from the samples read back (the
+    stored float32 members), over labelled joints; the mean pose over the train split."""
+    hands = []
+    for s in read_pack(root).values():
+        meta = json.loads(s["json"])
+        uv = decode_keypoints(s["kp.f32"]).astype(np.float64)
+        box = decode_box(s["box.f32"]).astype(np.float64)
+        hands.append((meta, uv, decode_visibility(s["vis.u8"]) > 0, box))
+    stats = [h for h in hands if h[0]["split"] == "train"] or hands
+    image_sum, box_sum, count = np.zeros((21, 2)), np.zeros((21, 2)), np.zeros(21)
+    for meta, uv, lab, box in stats:
+        w, h = meta["width"], meta["height"]
+        image_sum[lab] += (uv[lab] - (w / 2, h / 2)) / max(w, h) + 0.5
+        side = max(box[2] - box[0], box[3] - box[1])
+        box_sum[lab] += (uv[lab] - (box[:2] + box[2:]) / 2) / side
+        count[lab] += 1
+    sides = np.array([max(b[2] - b[0], b[3] - b[1]) for _, _, _, b in hands])
+    longs = np.array([max(m["width"], m["height"]) for m, _, _, _ in hands])
+    extents = [keypoints_box(uv, lab) for _, uv, lab, _ in hands]
+    ratios = sides / np.array([max(e[2] - e[0], e[3] - e[1]) for e in extents])
+    outside = sum(b[0] < 0 or b[1] < 0 or b[2] > m["width"] or b[3] > m["height"] for m, _, _, b in hands)
+    labelled = np.concatenate([uv[lab] for _, uv, lab, _ in hands])
+    n = np.maximum(count, 1)[:, None]
+    return {
+        "image": np.where(count[:, None] > 0, image_sum / n, 0.5),
+        "box": np.where(count[:, None] > 0, box_sum / n, 0.0),
+        "labelled": count,
+        "side_px": np.percentile(sides, [0, 10, 50, 90, 100]),
+        "side_frac": np.percentile(sides / longs, [0, 10, 50, 90, 100]),
+        "box_to_keypoints": np.median(ratios),
+        "outside_image": outside,
+        "min_px": labelled.min(0),
+        "max_px": labelled.max(0),
+        "labelled_fraction": sum(lab.sum() for _, _, lab, _ in hands) / (21 * len(hands)),
+    }
+
+
+def assert_manifest_v2(root: Path) -> None:
+    m, want = read_manifest(root).data, expected_manifest_v2(root)
+    np.testing.assert_allclose(m["mean_pose"]["image"], want["image"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(m["mean_pose"]["box"], want["box"], rtol=0, atol=1e-12)
+    assert m["mean_pose"]["labelled"] == want["labelled"].tolist()
+    keys = ("min", "p10", "median", "p90", "max")
+    np.testing.assert_allclose([m["boxes"]["side_px"][k] for k in keys], want["side_px"], atol=1e-6)
+    np.testing.assert_allclose([m["boxes"]["side_frac"][k] for k in keys], want["side_frac"], atol=1e-6)
+    assert abs(m["boxes"]["box_to_keypoints"] - want["box_to_keypoints"]) < 1e-6
+    assert m["boxes"]["outside_image"] == want["outside_image"]
+    np.testing.assert_array_equal(m["keypoint_bounds"]["min_px"], want["min_px"])
+    np.testing.assert_array_equal(m["keypoint_bounds"]["max_px"], want["max_px"])
+    assert abs(m["keypoint_bounds"]["labelled_fraction"] - want["labelled_fraction"]) < 1e-6
+
+
+def test_manifest_v2_figures_equal_a_read_back(packed: Path) -> None:
+    assert_manifest_v2(packed)
+    mp = read_manifest(packed).mean_pose("image", 100)  # the consumer's view: model-input pixels
+    assert mp.shape == (21, 2) and 0 < mp.min() and mp.max() < 100
 
 
 def test_pixel_sums_are_exact() -> None:
@@ -383,7 +460,7 @@ def test_bad_input_fail_names_id_and_file(bad_root: tuple[Path, int, str], tmp_p
         if p.suffix == ".tar":
             with tarfile.open(p) as tar:
                 n = len(tar.getnames())
-            assert n == 4 * int(p.with_suffix(".idx").read_text().split()[1])
+            assert n == len(MEMBERS) * int(p.with_suffix(".idx").read_text().split()[1])
 
 
 @pytest.mark.parametrize("bad_root", list(BAD_INPUTS), indirect=True)
@@ -420,6 +497,8 @@ def test_bad_options(synth_root: Path, tmp_path: Path) -> None:
         ({"images": tmp_path}, "--images"),
         ({"versions": "gs,auto"}, "version 'auto'"),
         ({"fmt": "coco", "versions": "all"}, "--versions is only for --format freihand"),
+        ({"fmt": "yolo", "versions": "all"}, "--versions is only for --format freihand"),
+        ({"split": "0.5,0.5"}, "--split"),
     ):
         with pytest.raises(HandposeError, match=match):
             pack(synth_root, tmp_path / "out", **kwargs)
@@ -460,13 +539,17 @@ def test_pack_coco_real_samples(shared_data: Path, tmp_path: Path) -> None:
     assert m["source"]["format"] == "coco"
     samples = read_pack(tmp_path / "out")
     for ann in coco["annotations"]:
-        s = samples[sample_key(ann["image_id"])]
+        s = samples[sample_key(ann["id"])]
         meta = json.loads(s["json"])
         expected = np.array(ann["keypoints"]).reshape(21, 3)[:, :2]
         np.testing.assert_array_equal(meta["uv"], expected)
         np.testing.assert_array_equal(decode_keypoints(s["kp.f32"]), expected.astype(np.float32))
         assert s["jpg"] == (folder / meta["source"]).read_bytes() and "xyz" not in meta
-        assert meta["id"] == ann["image_id"] and (meta["width"], meta["height"]) == (224, 224)
+        assert meta["id"] == meta["image_id"] == ann["image_id"]
+        assert (meta["width"], meta["height"]) == (224, 224)
+        x, y, w, h = ann["bbox"]
+        np.testing.assert_array_equal(decode_box(s["box.f32"]), np.float32([x, y, x + w, y + h]))
+        assert decode_visibility(s["vis.u8"]).tolist() == [1] * 21
 
 
 def test_pack_coco_images_option(shared_data: Path, tmp_path: Path) -> None:
@@ -477,6 +560,37 @@ def test_pack_coco_images_option(shared_data: Path, tmp_path: Path) -> None:
     assert m["counts"]["train"] == 8
     with pytest.raises(HandposeError, match="missing image"):
         pack(tmp_path / "labels" / "kp.json", tmp_path / "out2", fmt="coco")  # images not beside the json
+
+
+def test_pack_coco_several_hands_and_unlabelled_joints(synth_root: Path, tmp_path: Path) -> None:
+    for i in range(3):
+        shutil.copy(synth_root / f"training/rgb/{i:08d}.jpg", tmp_path / f"{i}.jpg")
+    kp = np.array([[20.0 + 3 * j, 30.0 + 5 * j, 2] for j in range(21)])
+    hidden = kp.copy()
+    hidden[[3, 9], :] = 0  # joints 3 and 9 not labelled: accepted and stored as visibility 0
+    anns = [
+        {"id": 40, "image_id": 0, "keypoints": kp.ravel().tolist(), "bbox": [10, 20, 80, 120]},
+        {"id": 41, "image_id": 0, "keypoints": hidden.ravel().tolist(), "bbox": [100, 110, 50, 60]},
+        {"id": 7, "image_id": 1, "keypoints": hidden.ravel().tolist()},  # no bbox: labelled extent
+        {"id": 8, "image_id": 2, "keypoints": kp.ravel().tolist()},
+    ]
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 224, "height": 224} for i in range(3)]
+    (tmp_path / "kp.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    m = pack(tmp_path / "kp.json", tmp_path / "out", fmt="coco", split="0.34,0.33,0.33", workers=1)
+    samples = {k: (json.loads(s["json"]), s) for k, s in read_pack(tmp_path / "out").items()}
+    assert sorted(samples) == [sample_key(k) for k in (7, 8, 40, 41)]  # key = annotation id
+    (m40, s40), (m41, s41), (m7, s7) = (samples[sample_key(k)] for k in (40, 41, 7))
+    assert m40["split"] == m41["split"] == "train" and m7["split"] == "val" and s40["shard"] == s41["shard"]
+    assert (m40["hand"], m41["hand"], m40["image_id"]) == (0, 1, 0)
+    vis41 = decode_visibility(s41["vis.u8"])
+    assert vis41.tolist() == [0 if j in (3, 9) else 2 for j in range(21)] == m41["visibility"]
+    np.testing.assert_array_equal(decode_box(s41["box.f32"]), [100, 110, 150, 170])
+    labelled = hidden[hidden[:, 2] > 0, :2]
+    np.testing.assert_array_equal(decode_box(s7["box.f32"]), [*labelled.min(0), *labelled.max(0)])
+    assert m["images"] == {"with_hands": 3, "background": 0}
+    assert m["boxes"]["hands_per_image"] == {"mean": round(4 / 3, 6), "max": 2}
+    assert m["mean_pose"]["labelled"] == [1 if j in (3, 9) else 2 for j in range(21)]  # train: 40 + 41
+    assert_manifest_v2(tmp_path / "out")
 
 
 @pytest.mark.slow

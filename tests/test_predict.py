@@ -201,7 +201,7 @@ def test_known_keypoints_come_back(tmp_path: Path) -> None:
 
 def test_freihand_root_labels(synth_root: Path, tmp_path: Path) -> None:
     """A FreiHAND root: labels are xyz/K projected; a perfect model scores ~0 px in the report."""
-    from handpose.freihand import read_freihand
+    from handpose.sources.freihand import read_freihand
 
     evaluation = [r for r in read_freihand(synth_root, versions=None).records if r.evaluation]
     uv_of = {str(r.path): r.uv for r in evaluation}

@@ -245,12 +245,9 @@ def test_tensorboard_off_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixt
     if importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed")
     from handpose.distributed import World
-    from handpose.shards import Manifest
     from handpose.train import LoopState, RunLog
 
-    cfg = TrainConfig(shards="s", out=str(tmp_path))
-    manifest = Manifest(tmp_path, {"counts": {"train": 3, "val": 1}})
-    RunLog(cfg, World(), tmp_path, LoopState(mean_pose=torch.zeros(21, 2)), manifest)
+    RunLog(TrainConfig(out=str(tmp_path)), World(), tmp_path, LoopState(), [])
     notes = [line for line in capsys.readouterr().out.splitlines() if "TensorBoard" in line]
     assert len(notes) == 1 and "logging is off" in notes[0] and "handpose[tensorboard]" in notes[0]
     assert not (tmp_path / "tensorboard").exists()

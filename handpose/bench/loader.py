@@ -3,6 +3,8 @@
 On the same train-split images and the same cores:
 1. the loader: `make_loader(kind, workers)` on the train split with augmentation on, batches of
    `batch_size`, timed after a warm-up (worker start-up excluded), images ready on the device;
+   with `crop = "image"` (the limit's work) and again with `crop = "box"` (the hand box fills
+   the input: only the matrix differs, so the two rates should agree);
 2. the limits: plain loops of the bare decode (simplejpeg), and of the loader's per-sample work
    (decode + sample parameters + one warp + keypoints), `workers` of them running at once in
    forked processes: what W cores do with zero pipeline overhead. (One loop's rate times W would
@@ -23,7 +25,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 from handpose.augment import params_matrix, sample_params
 from handpose.config import AugmentConfig
 from handpose.console import make_console
-from handpose.geometry import apply_affine, in_frame
-from handpose.imageio import decode_jpeg, warp_affine
+from handpose.geometry import apply_affine, image_region, in_frame
+from handpose.imageio import decode_jpeg, image_size, warp_to_input
 from handpose.loader import make_loader
-from handpose.shards import decode_keypoints, split_shards
+from handpose.shards import READ_LABELS, decode_annotation, read_samples, split_shards
 from handpose.skeleton import NUM_JOINTS
 
 IMAGE_SIZE = 128
@@ -70,7 +71,8 @@ def bench_loader(
     best: dict[str, tuple[float, ...]] = {}
     for _ in range(rounds):
         runs: dict[str, Any] = {
-            "loader": lambda: _time_loader(shards, kind, workers, batches, batch_size, augment),
+            "loader": lambda: _time_loader(shards, kind, workers, batches, batch_size, augment, "image"),
+            "box": lambda: _time_loader(shards, kind, workers, batches, batch_size, augment, "box"),
             "limit": lambda: (_time_parallel(samples, augment, warp=True, processes=workers),),
             "decode": lambda: (_time_parallel(samples, augment, warp=False, processes=workers),),
             "one": lambda: _time_plain(samples, augment, warp=True),
@@ -83,6 +85,7 @@ def bench_loader(
             if name not in best or got[0] > best[name][0]:
                 best[name] = got
     loader_rate, loader_cpu_rate, cores = best["loader"]
+    box_rate = best["box"][0]
     limit_rate, decode_rate = best["limit"][0], best["decode"][0]
     limit_one, limit_cpu_rate = best["one"]
     dali_decode = best["dali_decode"][0] if kind == "dali" else None
@@ -97,6 +100,7 @@ def bench_loader(
         table.add_column(col, justify="left" if col == "pipeline" else "right")
     rows = [
         (f"make_loader(kind={kind!r}), augmentation on", loader_rate),
+        ("  the same with crop = 'box'", box_rate),
         (f"limit: decode + warp, {workers} plain loops at once", limit_rate),
         (f"  (one plain loop x {workers}: perfect scaling)", limit_one * workers),
         (f"decode only, {workers} plain loops at once", decode_rate),
@@ -122,6 +126,8 @@ def bench_loader(
         "batches": batches,
         "rounds": rounds,
         "samples_per_s": round(loader_rate, 1),
+        "box_samples_per_s": round(box_rate, 1),
+        "box_vs_image": round(box_rate / loader_rate, 3),
         "limit_samples_per_s": round(limit_rate, 1),
         "limit_ideal_samples_per_s": round(limit_one * workers, 1),
         "decode_samples_per_s": round(decode_rate, 1),
@@ -144,28 +150,24 @@ def bench_loader(
 def _read_samples(shards: str | Path, n: int) -> list[tuple[bytes, np.ndarray]]:
     """Up to n (jpeg bytes, uv) pairs from the train shards, held in memory (read untimed)."""
     _, paths = split_shards(shards, "train")
-    pending: dict[str, dict[str, bytes]] = {}
     out: list[tuple[bytes, np.ndarray]] = []
     for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext not in ("jpg", "kp.f32"):
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None
-                pending.setdefault(key, {})[ext] = f.read()
-                if len(pending[key]) == 2:
-                    m = pending.pop(key)
-                    out.append((m["jpg"], decode_keypoints(m["kp.f32"])))
-                    if len(out) >= n:
-                        return out
+        for sample in read_samples(path, ("jpg", *READ_LABELS)):
+            out.append((sample["jpg"], decode_annotation(sample).uv))
+            if len(out) >= n:
+                return out
     # a tiny split: cycle it, so every measurement still runs over n samples
     return list(itertools.islice(itertools.cycle(out), n)) if out else out
 
 
 def _time_loader(
-    shards: str | Path, kind: str, workers: int, batches: int, batch_size: int, augment: AugmentConfig
+    shards: str | Path,
+    kind: str,
+    workers: int,
+    batches: int,
+    batch_size: int,
+    augment: AugmentConfig,
+    crop: str,
 ) -> tuple[float, float, float]:
     """(samples/s, samples per CPU-second of the main process + its workers, cores used)."""
     # resampled with a fixed length, so any train split is long enough for the requested batches
@@ -175,6 +177,7 @@ def _time_loader(
         kind=kind,
         batch_size=batch_size,
         augment=augment,
+        crop=crop,
         workers=workers,
         samples_per_epoch=(batches + WARMUP_BATCHES) * batch_size,
         device="cuda" if torch.cuda.is_available() else "cpu",
@@ -221,11 +224,12 @@ def _time_plain(
     rng = np.random.default_rng(0)
     cpu0, t0 = time.process_time(), time.perf_counter()
     for jpg, uv in samples:
-        image = decode_jpeg(jpg)
-        if warp:
-            M = params_matrix(sample_params(augment, rng), image.shape[1], image.shape[0], IMAGE_SIZE)
-            warp_affine(image, M, IMAGE_SIZE)
+        if warp:  # the loader's per-sample work: the same preprocessing function
+            M = params_matrix(sample_params(augment, rng), image_region(*image_size(jpg)), IMAGE_SIZE)
+            warp_to_input(jpg, M, IMAGE_SIZE)
             in_frame(apply_affine(M, uv), IMAGE_SIZE)
+        else:
+            decode_jpeg(jpg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return len(samples) / wall, len(samples) / cpu
 

@@ -47,18 +47,18 @@ def bench_train(
     shards: str | Path, *, config: str | Path | None = None, loader: str = "wds", steps: int = 30
 ) -> dict[str, Any]:
     """Print a table and one JSON line: samples_per_s, in_memory_samples_per_s, loader_overhead_pct."""
-    cfg = load_config(TrainConfig, config, {"shards": str(shards), "loader": loader})
+    cfg = load_config(TrainConfig, config, {"shards": str(shards), "loader": loader})  # one folder
     # Resampled training stream of exactly the batches needed, whatever the split's size.
     cfg = dataclasses.replace(cfg, batches_per_epoch=2 * WARMUP + steps)
     world = setup_world(None if cfg.device == "auto" else cfg.device)
     seed_everything(cfg.seed)
-    _, model, opt, scaler = build(cfg, world)
+    raw, model, opt, scaler = build(cfg, world)
     model.train()
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
-        return train_step(model, batch, opt, scaler, cfg, world)
+        return train_step(model, raw, batch, opt, scaler, cfg, world)
 
-    stream = iter(make_loader(cfg, world, "train", epoch=0))
+    stream = iter(make_loader(cfg, world, "train"))
     kept = [next(stream) for _ in range(WARMUP)]  # also the in-memory batches
     for batch in kept:
         step(batch)
@@ -74,6 +74,7 @@ def bench_train(
         "device": str(world.device),
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
+        "arch": cfg.arch,
         "width": cfg.width,
         "workers": cfg.workers,
         "steps": steps,

@@ -1,6 +1,6 @@
-"""Readers: a FreiHAND root, or a COCO keypoints json + image folder -> validated records.
+"""The FreiHAND reader: a FreiHAND root -> one validated Record per image (one hand each).
 
-FreiHAND layout (the same names for `evaluation`, which is optional):
+Layout (the same names for `evaluation`, which is optional):
   training/rgb/%08d.jpg   file number = id + N * v, N = len(training_xyz.json), v = version
   training_xyz.json       N x 21 x 3 joints in metres, camera space
   training_K.json         N x 3 x 3 intrinsics
@@ -9,66 +9,28 @@ convention of geometry.py. Versions: 0 gs (green screen), 1 hom, 2 sample, 3 aut
 
 Labels are checked here (shape, finite, z > 0, list lengths, image listed in the folder); images
 are decoded (the strict check that catches truncation) by the packer's workers. Every problem
-becomes a `Problem` naming the sample's id and file, so the caller can fail or skip.
+becomes a `Problem` naming the sample's id and file, so the caller can fail or skip. Every joint
+is labelled (visibility 1); the hand box is the keypoints' extent.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from handpose.errors import HandposeError
-from handpose.geometry import project_points
+from handpose.geometry import keypoints_box, project_points
 from handpose.shards import EVAL_SID_OFFSET
 from handpose.skeleton import NUM_JOINTS
+from handpose.sources import Dataset, Problem, Record, load_json, numeric_array
 
 VERSION_NAMES = ("gs", "hom", "sample", "auto")
 _IMAGE_NAME = re.compile(r"^(\d{8})\.jpg$")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One labelled image: everything the packer needs to write its sample."""
-
-    sid: int  # sample id; the shard key is shards.sample_key(sid)
-    id: int  # the unit of splitting: FreiHAND id (shared by its versions), COCO image_id
-    version: int  # index into VERSION_NAMES (COCO: 0)
-    evaluation: bool  # from FreiHAND's evaluation set: packed as split "eval"
-    file: str  # image path relative to the source root, as reported and stored in KEY.json
-    path: Path  # image path to read
-    uv: np.ndarray  # (21, 2) float64 pixels in the source image
-    xyz: np.ndarray | None = None  # (21, 3) metres (FreiHAND only)
-    K: np.ndarray | None = None  # (3, 3) (FreiHAND only)
-    size: tuple[int, int] | None = None  # (width, height) the label file claims (COCO), checked on decode
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A sample that cannot be packed, and why (becomes a manifest 'skipped' entry or the error)."""
-
-    id: int
-    file: str
-    reason: str
-
-    def message(self) -> str:
-        return f"id {self.id} ({self.file}): {self.reason}"
-
-
-@dataclass
-class Dataset:
-    """What a reader found: valid records, problems, all ids (for splitting) and a source summary."""
-
-    records: list[Record]
-    problems: list[Problem]
-    ids: list[int]  # every id of the splittable (non-evaluation) part, sorted, problems included
-    source: dict[str, Any]  # goes to manifest["source"]
-    notes: list[str] = field(default_factory=list)  # things worth telling the user (not errors)
 
 
 def parse_versions(spec: str) -> tuple[int, ...] | None:
@@ -87,7 +49,7 @@ def parse_versions(spec: str) -> tuple[int, ...] | None:
 
 def check_xyz(value: Any) -> np.ndarray:
     """One joints entry -> (21, 3) float64 metres; ValueError names what is wrong."""
-    a = _array(value, (NUM_JOINTS, 3), "joints")
+    a = numeric_array(value, (NUM_JOINTS, 3), "joints")
     z = a[:, 2]
     if np.any(z <= 0):
         j = int(np.argmax(z <= 0))
@@ -97,43 +59,10 @@ def check_xyz(value: Any) -> np.ndarray:
 
 def check_K(value: Any) -> np.ndarray:
     """One intrinsics entry -> (3, 3) float64; ValueError names what is wrong."""
-    a = _array(value, (3, 3), "K")
+    a = numeric_array(value, (3, 3), "K")
     if a[0, 0] == 0 or a[1, 1] == 0:
         raise ValueError("K has a zero focal length")
     return a
-
-
-def check_coco_keypoints(value: Any) -> np.ndarray:
-    """A COCO `keypoints` list (21 x (u, v, visibility)) -> uv (21, 2) float64 pixels."""
-    a = _array(value, (NUM_JOINTS * 3,), "keypoints")
-    a = a.reshape(NUM_JOINTS, 3)
-    if np.any(a[:, 2] == 0):
-        j = int(np.argmax(a[:, 2] == 0))
-        raise ValueError(f"keypoint {j} is not labelled (visibility 0); every joint needs a label")
-    return a[:, :2].copy()
-
-
-def _array(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} is not a numeric array of shape {shape}") from None
-    if a.shape != shape:
-        raise ValueError(f"{what} has shape {a.shape}, expected {shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{what} has non-finite values (NaN or inf)")
-    return a
-
-
-def load_json(path: Path) -> Any:
-    """Parse a json file; HandposeError names the file when it is missing or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise HandposeError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HandposeError(f"{path}: unreadable json: {e}") from None
 
 
 def _load_list(path: Path) -> list[Any]:
@@ -248,11 +177,14 @@ def _read_set(root: Path, name: str, versions: tuple[int, ...] | None, *, strict
                     Record(
                         sid=offset + num,
                         id=i,
-                        version=v,
-                        evaluation=bool(offset),
+                        hand=0,
                         file=file,
                         path=root / file,
                         uv=uv,
+                        visibility=np.ones(NUM_JOINTS, np.uint8),
+                        box=keypoints_box(uv),
+                        split="eval" if offset else None,
+                        version=v,
                         xyz=xyz,
                         K=K,
                     )
@@ -282,90 +214,3 @@ def _check_all(values: list[Any], check: Any, file: str, shape: tuple[int, ...])
         except ValueError as e:
             out.append(f"{file} entry {i}: {e}")
     return out
-
-
-def read_coco(json_path: str | Path, images: str | Path | None = None) -> Dataset:
-    """Read a COCO keypoints json (21 keypoints in FreiHAND order, one hand per image).
-
-    sid = id = image_id (the split unit: every image is its own id); version 0; no xyz/K.
-    Images are `file_name` under `images` (default: the json's folder). Images without an
-    annotation are ignored (noted); an image with several annotations is a problem.
-    """
-    json_path = Path(json_path)
-    if json_path.is_dir():
-        raise HandposeError(f"{json_path}: --format coco expects the keypoints json file, not a folder")
-    folder = Path(images) if images is not None else json_path.parent
-    if not folder.is_dir():
-        raise HandposeError(f"{folder}: image folder not found")
-    data = load_json(json_path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise HandposeError(f"{json_path}: not a COCO json (no 'images' list)")
-    if not isinstance(data.get("annotations"), list):
-        raise HandposeError(f"{json_path}: not a COCO keypoints json (no 'annotations' list)")
-
-    by_id: dict[int, dict[str, Any]] = {}
-    for k, im in enumerate(data["images"]):
-        iid = im.get("id") if isinstance(im, dict) else None
-        if not isinstance(iid, int) or isinstance(iid, bool) or not 0 <= iid < EVAL_SID_OFFSET:
-            raise HandposeError(f"{json_path}: images[{k}] has no integer id in [0, {EVAL_SID_OFFSET})")
-        if not isinstance(im.get("file_name"), str):
-            raise HandposeError(f"{json_path}: image id {iid} has no file_name")
-        if iid in by_id:
-            raise HandposeError(f"{json_path}: image id {iid} appears twice in 'images'")
-        by_id[iid] = im
-    anns: dict[int, list[dict[str, Any]]] = {}
-    orphans = 0
-    for a in data["annotations"]:
-        iid = a.get("image_id") if isinstance(a, dict) else None
-        if iid in by_id:
-            anns.setdefault(iid, []).append(a)  # type: ignore[arg-type]
-        else:
-            orphans += 1
-
-    names = _listing(folder)
-    records: list[Record] = []
-    problems: list[Problem] = []
-    unlabelled = 0
-    for iid in sorted(by_id):
-        im, found = by_id[iid], anns.get(iid, [])
-        file = im["file_name"]
-        if not found:
-            unlabelled += 1
-            continue
-        try:
-            if len(found) > 1:
-                raise ValueError(f"{len(found)} annotations; one hand per image expected")
-            uv = check_coco_keypoints(found[0].get("keypoints"))
-        except ValueError as e:
-            problems.append(Problem(iid, file, f"{json_path.name}: {e}"))
-            continue
-        if not _exists(folder, file, names):
-            problems.append(Problem(iid, file, "missing image"))
-            continue
-        w, h = im.get("width"), im.get("height")
-        size = (w, h) if isinstance(w, int) and isinstance(h, int) else None
-        records.append(Record(iid, iid, 0, False, file, folder / file, uv, size=size))
-
-    notes = []
-    if unlabelled:
-        notes.append(f"{unlabelled} images have no annotation: not packed")
-    if orphans:
-        notes.append(f"{orphans} annotations refer to no listed image: ignored")
-    source = {
-        "format": "coco",
-        "path": str(json_path.resolve()),
-        "images": str(folder.resolve()),
-        "ids": len(by_id) - unlabelled,
-    }
-    ids = sorted(iid for iid in by_id if anns.get(iid))
-    return Dataset(records=records, problems=problems, ids=ids, source=source, notes=notes)
-
-
-def _listing(folder: Path) -> set[str]:
-    with os.scandir(folder) as it:
-        return {e.name for e in it}
-
-
-def _exists(folder: Path, file: str, names: set[str]) -> bool:
-    # One listing answers the common flat layout; nested file_names fall back to a stat.
-    return file in names if "/" not in file else (folder / file).is_file()

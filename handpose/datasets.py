@@ -1,0 +1,140 @@
+"""Shard sets as the loaders see them: what both loader kinds share (and nothing kind-specific).
+
+A loader reads one or more packed folders (`ShardSet`s). Each keeps its own manifest, its own
+normalisation (its train split's pixel mean/std) and its own crop mode:
+
+- `crop = "image"`: the whole image letterboxed into the model input (FreiHAND's hand-centred crops);
+- `crop = "box"`: the sample's hand box, made square on its longer side and padded by `pad`.
+
+Training on several sets draws a FIXED mix: every batch holds `apportion(batch_size, weights)`
+samples of each set, on every rank and worker, so the mix is exact rather than random and the
+ranks stay in step. Validation, test and eval read every sample of every set exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from handpose.errors import HandposeError
+from handpose.geometry import Region, box_region, image_region
+from handpose.shards import Manifest, split_shards
+
+CROPS = ("image", "box")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """One packed folder's split, with how its samples are cropped and how much of a batch it gets."""
+
+    manifest: Manifest
+    shards: tuple[str, ...]  # the split's tar paths, in manifest order
+    counts: tuple[int, ...]  # samples per shard
+    crop: str = "image"
+    pad: float = 1.25
+    weight: float = 1.0
+    name: str = ""
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.manifest.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.manifest.std
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+def open_sets(
+    roots: Sequence[str | Path],
+    split: str,
+    *,
+    crops: Sequence[str],
+    pad: float,
+    weights: Sequence[float] | None = None,
+) -> list[ShardSet]:
+    """The sets of `roots` for `split`; `crops` has one mode per root or one for all."""
+    if not roots:
+        raise HandposeError("no shards folder given")
+    weights = list(weights) if weights else [1.0] * len(roots)
+    crops = list(crops) if len(crops) != 1 else list(crops) * len(roots)
+    if len(weights) != len(roots) or len(crops) != len(roots):
+        raise HandposeError(
+            f"{len(roots)} shards folders need as many weights and crops (or one crop for all), "
+            f"got {len(weights)} weights and {len(crops)} crops"
+        )
+    if any(not (w > 0 and math.isfinite(w)) for w in weights):
+        raise HandposeError(f"weights must be positive numbers, got {weights}")
+    if not pad >= 1.0:
+        raise HandposeError(f"box_pad must be >= 1 (the box fills the input at 1), got {pad}")
+    sets = []
+    names = set_names(roots)
+    for root, crop, weight, name in zip(roots, crops, weights, names, strict=True):
+        if crop not in CROPS:
+            raise HandposeError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+        manifest, shards = split_shards(root, split)
+        counts = tuple(manifest.shard_samples(split))
+        sets.append(ShardSet(manifest, tuple(str(p) for p in shards), counts, crop, pad, float(weight), name))
+    return sets
+
+
+def set_names(roots: Iterable[str | Path]) -> list[str]:
+    """Short unique names for reports: the folder names, numbered when two are the same."""
+    base = [Path(r).resolve().name or "shards" for r in roots]
+    return [b if base.count(b) == 1 else f"{b}-{i}" for i, b in enumerate(base)]
+
+
+def apportion(batch_size: int, weights: Sequence[float]) -> list[int]:
+    """Samples of each set in every batch: proportional to `weights`, at least one each, summing
+    to `batch_size` (largest remainders get the leftovers; ties go to the earlier set)."""
+    n = len(weights)
+    if batch_size < n:
+        raise HandposeError(f"batch size {batch_size} cannot hold one sample of each of {n} shard sets")
+    total = float(sum(weights))
+    # one sample each first, the rest by weight: no set with a positive weight is ever left out
+    want = [w / total * (batch_size - n) for w in weights]
+    share = [1 + math.floor(x) for x in want]
+    order = sorted(range(n), key=lambda i: (-(want[i] - math.floor(want[i])), i))
+    for i in order[: batch_size - sum(share)]:
+        share[i] += 1
+    return share
+
+
+def sample_region(crop: str, pad: float, width: int, height: int, box: np.ndarray) -> Region:
+    """The source square a sample's model input shows (see the module docstring)."""
+    return box_region(box, pad) if crop == "box" else image_region(width, height)
+
+
+def train_batches_per_rank(
+    sets: Sequence[ShardSet], batch_size: int, world_size: int, samples_per_epoch: int | None
+) -> int:
+    """Batches every rank yields per training epoch: `samples_per_epoch` worth, else about one
+    pass over the FIRST set at its share of each batch."""
+    if samples_per_epoch:
+        return samples_per_epoch // world_size // batch_size
+    share = apportion(batch_size, [s.weight for s in sets])[0]
+    return sets[0].samples // world_size // share
+
+
+def n_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+@dataclass
+class LoaderStats:
+    """Corrupt samples skipped so far (all epochs), each as (shard, key, reason)."""
+
+    skipped: int = 0
+    samples: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, records: Iterable[tuple[str, str, str]]) -> None:
+        for rec in records:
+            self.skipped += 1
+            self.samples.append(tuple(rec))  # type: ignore[arg-type]
