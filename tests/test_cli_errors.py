@@ -28,7 +28,6 @@ from handpose import __version__
 from handpose.cli import main
 from handpose.config import load_config
 from handpose.model import ShallowUNet
-from handpose.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -193,6 +192,8 @@ def test_help_has_an_example_and_literal_defaults(
 def test_show_config_lists_every_key(inputs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """Every recipe key with a description, the default where the value differs; the text is a
     recipe that loads back to the same config."""
+    from handpose.train import TrainConfig
+
     recipe = ROOT / "pipelines" / "cpu_demo.toml"
     code, out, _ = _run_main(["train", "--config", str(recipe), "--sigma", "2.5", "--show-config"], capsys)
     assert code == 0
