@@ -34,7 +34,7 @@ from torch import nn
 from handpose import checkpoint
 from handpose.atomic import write_json, write_text
 from handpose.config import AugmentConfig, load_config, to_dict, to_toml
-from handpose.datasets import ShardSet, apportion
+from handpose.datasets import ShardSet, apportion, verify_sets
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -96,6 +96,7 @@ class TrainConfig:
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     seed: int = 0  # process seed = seed + rank; the loader derives its order from (seed, epoch, rank)
     log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
+    verify: bool = True  # check the shards' sha256s at start (--no-verify); sizes are always checked
 
     def __post_init__(self) -> None:
         if self.arch == "unet" and self.image_size % 2**self.depth:
@@ -149,6 +150,13 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
     sched = make_scheduler(cfg, opt, steps)
     st = maybe_resume(cfg, world, run, raw, opt, sched, scaler, LoopState(), required=resume)
+    if cfg.verify:  # the shards' sha256s, each rank hashing its share (sizes: on opening)
+        verify_sets(
+            [*train_loader.sets, *(s for v in val_loaders for s in v.sets)],
+            rank=world.rank,
+            world_size=world.world_size,
+            gather=lambda problems: all_gather_objects(problems, world),
+        )
     log = RunLog(cfg, world, run, st, train_loader.sets)
     for epoch in range(st.epoch, cfg.epochs):
         if st.stopped:
