@@ -140,6 +140,12 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def exists(folder: str | os.PathLike, *, best: bool = False) -> bool:
+    """Whether `folder` holds last.pt or prev.pt (with `best`, or best.pt), intact or not."""
+    names = (LAST, PREV, BEST) if best else (LAST, PREV)
+    return any((Path(folder) / name).exists() for name in names)
+
+
 def load_latest(folder: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
     """The newest intact checkpoint in `folder`: last.pt, else prev.pt (with a warning), else None."""
     folder = Path(folder)

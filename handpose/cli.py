@@ -62,6 +62,13 @@ app.add_typer(bench_app, name="bench")
 err = make_console(stderr=True)
 
 Workers = Annotated[Optional[int], typer.Option(help="Worker processes [default: all cores].")]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify",
+        help="Check the shards read against the manifest's sha256s first (sizes are always checked).",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -197,11 +204,21 @@ def inspect(
     png: Annotated[
         Optional[Path], typer.Option(help="Contact sheet to write [default: SHARDS/inspect-SPLIT.png].")
     ] = None,
+    verify: Verify = True,
 ) -> None:
     """Print the manifest and draw N samples with their skeletons, read back from the shards."""
     from handpose.inspector import inspect_shards
 
-    inspect_shards(shards, split=split, n=n, png=png)
+    inspect_shards(shards, split=split, n=n, png=png, verify=verify)
+
+
+@app.command()
+def verify(shards: Annotated[Path, typer.Argument(help="A packed shards folder.")]) -> None:
+    """Check a packed folder: manifest schema, every shard's and index's size and sha256, every
+    index line against its tar, and every sample's label members. Exit 1 naming each damaged shard."""
+    from handpose.verify import verify as run
+
+    run(shards)
 
 
 @app.command(
@@ -215,7 +232,11 @@ def train(
     loader: Annotated[Optional[str], typer.Option(help="wds | dali.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
     resume: Annotated[
-        bool, typer.Option(help="Resume from OUT/checkpoints/last.pt (automatic when it exists).")
+        bool,
+        typer.Option(
+            help="Continue OUT from its last checkpoint, with OUT/config.toml as the recipe "
+            "(automatic when a checkpoint exists); --key value changes what may change."
+        ),
     ] = False,
     show_config: Annotated[
         bool,
@@ -225,6 +246,14 @@ def train(
             "and the flags given), then exit.",
         ),
     ] = False,
+    verify: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check the shards against the manifest's sha256s at start (default: the recipe's "
+            "verify key, true); sizes are always checked.",
+        ),
+    ] = None,
 ) -> None:
     """Train the UNet (one process, or many under torchrun).
 
@@ -235,6 +264,8 @@ def train(
     for key, value in (("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)):
         if value is not None:
             overrides[key] = str(value)
+    if verify is not None:
+        overrides["verify"] = str(verify).lower()
     if show_config:
         from handpose.config import describe_toml, load_config
         from handpose.train import TrainConfig
@@ -275,6 +306,7 @@ def predict(
         Optional[int], typer.Option(help="Decode workers [default: cores - 1 on CUDA, 0 on CPU].")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
+    verify: Verify = True,
 ) -> None:
     """Predict keypoints for every image; with labels, write an error report."""
     from handpose.predict import predict as run
@@ -290,6 +322,7 @@ def predict(
         batch_size=batch_size,
         workers=workers,
         device=device,
+        verify=verify,
     )
 
 
@@ -313,11 +346,20 @@ def bench_loader(
     batches: Annotated[int, typer.Option(help="Batches to time.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 48,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each figure keeps its best.")] = 3,
+    verify: Verify = True,
 ) -> None:
     """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline."""
     from handpose.bench.loader import bench_loader as run
 
-    run(shards, kind=kind, workers=workers, batches=batches, batch_size=batch_size, rounds=rounds)
+    run(
+        shards,
+        kind=kind,
+        workers=workers,
+        batches=batches,
+        batch_size=batch_size,
+        rounds=rounds,
+        verify=verify,
+    )
 
 
 @bench_app.command("train", epilog=EXAMPLES["bench train"])

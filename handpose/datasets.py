@@ -14,15 +14,23 @@ ranks stay in step. Validation, test and eval read every sample of every set exa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from handpose.errors import HandposeError
 from handpose.geometry import Region, box_region, image_region
-from handpose.shards import Manifest, split_shards
+from handpose.shards import (
+    Manifest,
+    hash_problems,
+    hash_progress,
+    hashed_files,
+    problems_error,
+    split_shards,
+)
 
 CROPS = ("image", "box")
 
@@ -50,6 +58,12 @@ class ShardSet:
     @property
     def samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The manifest entries of this set's shards (name, bytes, sha256, ...), in order."""
+        mine = set(self.shards)
+        return [e for e in self.manifest.entries() if str(self.manifest.root / e["name"]) in mine]
 
 
 def open_sets(
@@ -83,6 +97,40 @@ def open_sets(
         counts = tuple(manifest.shard_samples(split))
         sets.append(ShardSet(manifest, tuple(str(p) for p in shards), counts, crop, pad, float(weight), name))
     return sets
+
+
+def verify_sets(
+    sets: Sequence[ShardSet],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[list[str]], list[list[str]]] | None = None,
+) -> None:
+    """Check every shard (and index) of `sets` against the sha256 its manifest records, the files
+    spread over the ranks by size (`share_by_size`); `gather` collects every rank's problems
+    (e.g. `distributed.all_gather_objects`), so every rank raises the same error, one line per
+    damaged file. Rank 0 shows a progress bar for long work."""
+    files = {f[0]: f for s in sets for f in hashed_files(s.manifest.root, s.entries)}  # once each
+    work = sorted(files.values())
+    owner = share_by_size([size for _, _, size in work], world_size)
+    mine = [f for f, r in zip(work, owner, strict=True) if r == rank]
+    with hash_progress(sum(size for _, _, size in mine), show=rank == 0) as advance:
+        problems = hash_problems(mine, advance)
+    everyone = gather(problems) if gather is not None else [problems]
+    found = sorted(p for rank_problems in everyone for p in rank_problems)
+    if found:
+        raise problems_error(found)
+
+
+def share_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
+    """The rank that handles each item: largest first, each to the least loaded rank (ties to the
+    lower rank), so every rank hashes about the same number of bytes; the same on every rank."""
+    load = [0] * world_size
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + sizes[i]
+    return owner
 
 
 def set_names(roots: Iterable[str | Path]) -> list[str]:

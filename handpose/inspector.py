@@ -36,6 +36,7 @@ from handpose.shards import (
     decode_annotation,
     read_samples,
     split_shards,
+    verify_shards,
 )
 from handpose.skeleton import BONES, FINGER_COLORS, NUM_JOINTS, joint_finger
 
@@ -57,11 +58,17 @@ class Drawable:
 
 
 def inspect_shards(
-    root: str | Path, *, split: str = "train", n: int = 16, png: str | Path | None = None
+    root: str | Path,
+    *,
+    split: str = "train",
+    n: int = 16,
+    png: str | Path | None = None,
+    verify: bool = True,
 ) -> Path:
     """Print the manifest of `root` as tables and write a contact sheet of `n` samples of `split`.
 
-    Returns the PNG path (default: ROOT/inspect-{split}.png).
+    The shards drawn from are first checked against the manifest's sha256s (`verify=False`:
+    sizes only). Returns the PNG path (default: ROOT/inspect-{split}.png).
     """
     if n < 1:
         raise HandposeError(f"--n {n}: must be >= 1")
@@ -69,6 +76,9 @@ def inspect_shards(
         check_output_file(png, "--png")
     root = Path(root)
     manifest, shards = split_shards(root, split)
+    shards = shards[: covering(manifest.shard_samples(split), n)]
+    if verify:
+        verify_shards(manifest, manifest.entries(split)[: len(shards)])
     console = make_console()
     for table in manifest_tables(manifest):
         console.print(table)
@@ -81,6 +91,16 @@ def inspect_shards(
     write_bytes(png, buf.getvalue())
     console.print(f"drew {len(samples)} {split} samples ({sheet.width}x{sheet.height}): {png}")
     return png
+
+
+def covering(counts: list[int], n: int) -> int:
+    """How many of the leading shards (of `counts` samples each) hold the first `n` samples."""
+    total = 0
+    for i, c in enumerate(counts, 1):
+        total += c
+        if total >= n:
+            return i
+    return len(counts)
 
 
 def manifest_tables(m: Manifest) -> list[Table]:

@@ -400,7 +400,10 @@ def write_shard(plan: ShardPlan, out: Path, on_error: str) -> dict[str, Any]:
         os.replace(tmp_idx, idx_path)
         os.replace(tmp_tar, tar_path)
         result.update(
-            bytes=tar_path.stat().st_size, sha256=sha256_file(tar_path), idx_sha256=sha256_file(idx_path)
+            bytes=tar_path.stat().st_size,
+            sha256=sha256_file(tar_path),
+            idx_bytes=idx_path.stat().st_size,
+            idx_sha256=sha256_file(idx_path),
         )
     else:  # every sample skipped: no empty shard for the loaders to trip on
         tmp_tar.unlink()
@@ -603,7 +606,7 @@ def _verified_done(out: Path, plan: ShardPlan) -> dict[str, Any] | None:
         return done
     tar_path, idx_path = out / plan.name, out / index_name(plan.name)
     try:
-        if tar_path.stat().st_size != done["bytes"]:
+        if tar_path.stat().st_size != done["bytes"] or idx_path.stat().st_size != done.get("idx_bytes"):
             return None
         if sha256_file(tar_path) != done["sha256"] or sha256_file(idx_path) != done["idx_sha256"]:
             return None
@@ -668,6 +671,8 @@ def build_manifest(
                     "samples": r["samples"],
                     "bytes": r["bytes"],
                     "sha256": r["sha256"],
+                    "index_bytes": r["idx_bytes"],
+                    "index_sha256": r["idx_sha256"],
                 }
             )
     skipped.sort(key=_entry_order)

@@ -51,7 +51,14 @@ from handpose.geometry import apply_affine, compose, fit_matrix, invert, scaling
 from handpose.heatmaps import INDEX_OFFSET, TUTORIAL_INDEX_OFFSET, heatmaps_to_keypoints
 from handpose.imageio import JPEG_MAGIC, decode_image, jpeg_size, warp_affine
 from handpose.model import ShallowUNet
-from handpose.shards import MANIFEST, decode_keypoints, index_name, read_index, split_shards
+from handpose.shards import (
+    MANIFEST,
+    decode_keypoints,
+    index_name,
+    read_index,
+    split_shards,
+    verify_shards,
+)
 from handpose.skeleton import NUM_JOINTS
 from handpose.sources import load_json
 from handpose.sources.freihand import read_freihand
@@ -216,16 +223,22 @@ class Item:
 
 
 def collect_inputs(
-    inputs: Sequence[str | os.PathLike], out: Path, *, split: str, labels: str | os.PathLike | None
+    inputs: Sequence[str | os.PathLike],
+    out: Path,
+    *,
+    split: str,
+    labels: str | os.PathLike | None,
+    verify: bool = True,
 ) -> tuple[list[Item], list[dict[str, str]]]:
     """Expand files, folders (recursive), FreiHAND roots and shard folders into Items; inputs
-    that cannot be used become {"path", "reason"} problems (the run goes on without them)."""
+    that cannot be used become {"path", "reason"} problems (the run goes on without them).
+    A shards folder's shards are checked against its manifest's sha256s unless `verify` is off."""
     items: list[Item] = []
     problems: list[dict[str, str]] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir() and (p / MANIFEST).is_file():
-            items += _shard_items(p, split)
+            items += _shard_items(p, split, verify=verify)
         elif p.is_dir() and (p / "training_xyz.json").is_file():
             found, bad = _freihand_items(p, split)
             items += found
@@ -295,10 +308,13 @@ def _freihand_items(root: Path, split: str) -> tuple[list[Item], list[dict[str, 
     return items, problems
 
 
-def _shard_items(root: Path, split: str) -> list[Item]:
+def _shard_items(root: Path, split: str, *, verify: bool = True) -> list[Item]:
     """Samples of one split of a shards folder; labels from each sample's kp.f32 member, located
-    through the DALI index so workers can read the JPEG bytes directly."""
-    _, tars = split_shards(root, split)
+    through the DALI index so workers can read the JPEG bytes directly. The shards' sizes are
+    always checked against the manifest, their sha256s too when `verify`."""
+    manifest, tars = split_shards(root, split)
+    if verify:
+        verify_shards(manifest, manifest.entries(split))
     items = []
     for tar in tars:
         idx = tar.with_name(index_name(tar.name))
@@ -670,8 +686,10 @@ def predict(
     quiet: bool = False,
     channels_last: bool = True,
     draft: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Predict keypoints for every input image into `out`; with labels, write an error report.
+    `verify`: check a shards folder's sha256s before reading it (sizes are always checked).
 
     model: a checkpoint / state_dict path, or an already loaded (module, ModelSpec) pair.
     Returns a summary ({"images", "errors", "seconds", "images_per_s", "report"}). Raises
@@ -690,7 +708,7 @@ def predict(
     dev = pick_device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     net, spec = model if isinstance(model, tuple) else load_model(model, dev, channels_last=channels_last)
-    items, problems = collect_inputs(inputs, out, split=split, labels=labels)
+    items, problems = collect_inputs(inputs, out, split=split, labels=labels, verify=verify)
     if not items and not problems:
         raise HandposeError(
             f"no images found in {', '.join(str(p) for p in inputs) or '(no inputs)'} "

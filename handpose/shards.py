@@ -4,8 +4,8 @@ Every stage that touches shards (pack, both loader kinds, train, predict, inspec
 through this module; nothing else opens a shard's tar.
 
 OUT/
-  manifest.json            written last: counts, shards with sha256, pixel mean/std, mean pose,
-                           box statistics, skipped samples
+  manifest.json            written last: counts, shards with size and sha256 (and their index's),
+                           pixel mean/std, mean pose, box statistics, skipped samples
   {split}-{NNNNNN}.tar     WebDataset shards, split in train|val|test|eval
   {split}-{NNNNNN}.idx     DALI `fn.readers.webdataset` index (the format `wds2idx` writes, v1.2)
 
@@ -22,23 +22,32 @@ Each sample is ONE hand, in this member order, under a KEY with no dot (`sample_
 "Source-image pixels" are those of the image as displayed (EXIF orientation applied), in the
 pixel convention of geometry.py. Only these members are ever decoded; nothing is unpickled.
 Version 1 (no vis/box members, one sample per image) is refused with "re-pack".
+
+Trust: `read_manifest` checks the manifest against `MANIFEST_SCHEMA` (one line per problem,
+naming the key path) and that its counts agree with its shards; `split_shards`, through which
+every consumer opens a split, checks each shard's size against the manifest; `verify_shards`
+(predict, inspect, bench) and `datasets.verify_sets` (train, spread over ranks) check the sha256s
+unless the user opts out (--no-verify); `handpose verify` (verify.py) checks everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from handpose import schema
 from handpose.errors import HandposeError
 from handpose.skeleton import NUM_JOINTS
 
@@ -47,6 +56,8 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test", "eval")
 MEMBERS = ("jpg", "json", "kp.f32", "vis.u8", "box.f32", "sid.i64")
+# the members of a fixed size, in bytes
+MEMBER_BYTES = {"kp.f32": NUM_JOINTS * 2 * 4, "vis.u8": NUM_JOINTS, "box.f32": 4 * 4, "sid.i64": 8}
 EVAL_SID_OFFSET = 1_000_000_000  # evaluation-set keys: FreiHAND file number + this offset
 
 
@@ -189,17 +200,23 @@ def read_index(path: str | Path) -> list[IndexEntry]:
     The one reader of the format `ShardWriter` writes; the samples come in tar order. Raises
     FileNotFoundError when there is no index, HandposeError naming the line when it is malformed.
     """
-    with open(path, encoding="ascii") as f:
-        header = f.readline().split()
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding="ascii") as f:
+            header = f.readline().split()
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise HandposeError(f"{path}: not a DALI index (not ASCII text); re-run handpose pack") from None
     if len(header) != 2 or header[0] != "v1.2" or header[1] != str(len(lines)):
         raise HandposeError(f"{path}: bad index header {' '.join(header)!r} (expected 'v1.2 {len(lines)}')")
     entries: list[IndexEntry] = []
     for n, line in enumerate(lines, 2):
         fields = line.split()
-        if not fields or len(fields) % 4:
-            raise HandposeError(f"{path}:{n}: malformed index line")
-        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        try:
+            if not fields or len(fields) % 4:
+                raise ValueError
+            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        except ValueError:
+            raise HandposeError(f"{path}:{n}: malformed index line") from None
         entries.append((fields[3].partition(".")[0], members))
     return entries
 
@@ -305,11 +322,20 @@ def decode_annotation(sample: Sample) -> Annotation:
     )
 
 
-def sha256_file(path: Path) -> str:
+HASH_BLOCK = 4 << 20  # bytes read per call while hashing: large reads, one reused buffer
+PROGRESS_MIN_BYTES = 64 << 20  # hashing less than this is quick: no progress bar
+
+
+def sha256_file(path: str | Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's sha256 (hex); `on_bytes(n)` is told of every block read (for a progress bar)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
     return h.hexdigest()
 
 
@@ -332,12 +358,17 @@ class Manifest:
     def count(self, split: str) -> int:
         return int(self.data["counts"].get(split, 0))
 
+    def entries(self, split: str | None = None) -> list[dict[str, Any]]:
+        """The manifest's shard entries (name, index, split, samples, bytes, sha256, ...) of
+        `split` (None: every split), in order."""
+        return [s for s in self.data["shards"] if split is None or s["split"] == split]
+
     def shards(self, split: str) -> list[Path]:
         """Absolute paths of a split's shards, in order."""
-        return [self.root / s["name"] for s in self.data["shards"] if s["split"] == split]
+        return [self.root / s["name"] for s in self.entries(split)]
 
     def shard_samples(self, split: str) -> list[int]:
-        return [int(s["samples"]) for s in self.data["shards"] if s["split"] == split]
+        return [int(s["samples"]) for s in self.entries(split)]
 
     def mean_pose(self, crop: str, size: int, pad: float = 1.0) -> np.ndarray:
         """The train split's mean pose (21, 2) in model-input pixels of a `crop` input of `size`.
@@ -351,8 +382,132 @@ class Manifest:
         return (np.asarray(mp["box"], np.float64) / pad + 0.5) * size
 
 
+# ---- the manifest's schema: what every consumer relies on ----------------------------------------
+
+_FILE = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a plain file name: no folder, no "..", no leading dot
+_SHA256 = schema.text(r"[0-9a-f]{64}", "a sha256 (64 lowercase hex digits)")
+_XY = schema.vector(2, schema.number(), "numbers")
+_POSE = schema.vector(NUM_JOINTS, _XY, "[x, y] pairs")
+_SPREAD = schema.nullable(schema.table({k: schema.number() for k in ("min", "p10", "median", "p90", "max")}))
+
+SHARD_ENTRY = schema.table(
+    {
+        "name": schema.text(_FILE + r"\.tar", "a plain file name ending in .tar (no folder)"),
+        "index": schema.text(_FILE + r"\.idx", "a plain file name ending in .idx (no folder)"),
+        "split": schema.one_of(*SPLITS),
+        "samples": schema.integer(0),
+        "bytes": schema.integer(0),
+        "sha256": _SHA256,
+    },
+    {"index_bytes": schema.integer(0), "index_sha256": _SHA256},  # recorded by packs since they were added
+)
+
+# Required: what consumers cannot work without. Optional: what they read with a default (inspect's
+# tables, predict's refinement boxes); both are type-checked when present.
+MANIFEST_SCHEMA = schema.table(
+    {
+        "format": schema.text(),
+        "format_version": schema.integer(1),
+        "counts": schema.table({}, values=schema.integer(0)),
+        "shards": schema.items(SHARD_ENTRY),
+        "stats": schema.table(
+            {
+                "mean": schema.nullable(schema.vector(3, schema.number(0, 1), "numbers")),
+                "std": schema.nullable(schema.vector(3, schema.number(0, 1, positive=True), "numbers")),
+            },
+            {"pixels": schema.integer(0), "split": schema.text()},
+        ),
+        "mean_pose": schema.table(
+            {
+                "image": _POSE,
+                "box": _POSE,
+                "labelled": schema.vector(NUM_JOINTS, schema.integer(0), "counts"),
+            },
+            {"split": schema.text()},
+        ),
+    },
+    {
+        "tool_version": schema.text(),
+        "source": schema.table({}),
+        "options": schema.table({}),
+        "boxes": schema.table(
+            {},
+            {
+                "side_px": _SPREAD,
+                "side_frac": _SPREAD,
+                "box_to_keypoints": schema.nullable(schema.number(positive=True)),
+                "outside_image": schema.integer(0),
+                "hands_per_image": schema.table(
+                    {}, {"mean": schema.nullable(schema.number(0)), "max": schema.integer(0)}
+                ),
+            },
+        ),
+        "images": schema.table({}, {"with_hands": schema.integer(0), "background": schema.integer(0)}),
+        "keypoint_bounds": schema.table(
+            {},
+            {
+                "min_px": schema.nullable(_XY),
+                "max_px": schema.nullable(_XY),
+                "samples_outside_image": schema.integer(0),
+                "labelled_fraction": schema.nullable(schema.number(0, 1)),
+            },
+        ),
+        "skipped": schema.items(schema.table({"file": schema.text(), "reason": schema.text()})),
+    },
+)
+
+
+def manifest_problems(data: Any) -> list[str]:
+    """Every way `data` (a parsed manifest.json) breaks the schema, one line each naming the key
+    path; then, once the types are right, whether its parts agree with each other."""
+    problems = MANIFEST_SCHEMA(data, "")
+    return problems or consistency_problems(data)
+
+
+def consistency_problems(data: dict[str, Any]) -> list[str]:
+    """Counts that match the shards' samples, each shard listed once beside its own index, and
+    pixel statistics wherever there are samples (the types are already checked)."""
+    problems = []
+    entries = data["shards"]
+    names = Counter(e["name"] for e in entries)
+    problems += [f"shards: {name!r} is listed {n} times" for name, n in names.items() if n > 1]
+    for i, e in enumerate(entries):
+        if e["index"] != index_name(e["name"]):
+            problems.append(
+                f"shards[{i}].index: expected {index_name(e['name'])!r} (the index beside "
+                f"{e['name']!r}), got {schema.show(e['index'])}"
+            )
+    held: Counter[str] = Counter()
+    for e in entries:
+        held[e["split"]] += e["samples"]
+    counts = data["counts"]
+    problems += [
+        f"counts.{k}: not a split (expected one of {', '.join(SPLITS)})" for k in counts if k not in SPLITS
+    ]
+    for split in [s for s in SPLITS if s in counts or held[s]]:
+        if counts.get(split, 0) != held[split]:
+            found = schema.show(counts.get(split))
+            problems.append(f"counts.{split}: {found}, but the {split} shards hold {held[split]} samples")
+    if sum(held.values()):
+        problems += [
+            f"stats.{k}: null, but the pack holds samples"
+            for k in ("mean", "std")
+            if data["stats"][k] is None
+        ]
+    return problems
+
+
+def problems_error(problems: Sequence[str], limit: int = 20) -> HandposeError:
+    """One error, one line per problem (at most `limit`, then how many more)."""
+    lines = list(problems[:limit])
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more")
+    return HandposeError("\n".join(lines))
+
+
 def read_manifest(root: str | Path) -> Manifest:
-    """Read OUT/manifest.json; a clear error if the folder is not a complete handpose pack."""
+    """Read OUT/manifest.json, checked against MANIFEST_SCHEMA; a clear error if the folder is not
+    a complete handpose pack or the manifest was damaged or edited (one line per problem)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -366,6 +521,8 @@ def read_manifest(root: str | Path) -> Manifest:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HandposeError(f"{path}: unreadable manifest: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(data, dict):
+        raise HandposeError(f"{path}: expected a JSON object, got {schema.show(data)}")
     if data.get("format") == FORMAT_NAME and data.get("format_version") == 1:
         raise HandposeError(
             f"{path}: shard format v1 (no hand boxes or visibility); re-pack the data with this "
@@ -376,14 +533,114 @@ def read_manifest(root: str | Path) -> Manifest:
             f"{path}: format {data.get('format')!r} v{data.get('format_version')!r}, "
             f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
         )
+    problems = manifest_problems(data)
+    if problems:
+        raise problems_error([f"{path}: {p}" for p in problems])
     return Manifest(root=root, data=data)
 
 
 def split_shards(root: str | Path, split: str) -> tuple[Manifest, list[Path]]:
-    """Manifest and the shard paths of `split`, or a clear error if the split is empty."""
+    """Manifest and the shard paths of `split`, each shard's size checked against the manifest
+    (one stat per file); a clear error if the split is empty or a shard is missing or truncated.
+
+    Every consumer opens shards through here (the loaders via `datasets.open_sets`), so none
+    reads a shard the manifest does not describe."""
     m = read_manifest(root)
-    shards = m.shards(split)
-    if not shards:
+    entries = m.entries(split)
+    if not entries:
         have = sorted({s["split"] for s in m.data["shards"]})
         raise HandposeError(f"{root}: no shards for split {split!r} (have: {', '.join(have) or 'none'})")
-    return m, shards
+    problems = size_problems(m.root, entries)
+    if problems:
+        raise problems_error(problems)
+    return m, [m.root / e["name"] for e in entries]
+
+
+# ---- integrity: sizes (always) and sha256s (unless the user opts out) ----------------------------
+
+REPACK = "re-run handpose pack"
+
+
+def size_problem(path: Path, expected: int) -> str | None:
+    """None when `path` has `expected` bytes, else what is wrong (missing, truncated, changed)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if size != expected:
+        return f"{size} bytes, the manifest says {expected} (truncated or changed since packing)"
+    return None
+
+
+def size_problems(root: Path, entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Each shard's size, and its index's where the manifest records it, against the manifest.
+
+    A missing index is not a problem here: the reader then streams the tar (`read_samples`)."""
+    problems = []
+    for e in entries:
+        tar, idx = root / e["name"], root / e["index"]
+        if (p := size_problem(tar, e["bytes"])) is not None:
+            problems.append(f"{tar}: {p}; {REPACK}")
+        if "index_bytes" in e and idx.exists() and (p := size_problem(idx, e["index_bytes"])) is not None:
+            problems.append(f"{idx}: {p}; {REPACK}")
+    return problems
+
+
+def hashed_files(root: Path, entries: Sequence[dict[str, Any]]) -> list[tuple[Path, str, int]]:
+    """(path, recorded sha256, bytes) of every file of `entries` the manifest has a digest for:
+    each shard, and its index when recorded and present."""
+    files = []
+    for e in entries:
+        files.append((root / e["name"], e["sha256"], e["bytes"]))
+        idx = root / e["index"]
+        if "index_sha256" in e and idx.exists():
+            files.append((idx, e["index_sha256"], e.get("index_bytes", 0)))
+    return files
+
+
+def hash_problems(
+    files: Sequence[tuple[Path, str, int]], on_bytes: Callable[[int], None] | None = None
+) -> list[str]:
+    """One line per file of `hashed_files` whose bytes do not hash to the recorded sha256."""
+    problems = []
+    for path, expected, _ in files:
+        try:
+            digest = sha256_file(path, on_bytes)
+        except OSError as e:
+            problems.append(f"{path}: unreadable ({e.strerror}); {REPACK}")
+            continue
+        if digest != expected:
+            problems.append(
+                f"{path}: sha256 differs from the manifest (damaged or changed since packing); {REPACK}"
+            )
+    return problems
+
+
+@contextlib.contextmanager
+def hash_progress(total_bytes: int, *, show: bool = True) -> Iterator[Callable[[int], None]]:
+    """A callback for `sha256_file`'s `on_bytes` that drives a progress bar on a terminal when
+    there is enough to hash to be worth one (`PROGRESS_MIN_BYTES`); a no-op otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not (show and total_bytes >= PROGRESS_MIN_BYTES and console.is_terminal):
+        yield lambda n: None
+        return
+    columns = (TextColumn("checking shards (sha256)"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("sha256", total=total_bytes)
+        yield lambda n: bar.advance(task, n)
+
+
+def verify_shards(manifest: Manifest, entries: Sequence[dict[str, Any]], *, progress: bool = True) -> None:
+    """Check the shards of `entries` (and their indexes) against the sha256s the manifest records,
+    in this process; raise one line per damaged file. What predict and inspect call before reading
+    (train spreads the same work over its ranks: `datasets.verify_sets`)."""
+    files = hashed_files(manifest.root, entries)
+    with hash_progress(sum(f[2] for f in files), show=progress) as advance:
+        problems = hash_problems(files, advance)
+    if problems:
+        raise problems_error(problems)

@@ -34,7 +34,7 @@ from torch import nn
 from handpose import checkpoint
 from handpose.atomic import check_output_dir, write_json, write_text
 from handpose.config import AugmentConfig, Sources, read_config, to_dict, to_toml
-from handpose.datasets import ShardSet, apportion
+from handpose.datasets import ShardSet, apportion, verify_sets
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -97,6 +97,7 @@ class TrainConfig:
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     seed: int = 0  # process seed = seed + rank; the loader derives its order from (seed, epoch, rank)
     log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
+    verify: bool = True  # check the shards' sha256s at start (--no-verify); sizes are always checked
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "image_size", "sigma", "epochs", "batch_size", "log_every"):
@@ -125,8 +126,20 @@ class TrainConfig:
             raise ConfigError("box_pad", f"must be >= 1, got {self.box_pad}")
 
 
-# Keys that change the model's shape: a resumed run must keep them.
-SHAPE_KEYS = ("arch", "width", "depth", "image_size")
+# What a resumed run may change (docs/train.md has the table); `maybe_resume` makes each change
+# take effect. Everything else is refused: it would change the model (arch, width, depth,
+# image_size, sigma, loss, index_offset), the data (shards, weights, crop, box_pad, batch_size,
+# batches_per_epoch, seed), or what the saved optimizer, scheduler and loop state mean (optimizer,
+# schedule, plateau_on, monitor; precision to or from fp16, whose grad scaler has state).
+RESUMABLE = frozenset(
+    {
+        *("epochs", "lr", "min_lr", "warmup_epochs"),  # the schedule's curve, from the saved step on
+        *("weight_decay", "momentum", "grad_clip", "plateau_factor", "plateau_patience"),
+        *("patience", "min_delta"),  # early stopping
+        *("out", "workers", "loader", "device", "val_batches", "log_every", "verify"),  # how, not what
+        *("precision", "channels_last", "compile"),
+    }
+)
 
 
 def train(
@@ -134,9 +147,10 @@ def train(
 ) -> dict[str, Any]:
     """Train from a recipe plus `--key value` overrides; returns the run summary (rank 0's numbers).
 
-    Resumes from RUN/checkpoints/last.pt when it exists; `resume=True` requires it to.
+    Resumes from RUN/checkpoints/last.pt when it exists; `resume=True` requires it to. When
+    continuing a run without a recipe, RUN/config.toml is the recipe (`run_recipe`).
     """
-    cfg, sources = read_config(TrainConfig, recipe, overrides)
+    cfg, sources = read_config(TrainConfig, run_recipe(recipe, overrides, resume=resume), overrides)
     check_inputs(cfg, sources)
     world = setup_world(None if cfg.device == "auto" else cfg.device)
     # No barrier on the error path: the other ranks may never reach it; exiting lets torchrun stop them.
@@ -162,6 +176,26 @@ def check_inputs(cfg: TrainConfig, sources: Sources) -> None:
             raise HandposeError(f"{sources.name('shards')}: {e}") from None
 
 
+def run_recipe(
+    recipe: str | Path | None, overrides: dict[str, str] | None, *, resume: bool
+) -> str | Path | None:
+    """The recipe a run is built from: `--config` when given (a resumed run's differences from
+    its checkpoint then count as overrides); else, when continuing a run (--resume, or RUN holds a
+    checkpoint), the run's own RUN/config.toml; else none (the defaults)."""
+    out = (overrides or {}).get("out")
+    if recipe is not None or not out:
+        return recipe
+    run = Path(out)
+    saved = run / "config.toml"
+    if saved.is_file() and (resume or checkpoint.exists(run / "checkpoints")):
+        return saved
+    if resume and not checkpoint.exists(run / "checkpoints"):
+        raise HandposeError(f"--resume: no checkpoint in {run / 'checkpoints'}")
+    if resume:
+        raise HandposeError(f"--resume: {saved} not found; pass --config with the run's recipe")
+    return None
+
+
 def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     """Build, maybe resume, run the epochs. The loop below is the whole training procedure."""
     run = Path(cfg.out)
@@ -172,6 +206,13 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
     sched = make_scheduler(cfg, opt, steps)
     st = maybe_resume(cfg, world, run, raw, opt, sched, scaler, LoopState(), required=resume)
+    if cfg.verify:  # the shards' sha256s, each rank hashing its share (sizes: on opening)
+        verify_sets(
+            [*train_loader.sets, *(s for v in val_loaders for s in v.sets)],
+            rank=world.rank,
+            world_size=world.world_size,
+            gather=lambda problems: all_gather_objects(problems, world),
+        )
     log = RunLog(cfg, world, run, st, train_loader.sets)
     for epoch in range(st.epoch, cfg.epochs):
         if st.stopped:
@@ -510,32 +551,41 @@ def maybe_resume(
 ) -> LoopState:
     """Continue from RUN/checkpoints/last.pt (or prev.pt if last.pt is damaged) when it exists.
 
-    Rank 0 reads the file and broadcasts it, so nodes need no shared disk.
+    Rank 0 reads the file and broadcasts it, so nodes need no shared disk. A config that differs
+    from the checkpoint's may change only RESUMABLE keys, which then take effect; anything else,
+    or checkpoints that are all damaged, stops every rank with the same one-line error.
     """
-    found = None
+    folder = run / "checkpoints"
+    found, refusal = None, None
     if world.is_main:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            found = checkpoint.load_latest(run / "checkpoints")
+            found = checkpoint.load_latest(folder)
         for w in caught:
             print(f"warning: {w.message}", flush=True)
-    found = broadcast_object(found, world)
+        if found is None and checkpoint.exists(folder, best=True):
+            refusal = no_resume_point(folder)
+    found, refusal = broadcast_object((found, refusal), world)
+    if refusal is not None:
+        raise HandposeError(refusal)
     if found is None:
         if required:
-            raise HandposeError(f"--resume: no checkpoint in {run / 'checkpoints'}")
+            raise HandposeError(f"--resume: no checkpoint in {folder}")
         return st
     ck, path = found
-    changed = {k: (ck["config"].get(k), v) for k, v in to_dict(cfg).items() if ck["config"].get(k) != v}
-    bad = sorted(set(changed) & set(SHAPE_KEYS))
-    if bad:
+    changes = config_changes(ck["config"], cfg)
+    refused = [k for k, (old, new) in changes.items() if not may_change(k, old, new)]
+    if refused:
         raise HandposeError(
-            f"{path}: cannot resume with a different {', '.join(bad)} "
-            f"(checkpoint has {', '.join(f'{k}={changed[k][0]}' for k in bad)})"
+            f"{path}: cannot resume with a different "
+            + ", ".join(f"{k} ({changes[k][0]} -> {changes[k][1]})" for k in refused)
+            + ": it would not fit the saved model, data or optimizer state; train into a new --out instead"
         )
     raw.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     scaler.load_state_dict(ck["scaler"])
+    apply_changes(cfg, opt, sched, changes)
     if ck["world_size"] == world.world_size:
         checkpoint.set_rng_state(ck["rng"][world.rank], world.device)
     elif world.is_main:
@@ -547,11 +597,82 @@ def maybe_resume(
     if world.is_main:
         print(
             f"resumed from {path} at epoch {ck['epoch']}, step {ck['step']}"
-            + (f" (changed: {', '.join(sorted(changed))})" if changed else ""),
+            + (
+                f" (changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())})"
+                if changes
+                else ""
+            ),
             flush=True,
         )
     known = {f.name for f in dataclasses.fields(LoopState)}
-    return LoopState(**{k: v for k, v in ck["state"].items() if k in known})
+    st = LoopState(**{k: v for k, v in ck["state"].items() if k in known})
+    st.stopped = bool(cfg.patience) and st.bad_epochs >= cfg.patience  # under this run's patience
+    return st
+
+
+def no_resume_point(folder: Path) -> str:
+    """Why a run whose checkpoints are all damaged (or only best.pt is left) is not started over."""
+    names = [n for n in (checkpoint.LAST, checkpoint.PREV) if (folder / n).exists()]
+    what = (
+        f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} damaged"
+        if names
+        else "no last.pt or prev.pt"
+    )
+    return (
+        f"{folder}: {what}, so there is nothing to resume from; refusing to start over and overwrite "
+        f"{checkpoint.BEST} (to start over on purpose, move {folder} away or train into a new --out)"
+    )
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict with dotted keys (augment.flip) and tuples as lists (as a checkpoint has them)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (checkpoint's value, this run's)} where they differ. Keys the checkpoint does
+    not have (added to handpose since) are not compared."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+
+
+def may_change(key: str, old: Any, new: Any) -> bool:
+    """Whether a resumed run may change `key` from `old` to `new` (see RESUMABLE)."""
+    if key == "precision" and "fp16" in (old, new):
+        return False  # only fp16 has a grad scaler, and its state
+    return key in RESUMABLE or key.startswith("augment.")
+
+
+def apply_changes(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, sched: Any, changes: dict[str, tuple[Any, Any]]
+) -> None:
+    """Make this run's settings hold after `load_state_dict` brought back the checkpoint's.
+
+    Optimizer settings go into every param group. plateau: its factor and patience; a new lr
+    becomes the current rate. cosine/constant: lr is the curve's peak, so the scheduler's base
+    rate and each group's initial_lr become the new lr and the rate is set to the curve (which
+    also follows a new epochs, warmup_epochs or min_lr) at the saved step: it still ends at min_lr.
+    """
+    for group in opt.param_groups:
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:  # SGD
+            group["momentum"] = cfg.momentum
+    if cfg.schedule == "plateau":
+        sched.factor, sched.patience = cfg.plateau_factor, cfg.plateau_patience
+        if "lr" in changes:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr
+    elif {"lr", "min_lr", "epochs", "warmup_epochs"} & set(changes):
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+        for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * factor(sched.last_epoch)
 
 
 # ----------------------------------------------------------------------------- logging

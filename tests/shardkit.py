@@ -144,3 +144,19 @@ def dot_centroid(image: np.ndarray, floor: float = 40.0) -> np.ndarray:
     w = np.clip(np.asarray(image, np.float64).mean(axis=0) - floor, 0, None)
     ys, xs = np.indices(w.shape)
     return np.array([(w * (xs + 0.5)).sum(), (w * (ys + 0.5)).sum()]) / w.sum()
+
+
+def overwrite_member(root: Path, shard: str, sample: int, ext: str, at: int, data: bytes) -> bytes:
+    """Overwrite bytes `at..at+len(data)` of one member of sample `sample` of `shard` in place
+    (the shard keeps its size: only its sha256 can tell); returns the bytes that were there."""
+    from handpose.shards import read_index
+
+    offset, size = read_index(root / index_name(shard))[sample][1][ext]
+    assert at + len(data) <= size
+    with open(root / shard, "r+b") as f:
+        f.seek(offset + at)
+        old = f.read(len(data))
+        assert old != data
+        f.seek(offset + at)
+        f.write(data)
+    return old

@@ -8,18 +8,22 @@ seconds. Test-only hooks in handpose.train are driven by environment variables.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from handpose import checkpoint
-from handpose.config import load_config
+from handpose.cli import _pairs
+from handpose.config import load_config, to_toml
 from handpose.errors import HandposeError
 from handpose.model import ShallowUNet
 from handpose.train import TrainConfig, train
@@ -278,6 +282,150 @@ def test_bench_train(packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     ratio = line["samples_per_s"] / line["in_memory_samples_per_s"]
     assert line["loader_overhead_pct"] == pytest.approx(100 * (1 - ratio))
     assert line["step_ms"] == pytest.approx(1000 * 4 / line["in_memory_samples_per_s"])
+
+
+# ----------------------------------------------------------------------------- resume rules
+
+# A finished 2-epoch AdamW + cosine run (2 steps per epoch): what the resume tests continue.
+BASE = {**TINY, "epochs": "2", "batches_per_epoch": "2", "val_batches": "1", "schedule": "cosine"}
+BASE = {**BASE, "min_lr": "0.001"}
+
+
+@pytest.fixture(scope="module")
+def base_run(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BASE run, trained from a recipe file that is deleted afterwards."""
+    root = tmp_path_factory.mktemp("base")
+    recipe = root / "recipe.toml"
+    recipe.write_text(to_toml(load_config(TrainConfig, None, {**BASE, "shards": str(packed)})))
+    train(recipe, {"out": str(root / "run")})
+    recipe.unlink()
+    return root / "run"
+
+
+@pytest.fixture
+def run(base_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the base run (a run folder may be moved: `out` may change on resume)."""
+    shutil.copytree(base_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _cosine(lr: float, min_lr: float, step: int, total: int) -> float:
+    return lr * (min_lr / lr + (1 - min_lr / lr) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1))))
+
+
+def test_resume_from_the_runs_own_config_with_a_new_lr(run: Path) -> None:
+    """`train --out RUN --resume --lr 0.02 --epochs 4`, no recipe: RUN/config.toml is the recipe,
+    the new lr is the cosine's new peak from the saved step on, and it still ends at min_lr."""
+    from typer.testing import CliRunner
+
+    from handpose.cli import app
+
+    before = _metrics(run)
+    result = CliRunner().invoke(
+        app, ["train", "--out", str(run), "--resume", "--lr", "0.02", "--epochs", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "epochs 2 -> 4, lr 0.01 -> 0.02)" in result.output  # (changed: out OLD -> RUN, ...)
+    metrics = _metrics(run)
+    assert metrics[:2] == before and [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert before[-1]["lr"] == pytest.approx(0.001)  # the base run ended at its min_lr
+    assert metrics[2]["lr"] == pytest.approx(_cosine(0.02, 0.001, 6, 8))
+    assert metrics[3]["lr"] == pytest.approx(0.001)  # not 0.01 * 0.001 / 0.02: the floor holds
+    cfg = load_config(TrainConfig, run / "config.toml")
+    assert (cfg.lr, cfg.epochs, cfg.out, cfg.optimizer) == (0.02, 4, str(run), "adamw")
+    assert checkpoint.load(run / "checkpoints/last.pt")["config"]["lr"] == 0.02
+
+
+@pytest.mark.parametrize(
+    "key, value, old",
+    [
+        ("optimizer", "sgd", "adamw"),
+        ("schedule", "plateau", "cosine"),
+        ("loss", "mse", "iou"),
+        ("batch_size", "2", "4"),
+    ],
+)
+def test_refused_changes_name_the_key(run: Path, key: str, value: str, old: str) -> None:
+    last = (run / "checkpoints/last.pt").read_bytes()
+    with pytest.raises(HandposeError, match=rf"cannot resume with a different {key} \({old} -> {value}\)"):
+        train(None, {"out": str(run), key: value}, resume=True)
+    assert (run / "checkpoints/last.pt").read_bytes() == last
+
+
+def test_refusal_through_the_cli_is_one_line(run: Path) -> None:
+    p = subprocess.run(
+        [str(BIN / "handpose"), "train", "--out", str(run), "--resume", "--optimizer", "sgd"],
+        capture_output=True,
+        text=True,
+        env=_env(COLUMNS="1000"),
+        timeout=120,
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    [line] = [x for x in p.stderr.splitlines() if x.strip()]
+    assert "cannot resume with a different optimizer (adamw -> sgd)" in line
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_both_checkpoints_damaged_refuses(run: Path, resume: bool) -> None:
+    folder = run / "checkpoints"
+    for name in ("last.pt", "prev.pt"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    best, metrics = (folder / "best.pt").read_bytes(), (run / "metrics.jsonl").read_text()
+    with pytest.raises(HandposeError) as e:
+        train(None, {"out": str(run), "epochs": "3"}, resume=resume)
+    assert str(e.value) == (
+        f"{folder}: last.pt and prev.pt are damaged, so there is nothing to resume from; refusing to "
+        f"start over and overwrite best.pt (to start over on purpose, move {folder} away or train "
+        "into a new --out)"
+    )
+    assert (folder / "best.pt").read_bytes() == best and (run / "metrics.jsonl").read_text() == metrics
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+
+def test_train_checks_the_shards_first(packed: Path, tmp_path: Path) -> None:
+    """A changed keypoint (same size) stops train with one line via the real CLI; --no-verify
+    skips the sha256 and trains, but never skips the size check."""
+    from shardkit import overwrite_member
+
+    from handpose.shards import read_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(packed, shards)
+    shard = read_manifest(shards).entries("train")[0]["name"]
+    overwrite_member(shards, shard, 0, "kp.f32", 0, np.float32(12345.0).tobytes())
+    args = _args({**TINY, "shards": str(shards), "epochs": "1", "batches_per_epoch": "1", "val_batches": "1"})
+    cmd = [str(BIN / "handpose"), "train", *args]
+    p = subprocess.run(
+        [*cmd, f"--out={tmp_path / 'a'}"], capture_output=True, text=True, env=_env(COLUMNS="1000")
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert [x for x in p.stderr.splitlines() if x.strip()] == [
+        f"error: {shards / shard}: sha256 differs from the manifest (damaged or changed since packing); "
+        "re-run handpose pack"
+    ]
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert train(None, {**_pairs(args), "out": str(tmp_path / "b"), "verify": "false"})["epochs"] == 1
+    (shards / shard).write_bytes((shards / shard).read_bytes()[:-512])
+    with pytest.raises(HandposeError, match=f"{shard}: .* bytes, the manifest says .*re-run handpose pack"):
+        train(None, {**_pairs(args), "out": str(tmp_path / "c"), "verify": "false"})
+
+
+def test_train_refuses_a_hand_edited_manifest(packed: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(packed, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["counts"]["train"] = 999
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    args = _args({**TINY, "shards": str(shards), "out": str(tmp_path / "run")})
+    p = subprocess.run(
+        [str(BIN / "handpose"), "train", *args], capture_output=True, text=True, env=_env(COLUMNS="1000")
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    [line] = [x for x in p.stderr.splitlines() if x.strip()]
+    assert line.endswith("manifest.json: counts.train: 999, but the train shards hold 48 samples")
 
 
 # ----------------------------------------------------------------------------- torchrun

@@ -43,7 +43,7 @@ from handpose.console import make_console
 from handpose.geometry import apply_affine, image_region, in_frame
 from handpose.imageio import decode_jpeg, image_size, warp_to_input
 from handpose.loader import make_loader
-from handpose.shards import READ_LABELS, decode_annotation, read_samples, split_shards
+from handpose.shards import READ_LABELS, decode_annotation, read_samples, split_shards, verify_shards
 from handpose.skeleton import NUM_JOINTS
 
 IMAGE_SIZE = 128
@@ -60,9 +60,14 @@ def bench_loader(
     batches: int = 100,
     batch_size: int = 48,
     rounds: int = 3,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Time the loader and its limits/baseline on `shards`; print a table, then one JSON line."""
+    """Time the loader and its limits/baseline on `shards`; print a table, then one JSON line.
+    `verify`: first check the train shards against the manifest's sha256s (untimed)."""
     console = make_console()
+    if verify:
+        manifest, _ = split_shards(shards, "train")
+        verify_shards(manifest, manifest.entries("train"))
     augment = AugmentConfig(flip=True)
     samples = _read_samples(shards, LIMIT_SAMPLES)
 
