@@ -48,17 +48,36 @@ def heatmaps_to_keypoints(
     return torch.stack([x, y], dim=-1), score
 
 
-def iou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The tutorial's soft-IoU heatmap loss: 1 - mean over maps of (p.t) / (|p|^2 + |t|^2 - p.t)."""
+def _mean_over_maps(per_map: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a (B, J) per-map loss over the maps of visible joints (all maps when None).
+
+    Zero, still attached to the graph, when no joint is visible: a batch of unlabelled hands
+    must not divide by zero nor detach the loss from the parameters.
+    """
+    if visible is None:
+        return per_map.mean()
+    w = visible.to(per_map.dtype)
+    return (per_map * w).sum() / w.sum().clamp_min(1.0)
+
+
+def iou_loss(
+    pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """The tutorial's soft-IoU heatmap loss: 1 - mean over maps of (p.t) / (|p|^2 + |t|^2 - p.t).
+
+    visible: (B, J) bool; when given, only the maps of visible joints count (an unlabelled joint
+    has no target, so its map is neither pushed to zero nor anywhere else).
+    """
     pred, target = pred.float(), target.float()
     inter = (pred * target).sum(dim=(2, 3))
     union = (target**2).sum(dim=(2, 3)) + (pred**2).sum(dim=(2, 3)) - inter
-    return 1 - ((inter + eps) / (union + eps)).mean()
+    return _mean_over_maps(1 - (inter + eps) / (union + eps), visible)
 
 
-def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Plain per-pixel MSE on the heatmaps."""
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+def mse_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel MSE on the heatmaps; with `visible`, averaged over the visible joints' maps only."""
+    per_map = (pred.float() - target.float()).square().mean(dim=(2, 3))
+    return _mean_over_maps(per_map, visible)
 
 
 LOSSES = {"iou": iou_loss, "mse": mse_loss}
