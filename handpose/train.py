@@ -45,7 +45,7 @@ from handpose.distributed import (
     teardown,
 )
 from handpose.errors import ConfigError, HandposeError
-from handpose.model import build_model
+from handpose.model import ARCH_LOSSES, input_multiple, model_from_config
 from handpose.shards import read_manifest
 
 
@@ -74,6 +74,7 @@ class TrainConfig:
     sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
     loss: Literal["iou", "mse", "l1"] = "iou"  # unet: iou | mse heatmap loss; strided: l1
     index_offset: float = 0.5  # unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
+    reg: float = 1.0  # strided: weight of the Jensen-Shannon heatmap regulariser (DSNT)
     epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
     batch_size: int = 48  # samples per step PER PROCESS
     batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
@@ -111,10 +112,15 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
-        if self.arch == "unet" and self.image_size % 2**self.depth:
+        if self.image_size % input_multiple(self.arch, self.depth):
             raise ConfigError(
                 ("image_size", "depth"),
-                f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}",
+                f"image_size {self.image_size} must be a multiple of {input_multiple(self.arch, self.depth)} "
+                f"for arch {self.arch!r}" + (" (2**depth)" if self.arch == "unet" else ""),
+            )
+        if self.loss not in ARCH_LOSSES[self.arch]:
+            raise ConfigError(
+                ("loss", "arch"), f"arch {self.arch!r} trains with loss {' | '.join(ARCH_LOSSES[self.arch])}"
             )
         if self.weights and len(self.weights) != len(self.shards):
             raise ConfigError(
@@ -272,15 +278,7 @@ def amp_dtype(cfg: TrainConfig, world: World) -> torch.dtype | None:
 
 def build(cfg: TrainConfig, world: World) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
     """Model (bare and wrapped for training: channels_last, DDP, compile), optimizer, grad scaler."""
-    raw = build_model(
-        cfg.arch,
-        width=cfg.width,
-        depth=cfg.depth,
-        image_size=cfg.image_size,
-        sigma=cfg.sigma,
-        loss=cfg.loss,
-        index_offset=cfg.index_offset,
-    ).to(world.device)
+    raw = model_from_config(to_dict(cfg)).to(world.device)
     cuda = world.device.type == "cuda"
     if cuda and cfg.channels_last:
         raw = raw.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
