@@ -301,16 +301,22 @@ def walk(
     skip_real = os.path.realpath(skip) if skip is not None else None
 
     def visit(d: str) -> Iterator[Path]:
+        # Only the names are held while the folder is walked (not DirEntry objects); a folder
+        # sorts as "name/", which gives the order of the files' relative paths.
         with os.scandir(d) as it:
-            entries = [e for e in it if not e.name.startswith(".")]
-        # a folder sorts as "name/": the order of the files' relative paths
-        dirs = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
-        for e in sorted(entries, key=lambda e: e.name + "/" if e.name in dirs else e.name):
-            if e.name in dirs:
-                if os.path.realpath(e.path) != skip_real:
-                    yield from visit(e.path)
-            elif "." in e.name and e.name.rpartition(".")[2].lower() in want and e.is_file():
-                yield Path(e.path)
+            keys = sorted(
+                e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+                for e in it
+                if not e.name.startswith(".")
+                and (e.name.rpartition(".")[2].lower() in want or e.is_dir(follow_symlinks=False))
+            )
+        for key in keys:
+            path = os.path.join(d, key.rstrip("/"))
+            if key.endswith("/"):
+                if os.path.realpath(path) != skip_real:
+                    yield from visit(path)
+            elif "." in key and os.path.isfile(path):
+                yield Path(path)
 
     yield from visit(str(folder))
 

@@ -57,7 +57,7 @@ EXTREMES = 10  # rows of the worst and best tables
 # A spill row: NUM_JOINTS errors (px, NaN = not labelled), then these three sides (px).
 SIDE, BOX_SIDE, INPUT_SIDE = NUM_JOINTS, NUM_JOINTS + 1, NUM_JOINTS + 2
 SPILL_COLUMNS = NUM_JOINTS + 3
-BLOCK_ROWS = 1 << 16  # rows read per block of the spill (6 MB)
+BLOCK_ROWS = 1 << 13  # rows read per block of the spill (0.8 MB; the statistics' working set ~10x)
 FINGER_GROUPS = {f: [j for j in range(NUM_JOINTS) if joint_finger(j) == f] for f in ("wrist", *FINGERS)}
 
 
