@@ -494,23 +494,26 @@ def _predict_images(images: list[_Image], ctx: _Context) -> None:
         img.inputs[k] = None  # type: ignore[call-overload]  # free the crop
     for _ in range(ctx.refine):
         todo = [(img, k) for img, k in flat if img.tasks[k].box is None]
-        if not todo:
-            return
-        boxes = [refine_box(img.uv[k], ctx.spec.box_to_keypoints, img.width, img.height) for img, k in todo]
-        regions = [box_region(b, ctx.spec.pad) for b in boxes]
-        jobs = list(zip([img for img, _ in todo], regions, strict=True))
-        inputs = list(ctx.pool.map(_crop_again, jobs, [ctx] * len(jobs))) if ctx.pool else None
-        inputs = inputs if inputs is not None else [_crop_again(j, ctx) for j in jobs]
-        uv, score = _run_model(inputs, ctx)
-        for (img, k), b, r, u, s in zip(todo, boxes, regions, uv, score, strict=True):
-            img.uv[k], img.score[k] = _to_source(u, r, ctx.spec.size), s
-            img.boxes[k], img.regions[k] = b, r
+        boxes = [refine_box(img.uv[k], ctx.spec.box_to_keypoints) for img, k in todo]
+        jobs = [(img, box_region(b, ctx.spec.pad)) for (img, _), b in zip(todo, boxes, strict=True)]
+        crops = list(ctx.pool.map(_crop_again, jobs, [ctx] * len(jobs))) if ctx.pool else None
+        crops = crops if crops is not None else [_crop_again(j, ctx) for j in jobs]
+        # an image that cannot be read again (gone since the first pass) keeps its last pass
+        kept = [n for n, c in enumerate(crops) if c is not None]
+        uv, score = _run_model([crops[n] for n in kept], ctx)  # type: ignore[misc]
+        for n, u, s in zip(kept, uv, score, strict=True):
+            (img, k), (_, region) = todo[n], jobs[n]
+            img.uv[k], img.score[k] = _to_source(u, region, ctx.spec.size), s
+            img.boxes[k], img.regions[k] = boxes[n], region
 
 
-def _crop_again(job: tuple[_Image, Region], ctx: _Context) -> np.ndarray:
+def _crop_again(job: tuple[_Image, Region], ctx: _Context) -> np.ndarray | None:
     """A refinement crop: the image is read again (a chunk does not hold every image's bytes)."""
     img, region = job
-    return preprocess(read_bytes(img.src), crop_matrix(region, ctx.spec.size), ctx.spec)
+    try:
+        return preprocess(read_bytes(img.src), crop_matrix(region, ctx.spec.size), ctx.spec)
+    except DATA_ERRORS:
+        return None
 
 
 def _to_source(uv: np.ndarray, region: Region, size: int) -> np.ndarray:
@@ -518,7 +521,7 @@ def _to_source(uv: np.ndarray, region: Region, size: int) -> np.ndarray:
     return apply_affine(invert(crop_matrix(region, size)), uv)
 
 
-def refine_box(uv: np.ndarray, ratio: float, width: int, height: int) -> np.ndarray:
+def refine_box(uv: np.ndarray, ratio: float) -> np.ndarray:
     """The hand box a refinement pass crops: the predicted keypoints' extent grown about its
     centre by `ratio` (the training data's labelled box side / keypoint extent side), so it
     matches the boxes the model was trained on; at least MIN_SIDE_PX on its longer side."""

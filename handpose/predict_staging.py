@@ -59,6 +59,11 @@ class Part:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         progress = _read_json(folder / PROGRESS)
+        if progress and any(
+            (folder / name).stat().st_size < int(size) if (folder / name).exists() else int(size) > 0
+            for name, size in progress["sizes"].items()
+        ):
+            progress = None  # files shorter than their checkpoint: not ours to trust, redo this part
         self.chunks = int(progress["chunks"]) if progress else 0
         self.state: dict[str, Any] = progress["state"] if progress else {}
         sizes = progress["sizes"] if progress else {}
@@ -101,12 +106,11 @@ def chunk_table(folder: Path) -> np.ndarray:
 
 
 def merge_parts(parts: list[Path], dest: Path) -> None:
-    """The parts' files merged in chunk order into dest/ (chunk c comes from part c mod len(parts))."""
+    """The parts' files merged in chunk order into dest/ (chunk c comes from part c mod len(parts)).
+
+    The parts stay as they are (copied, never moved) until the commit: a run that fails after
+    this point resumes with every chunk done and merges again."""
     dest.mkdir(parents=True, exist_ok=True)
-    if len(parts) == 1:  # one process: its part is the result
-        for name in PART_FILES:
-            os.replace(parts[0] / name, dest / name)
-        return
     tables = [chunk_table(p) for p in parts]
     sources = [{name: open(p / name, "rb") for name in PART_FILES} for p in parts]
     try:

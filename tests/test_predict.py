@@ -289,7 +289,7 @@ def test_refine_crops_the_predicted_hand(tmp_path: Path) -> None:
         uv = apply_affine(invert(fit_matrix(w, h, spec.size)), pose)  # pass 1: the whole image
         box = None
         for _ in range(refine):
-            box = refine_box(uv, 1.5, w, h)
+            box = refine_box(uv, 1.5)
             assert np.allclose(box[2:] - box[:2], (keypoints_box(uv)[2:] - keypoints_box(uv)[:2]) * 1.5)
             uv = apply_affine(invert(crop_matrix(box_region(box, 1.3), spec.size)), pose)
         assert (rec["box"] is None) == (box is None)

@@ -190,6 +190,26 @@ def test_interrupted_run_keeps_the_previous_result_and_resumes(synth_root: Path,
     assert set(RESULT) <= set(want) and not (out / STAGING).exists()
 
 
+def test_a_refused_commit_leaves_the_result_waiting(tmp_path: Path) -> None:
+    """A file of the user's under a name predict only learns at the end (an overlay) stops the
+    commit with one line; the finished result waits in the staging folder, and the re-run after
+    the user moved the file commits it without predicting again."""
+    photos = _photos(tmp_path / "photos", 3)
+    rng = np.random.default_rng(0)
+    model = _Interrupting(rng.uniform(30, 100, (NUM_JOINTS, 2)), WARP.size)
+    predict((model, WARP), [photos], tmp_path / "clean", overlays=1, quiet=True)
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "0001-p000.png").write_bytes(b"mine")
+    with pytest.raises(HandposeError, match=r"0001-p000\.png: exists and handpose predict did not write it"):
+        predict((model, WARP), [photos], out, overlays=1, quiet=True)
+    assert not (out / "predictions.jsonl").exists() and (out / STAGING).is_dir()
+    (out / "overlays" / "0001-p000.png").unlink()
+    _Interrupting.calls = 0
+    predict((model, WARP), [photos], out, overlays=1, quiet=True)
+    assert _Interrupting.calls == 0 and _files(out) == _files(tmp_path / "clean")
+
+
 def _save_unet(path: Path) -> None:
     """A random tutorial-shaped ShallowUNet as a bare state_dict (a real model file for the CLI)."""
     from handpose.model import ShallowUNet
