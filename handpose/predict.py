@@ -63,7 +63,7 @@ from handpose.geometry import (
     invert,
     keypoints_box,
 )
-from handpose.heatmaps import INDEX_OFFSET, TUTORIAL_INDEX_OFFSET, heatmaps_to_keypoints
+from handpose.heatmaps import TUTORIAL_INDEX_OFFSET
 from handpose.imageio import decode_image, image_size, warp_to_input
 from handpose.predict_inputs import (
     IMAGE_SUFFIXES,
@@ -134,7 +134,6 @@ class ModelSpec:
     pad: float = BOX_PAD  # the square box's side x pad fills the input (the checkpoint's box_pad)
     box_to_keypoints: float = BOX_TO_KEYPOINTS  # --refine: labelled box side / keypoint extent
     digest: str = ""  # identifies the weights (a resumed run must use the same)
-    decoder: str = "model"  # "model": the model's own decode; "tutorial": heatmap mean, cell i at i
 
 
 def load_model(
@@ -174,19 +173,9 @@ def _from_checkpoint(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
     cfg, norm = state["config"], state["norm"]
     arch = str(cfg.get("arch", "unet"))  # checkpoints written before there was a choice: unet
     try:
-        net = models.build_model(  # type: ignore[attr-defined]
-            arch,
-            width=int(cfg["width"]),
-            depth=int(cfg["depth"]),
-            image_size=int(cfg["image_size"]),
-            sigma=float(cfg.get("sigma", 3.0)),
-            loss=str(cfg.get("loss", "iou")),
-            index_offset=float(cfg.get("index_offset", INDEX_OFFSET)),
-        )
+        net = models.model_from_config(cfg)
     except HandposeError as e:
         raise HandposeError(f"{path}: its config cannot build a model: {e}") from None
-    except KeyError as e:
-        raise HandposeError(f"{path}: its config lacks {e.args[0]!r}") from None
     _load_weights(net, state["model"], path, f"arch {arch!r} (the checkpoint's config)")
     sets = state.get("sets") or [{}]
     ratio = (state.get("boxes") or {}).get("box_to_keypoints")
@@ -205,11 +194,10 @@ def _from_checkpoint(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
 
 def _tutorial(path: Path, weights: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, ModelSpec]:
     width, depth = _unet_shape(weights)
-    net = models.ShallowUNet(width=width, depth=depth)
+    # The tutorial's decoder reads heatmap cell i as coordinate i (handpose's: i + 0.5).
+    net = models.ShallowUNet(width=width, depth=depth, index_offset=TUTORIAL_INDEX_OFFSET)
     _load_weights(net, weights, path, "a ShallowUNet state_dict")
-    spec = ModelSpec(
-        TUTORIAL_SIZE, TUTORIAL_MEAN, TUTORIAL_STD, "tutorial state_dict", "tutorial", decoder="tutorial"
-    )
+    spec = ModelSpec(TUTORIAL_SIZE, TUTORIAL_MEAN, TUTORIAL_STD, "tutorial state_dict", "tutorial")
     return net, spec
 
 
@@ -382,7 +370,7 @@ def forward(
     net: torch.nn.Module, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21),
-    through the model's own `decode` (the tutorial's decoder for its weights)."""
+    through the model's own `decode`."""
     device = next(net.parameters()).device
     # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -392,10 +380,7 @@ def forward(
     x = (x / 255.0 - mean) / std
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = net(x)
-    if spec.decoder == "tutorial":  # the tutorial's weights: its decoder, whatever ShallowUNet's is
-        uv, score = heatmaps_to_keypoints(out, TUTORIAL_INDEX_OFFSET)
-    else:
-        uv, score = net.decode(out)  # type: ignore[operator]
+    uv, score = net.decode(out)  # type: ignore[operator]
     return uv.float().cpu().numpy().astype(np.float64), score.float().cpu().numpy()
 
 

@@ -84,7 +84,7 @@ class Source:
     image_id: int | None = None  # from the labels (COCO, FreiHAND, shards), else a digits-only stem
     hands: tuple[Hand, ...] | None = None  # labels in pixels; None: unlabelled (or see yolo_label)
     yolo_label: str | None = None  # YOLO: the label file (normalised), read with the image
-    yolo_rel: str = ""  # the label file as errors.jsonl names it
+    yolo_name: str = ""  # the label file as errors.jsonl names it
     yolo_dims: int | None = None  # the dataset's kpt_shape[1], if given
     stamp: str = ""  # size and mtime of what the outputs depend on (the resume fingerprint)
     plain: bool = False  # a file or a folder's image: what --labels labels
@@ -120,7 +120,7 @@ def labels_of(src: Source, width: int, height: int) -> tuple[tuple[Hand, ...] | 
         return src.hands, []
     if not os.path.isfile(src.yolo_label):
         return (), []  # YOLO's background image: labelled, no hands
-    found, problems = yolo_source.read_label(src.yolo_label, src.yolo_rel, src.yolo_dims)
+    found, problems = yolo_source.read_label(src.yolo_label, src.yolo_name, src.yolo_dims)
     scale = np.array([width, height], np.float64)
     hands = tuple(
         Hand(k, h.uv * scale, h.visibility, h.box * np.tile(scale, 2)) for k, (_, h) in sorted(found.items())
@@ -463,7 +463,7 @@ def _yolo_units(src: Path, split: str | None, out: Path) -> Iterator[Unit]:
                 name=_relative(image, root),
                 image_id=int(image.stem) if image.stem.isdigit() else None,
                 yolo_label=str(label),
-                yolo_rel=str(label),
+                yolo_name=str(label),
                 yolo_dims=dims,
                 stamp=stamp,
             )

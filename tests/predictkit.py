@@ -1,10 +1,5 @@
 """Stub models and images for the predict tests: models whose answers are known exactly, so
-predict's geometry (crops, boxes, refinement, mapping back) can be checked to 1e-3 px.
-
-`ensure_build_model()` stands in for `model.build_model` while it has not landed on this branch:
-a ShallowUNet with the decoder predict calls (`decode`). Once `handpose.model` has its own
-`build_model`, it does nothing.
-"""
+predict's geometry (crops, boxes, refinement, mapping back) can be checked to 1e-3 px."""
 
 from __future__ import annotations
 
@@ -16,32 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handpose import model as models
 from handpose.heatmaps import heatmaps_to_keypoints
 from handpose.predict import ModelSpec
 from handpose.skeleton import NUM_JOINTS
 
 PLAIN = ModelSpec(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="stub", preprocess="tutorial")
 WARP = ModelSpec(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="stub", preprocess="warp")
-
-
-def ensure_build_model() -> None:
-    """Install a stand-in `handpose.model.build_model` (unet only) when the real one is absent."""
-    if hasattr(models, "build_model"):
-        return
-
-    def build_model(
-        arch: str, *, width: int, depth: int, image_size: int, sigma: float, loss: str, index_offset: float
-    ) -> torch.nn.Module:
-        from handpose.errors import HandposeError
-
-        if arch != "unet":
-            raise HandposeError(f"arch {arch!r} is not one of unet")
-        net = models.ShallowUNet(width, depth)
-        net.decode = lambda out: heatmaps_to_keypoints(out, index_offset)  # type: ignore[method-assign]
-        return net
-
-    models.build_model = build_model  # type: ignore[attr-defined]
 
 
 class _Stub(torch.nn.Module):

@@ -23,7 +23,6 @@ from predictkit import (
     IntensityModel,
     dot_image,
     encode,
-    ensure_build_model,
     lookup_model,
     noise_image,
     smooth_image,
@@ -52,11 +51,6 @@ from handpose.report import (
     write_report,
 )
 from handpose.skeleton import NUM_JOINTS
-
-
-@pytest.fixture(autouse=True)
-def _build_model() -> None:
-    ensure_build_model()  # until model.build_model lands on this branch
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -622,7 +616,8 @@ def test_checkpoint_loads_and_bad_models_are_one_line(tmp_path: Path) -> None:
     from handpose.model import ShallowUNet
 
     net = ShallowUNet(width=8, depth=2)
-    config = {"arch": "unet", "width": 8, "depth": 2, "image_size": 64, "index_offset": 0.5, "box_pad": 1.4}
+    config = {"arch": "unet", "width": 8, "depth": 2, "image_size": 64, "sigma": 3.0, "loss": "iou"}
+    config |= {"index_offset": 0.5, "box_pad": 1.4}
     _checkpoint(tmp_path / "best.pt", net, config, sets=[{"crop": "box"}], boxes={"box_to_keypoints": 1.33})
     loaded, spec = load_model(tmp_path / "best.pt", torch.device("cpu"))
     assert (spec.size, spec.mean, spec.std, spec.preprocess) == (64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "warp")
@@ -694,6 +689,33 @@ def test_bad_inputs(tmp_path: Path) -> None:
         )
     assert len(read_jsonl(tmp_path / "out3" / "errors.jsonl")) == 2
     assert (tmp_path / "out3" / "predictions.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("arch", ["unet", "strided"])
+def test_checkpoint_of_each_architecture_round_trips_through_predict(tmp_path: Path, arch: str) -> None:
+    """A checkpoint's config builds its architecture (model.model_from_config) and predict returns
+    that model's own decoded keypoints for the crop, mapped back to original pixels."""
+    from handpose.model import build_model
+
+    torch.manual_seed(1)
+    config = {"arch": arch, "width": 4, "depth": 1, "image_size": 64, "sigma": 2.0}
+    config |= {"loss": "iou" if arch == "unet" else "l1", "index_offset": 0.5, "box_pad": 1.25}
+    net = build_model(arch, **{k: v for k, v in config.items() if k not in ("arch", "box_pad")})
+    _checkpoint(tmp_path / "m.pt", net, config, sets=[{"crop": "box"}])
+    (tmp_path / "in").mkdir()
+    data = encode(smooth_image(200, 150, 7), "JPEG", quality=90)
+    (tmp_path / "in" / "a.jpg").write_bytes(data)
+    predict(tmp_path / "m.pt", [tmp_path / "in"], tmp_path / "out", refine=0, quiet=True, device="cpu")
+    (rec,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    loaded, spec = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    image, M, _, _ = prepare(data, spec)
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 255 - torch.tensor(spec.mean).view(
+        1, 3, 1, 1
+    )
+    x = x / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        uv = net.eval().decode(net(x))[0][0].numpy()
+    assert np.abs(np.array(rec["keypoints"])[:, :2] - apply_affine(invert(M), uv)).max() < 2e-3
 
 
 # ----------------------------------------------------------------------------- the report's arithmetic

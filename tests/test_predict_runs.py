@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from predictkit import WARP, FixedPoseModel, encode, ensure_build_model, smooth_image
+from predictkit import WARP, FixedPoseModel, encode, smooth_image
 
 from handpose.errors import HandposeError
 from handpose.predict import predict
@@ -34,11 +34,6 @@ RESULT = (
     "pck.png",
     "gallery.png",
 )
-
-
-@pytest.fixture(autouse=True)
-def _build_model() -> None:
-    ensure_build_model()  # until model.build_model lands on this branch
 
 
 def _pose_model() -> FixedPoseModel:
@@ -224,7 +219,7 @@ def _save_unet(path: Path) -> None:
 def _cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(TESTS / "predict_cli.py"), "predict", *args]
+    cmd = [sys.executable, "-m", "handpose", "predict", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -242,16 +237,7 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(synth_root: Path, tmp_pat
     clean = _cli(*args, "--out", str(tmp_path / "clean"), "--coco", str(tmp_path / "clean" / "c.json"))
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        str(TESTS / "predict_cli.py"),
-        "predict",
-        *args,
-        "--out",
-        str(out),
-        "--coco",
-        str(out / "c.json"),
-    ]
+    cmd = [sys.executable, "-m", "handpose", "predict", *args, "--out", str(out), "--coco", f"{out}/c.json"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / STAGING / "rank-0" / "progress.json"
     deadline = time.monotonic() + 240
@@ -288,7 +274,7 @@ def test_torchrun_two_ranks_equal_one_process(synth_root: Path, tmp_path: Path) 
     one = _cli(*args, "--out", str(tmp_path / "one"), "--coco", str(tmp_path / "one" / "c.json"))
     assert one.returncode == 0, one.stderr
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(TESTS / "predict_cli.py"), "predict", *args, "--out", str(tmp_path / "two")]
+    cmd += ["-m", "handpose", "predict", *args, "--out", str(tmp_path / "two")]
     cmd += ["--coco", str(tmp_path / "two" / "c.json")]
     two = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -70,7 +70,8 @@ def save_checkpoint(path: Path, width: int, depth: int, size: int) -> Path:
     from handpose.model import ShallowUNet
 
     torch.manual_seed(0)
-    config = {"arch": "unet", "width": width, "depth": depth, "image_size": size, "box_pad": 1.25}
+    config = {"arch": "unet", "width": width, "depth": depth, "image_size": size, "sigma": 2.0, "loss": "iou"}
+    config |= {"box_pad": 1.25}
     state = {"model": ShallowUNet(width, depth).state_dict(), "config": config, "epoch": 0, "step": 0}
     checkpoint.save(
         path, {**state, "norm": {"mean": [0.5] * 3, "std": [0.25] * 3}, "sets": [{"crop": "box"}]}
@@ -80,10 +81,6 @@ def save_checkpoint(path: Path, width: int, depth: int, size: int) -> Path:
 
 def child(args: list[str]) -> None:
     """Run predict in this process and print its peak RSS (MiB) as JSON."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from predictkit import ensure_build_model  # stands in for model.build_model until it lands
-
-    ensure_build_model()
     from handpose.predict import predict
 
     model, data, out = args
@@ -122,7 +119,7 @@ def measure_memory(work: Path, n: int) -> dict[str, dict]:
 def measure_torchrun(work: Path, images: int, rounds: int) -> dict[str, float]:
     model = save_unet(work / "unet.pt", 16, 3)
     data = write_dataset(work / f"yolo-{images}", images)
-    base = [str(ROOT / "tests" / "predict_cli.py"), "predict", str(model), str(data), "--boxes", "gt"]
+    base = ["-m", "handpose", "predict", str(model), str(data), "--boxes", "gt"]
     one = [sys.executable, *base]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *base]
     runs = {
