@@ -109,7 +109,9 @@ Examples:
 Examples:
   handpose predict runs/demo/checkpoints/best.pt ~/photos --out runs/photos --overlays 8
   handpose predict runs/demo/checkpoints/best.pt data/shards --split test --out runs/test
-  handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial""",
+  handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
+  handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
+  torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
     "bench pack": """\b
 Example:
   handpose bench pack --n 2000 --workdir bench-out/pack""",
@@ -281,34 +283,63 @@ def train(
 @app.command(epilog=EXAMPLES["predict"])
 def predict(
     model: Annotated[
-        Path, typer.Argument(help="A handpose checkpoint, or a bare state_dict (tutorial weights).")
+        Path,
+        typer.Argument(
+            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+        ),
     ],
     inputs: Annotated[
-        list[Path], typer.Argument(help="Images, folders, a FreiHAND root, or a shards folder.")
-    ],
-    out: Annotated[Path, typer.Option(help="Output folder (nothing is written elsewhere).")],
-    split: Annotated[
-        str,
-        typer.Option(
-            help="Split to read: a shards folder's split name, or for a FreiHAND root train | eval "
-            "(test: eval when it is labelled, else train)."
+        list[Path],
+        typer.Argument(
+            help="Images, folders, a FreiHAND root, a YOLO-pose dataset (root or dataset yaml), "
+            "or a shards folder."
         ),
-    ] = "test",
-    labels: Annotated[Optional[Path], typer.Option(help="COCO keypoints json with ground truth.")] = None,
-    coco: Annotated[
-        Optional[Path], typer.Option(help="Also write COCO keypoint results here (inside --out).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output folder: predict writes only its own files there (listed in run.json); "
+            "an interrupted run resumes."
+        ),
+    ],
+    split: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Split of a shards folder or YOLO dataset [default: test]; of a FreiHAND root: "
+            "train | eval | test (test: eval when labelled, else train)."
+        ),
     ] = None,
-    overlays: Annotated[int, typer.Option(help="Draw this many images with skeletons.")] = 0,
+    labels: Annotated[Optional[Path], typer.Option(help="COCO keypoints json with ground truth.")] = None,
+    boxes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Predict one hand per box: gt (the labelled boxes), a COCO detections json "
+            "([{image_id or file_name, bbox, score}]) or a YOLO labels folder [default: the whole image]."
+        ),
+    ] = None,
+    refine: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Whole images: N more passes, each in the box of the keypoints the last pass "
+            "found (grown to the training data's box size, padded as in training) [default: 1 for "
+            "models trained on box crops, 0 for whole-image models, where a pass zooms in on the hand]."
+        ),
+    ] = None,
+    coco: Annotated[
+        Optional[Path], typer.Option(help="Also write COCO keypoint results: a new file inside --out.")
+    ] = None,
+    overlays: Annotated[int, typer.Option(help="Draw this many hands with skeletons.")] = 0,
     batch_size: Annotated[
-        Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
+        Optional[int], typer.Option(help="Crops per forward pass [default: 64 on CUDA, 4 on CPU].")
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Decode workers [default: cores - 1 on CUDA, 0 on CPU].")
+        Optional[int], typer.Option(help="Decode threads [default: cores - 1 on CUDA, 0 on CPU].")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
     verify: Verify = True,
 ) -> None:
-    """Predict keypoints for every image; with labels, write an error report."""
+    """Predict keypoints for every image (or every hand box); with labels, write an error report.
+    Under torchrun the inputs are split across the ranks and merged into one result."""
     from handpose.predict import predict as run
 
     run(
@@ -317,6 +348,8 @@ def predict(
         out,
         split=split,
         labels=labels,
+        boxes=boxes,
+        refine=refine,
         coco=coco,
         overlays=overlays,
         batch_size=batch_size,

@@ -1,39 +1,44 @@
-"""`handpose predict`: keypoints for every image in files, folders, a FreiHAND root or shards.
+"""`handpose predict`: keypoints for every image of files, folders, FreiHAND roots, YOLO-pose
+datasets or shards: one prediction per hand box (--boxes) or per image, mapped back to original
+pixels; an error report when labels exist. Resumable, and split across ranks under torchrun.
 
-Pipeline: inputs -> `Item`s (where the bytes are, a display path, the label if any) -> DataLoader
-workers read, decode (JPEG fast path) and letterbox each image to the model input -> batched
-forward (channels_last, inference_mode, bf16 autocast on CUDA) -> the shared decoder
-(`heatmaps_to_keypoints`) -> keypoints mapped back to original pixels with
-`geometry.invert(fit_matrix)`. Results are written as batches arrive; a report follows when
-labels exist (report.py).
+Per chunk of images (`predict_inputs` streams them; chunk c belongs to rank c mod world size):
+  read the bytes -> labelled hands (`labels_of`) and boxes (--boxes) -> per box the source square
+  `geometry.box_region(box, pad)` (`image_region` for the whole image) and its matrix
+  `geometry.crop_matrix` -> the model input (`preprocess`: `imageio.warp_to_input` for handpose
+  checkpoints, what the loaders feed the model; the tutorial's own Pillow resize for its
+  weights) -> batched forward and the model's `decode` -> `geometry.invert` back to original
+  pixels -> (--refine N) N more passes in the box of the predicted keypoints -> predictions
+  matched to labelled hands -> lines appended to this rank's part with a checkpoint
+  (`predict_staging`). Rank 0 then merges the parts, writes the report (`report.py`) and the
+  overlays, and commits them into --out.
 
 OUT/
-  predictions.jsonl   one line per image: {"path", "width", "height", "keypoints": [[x, y, score] x 21]}
-                      (+ "error_px" when the image has a label); streamed to predictions.jsonl.partial
-                      and renamed when the run ends
-  errors.jsonl        one line per input that could not be predicted: {"path", "reason"}
-  overlays/           --overlays N: skeleton drawings (labelled: the worst and the best images)
-  run.json            images, errors, seconds, images/s, model kind and size, device, batch size
-  report.json, report.md, *.png   with labels (see report.py)
-
-"Original pixels" follow geometry.py's convention in the image as displayed (EXIF rotation
-applied). The model input is the letterbox `fit_matrix(width, height, size)`: the image scaled to
-fit, centred, black bars. For the tutorial's weights the image op is Pillow's antialiased
-bilinear resize (the tutorial's own preprocessing); for handpose checkpoints it is
-`imageio.warp_affine`, what the training loader fed the model (images over twice the model size
-are box-reduced first, as warp_affine does not antialias).
+  predictions.jsonl  one line per prediction, input order: {"path", "width", "height", "hand",
+                     "box" ([x0, y0, x1, y1] original px, null: the whole image), "keypoints":
+                     [[x, y, score] x 21]} (+ "box_score" from a detector; + "error_px",
+                     "error_pct_box" when matched to a labelled hand)
+  errors.jsonl       one line per input or label line that could not be used: {"path", "reason"}
+  --coco FILE        COCO keypoint results (a new file inside OUT)
+  overlays/          --overlays N: drawings (labelled: the worst and the best hands)
+  report.json, report.md, error_hist.png, pck.png, gallery.png   with labels (see report.py)
+  run.json           written last: status, the files this run wrote, counts, timing, model
+"Original pixels" follow geometry.py's convention in the image as displayed (EXIF applied).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,34 +49,72 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from handpose import checkpoint, report
-from handpose.atomic import check_output_dir, inside, write_json
+from handpose import model as models
+from handpose.atomic import check_output_dir, inside
 from handpose.console import make_console
+from handpose.distributed import World, barrier, broadcast_object, setup_world, teardown
 from handpose.errors import HandposeError
-from handpose.geometry import apply_affine, compose, fit_matrix, invert, scaling
-from handpose.heatmaps import INDEX_OFFSET, TUTORIAL_INDEX_OFFSET, heatmaps_to_keypoints
-from handpose.imageio import JPEG_MAGIC, decode_image, jpeg_size, warp_affine
-from handpose.model import ShallowUNet
-from handpose.shards import (
-    MANIFEST,
-    decode_keypoints,
-    index_name,
-    read_index,
-    split_shards,
-    verify_shards,
+from handpose.geometry import (
+    Region,
+    apply_affine,
+    box_region,
+    crop_matrix,
+    image_region,
+    invert,
+    keypoints_box,
 )
+from handpose.heatmaps import TUTORIAL_INDEX_OFFSET
+from handpose.imageio import decode_image, image_size, warp_to_input
+from handpose.predict_inputs import (
+    IMAGE_SUFFIXES,
+    BoxSource,
+    BoxTask,
+    CocoLabels,
+    Hand,
+    Input,
+    LabelledBoxes,
+    Problem,
+    Scan,
+    Source,
+    Unit,
+    WholeImage,
+    check_split,
+    iter_units,
+    labelled_kinds,
+    labels_of,
+    load_coco_labels,
+    open_boxes,
+    plan_inputs,
+    read_bytes,
+    scan,
+    stamp_of,
+    verify_shard_inputs,
+)
+from handpose.predict_staging import (
+    RUN_JSON,
+    STAGING,
+    Part,
+    Staging,
+    check_not_foreign,
+    merge_parts,
+    write_coco_array,
+)
+from handpose.shards import sha256_file
 from handpose.skeleton import NUM_JOINTS
-from handpose.sources import load_json
-from handpose.sources.freihand import read_freihand
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "ModelSpec", "load_model", "predict", "prepare"]
+
+DEFAULT_REFINE = 1  # --refine for models trained on box crops (issue: choose by measurement)
+BOX_TO_KEYPOINTS = 1.2  # box side / keypoint-extent side when a checkpoint does not record it
+BOX_PAD = 1.25  # box_pad of checkpoints that do not record one
 MIN_SIDE_PX = 8  # smaller images cannot show a hand; they go to errors.jsonl
+MIN_CHUNK = 32  # images per chunk at least: the unit of checkpoints and of the ranks' split
 TUTORIAL_SIZE = 128
 TUTORIAL_MEAN = (0.3950, 0.4323, 0.2954)
 TUTORIAL_STD = (0.1966, 0.1734, 0.1836)
 # Data errors while reading/decoding one input: recorded in errors.jsonl, the run goes on.
 DATA_ERRORS = (OSError, ValueError, EOFError, SyntaxError)
-OUTPUTS = ("predictions.jsonl", "errors.jsonl", "run.json", *report.OUTPUTS)  # replaced by every run
-OVERLAY_NAMES = ("[0-9][0-9][0-9][0-9]-*.png", "worst-*.png", "best-*.png")
+OWN_NAMES = ("predictions.jsonl", "errors.jsonl", RUN_JSON, *report.OUTPUTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,70 +123,99 @@ OVERLAY_NAMES = ("[0-9][0-9][0-9][0-9]-*.png", "worst-*.png", "best-*.png")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to feed a model and read its output."""
+    """How to feed a model and where its crops come from."""
 
     size: int  # model input side, px
     mean: tuple[float, float, float]  # RGB normalisation of [0, 1] pixels
     std: tuple[float, float, float]
-    index_offset: float  # heatmaps_to_keypoints: 0.5 handpose, 0.0 the tutorial's decoder
-    resample: str  # "resize": Pillow antialiased resize (tutorial); "warp": imageio.warp_affine (loaders)
-    kind: str  # "tutorial state_dict" | "handpose checkpoint"
+    kind: str = "handpose checkpoint"  # | "tutorial state_dict"
+    preprocess: str = "warp"  # "warp": imageio.warp_to_input; "tutorial": Pillow antialiased resize
+    crop: str = "image"  # what the model was trained on: "image" | "box" (the checkpoint's sets[0])
+    pad: float = BOX_PAD  # the square box's side x pad fills the input (the checkpoint's box_pad)
+    box_to_keypoints: float = BOX_TO_KEYPOINTS  # --refine: labelled box side / keypoint extent
+    digest: str = ""  # identifies the weights (a resumed run must use the same)
 
 
 def load_model(
     path: str | os.PathLike, device: torch.device, *, channels_last: bool = True
 ) -> tuple[torch.nn.Module, ModelSpec]:
-    """Load a handpose checkpoint (config and normalisation inside) or a bare state_dict (the
-    tutorial's `model_final`: 128 px, its normalisation and decoder), in eval mode."""
+    """A handpose checkpoint (its config builds the architecture: `model.build_model`) or a bare
+    state_dict (the tutorial's `model_final`: ShallowUNet, 128 px, its normalisation, decoder and
+    preprocessing), strictly loaded, in eval mode on `device`. Every failure is one line."""
     path = Path(path)
+    if not path.exists():
+        raise HandposeError(f"{path}: model file not found")
     if not path.is_file():
-        raise HandposeError(
-            f"{path}: model file not found" if not path.exists() else f"{path}: is not a file"
-        )
+        raise HandposeError(f"{path}: is not a file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file fails in many ways; the message says which
         raise HandposeError(f"{path}: {_unloadable(path, e)}") from None
     if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
-        try:
-            state = checkpoint.load(path)  # verifies the digest and required keys
-        except checkpoint.CorruptCheckpoint as e:
-            raise HandposeError(str(e)) from None
-        cfg, norm = state["config"], state["norm"]
-        weights = state["model"]
-        spec = ModelSpec(
-            size=int(cfg["image_size"]),
-            mean=tuple(float(v) for v in norm["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in norm["std"]),  # type: ignore[arg-type]
-            index_offset=float(cfg.get("index_offset", INDEX_OFFSET)),
-            resample="warp",
-            kind="handpose checkpoint",
-        )
-        net = ShallowUNet(width=int(cfg["width"]), depth=int(cfg["depth"]))
+        net, spec = _from_checkpoint(path)
     elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        weights = state
-        spec = ModelSpec(
-            TUTORIAL_SIZE, TUTORIAL_MEAN, TUTORIAL_STD, TUTORIAL_INDEX_OFFSET, "resize", "tutorial state_dict"
-        )
-        width, depth = _unet_shape(weights)
-        net = ShallowUNet(width=width, depth=depth)
+        net, spec = _tutorial(path, state)
     else:
-        raise HandposeError(f"{path}: not a handpose checkpoint or tutorial state_dict")
-    expected, given = set(net.state_dict()), set(weights)
-    if expected != given:
         raise HandposeError(
-            f"{path}: weights are for another architecture "
-            f"({len(expected - given)} missing, {len(given - expected)} unexpected keys)"
+            f"{path}: not a handpose checkpoint or tutorial state_dict (a {type(state).__name__})"
         )
-    try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError:  # same keys, other shapes: name the first tensor that differs
-        raise HandposeError(
-            f"{path}: weights are for another architecture ({_shape_mismatch(net, weights)})"
-        ) from None
+    spec = ModelSpec(**{**spec.__dict__, "digest": sha256_file(path)})
     # Module.to accepts memory_format at run time; the stubs do not list it.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return net.eval().to(device).to(memory_format=fmt), spec  # type: ignore[call-overload]
+
+
+def _from_checkpoint(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
+    try:
+        state = checkpoint.load(path)  # verifies the digest and the required keys
+    except checkpoint.CorruptCheckpoint as e:
+        raise HandposeError(str(e)) from None
+    cfg, norm = state["config"], state["norm"]
+    arch = str(cfg.get("arch", "unet"))  # checkpoints written before there was a choice: unet
+    try:
+        net = models.model_from_config(cfg)
+    except HandposeError as e:
+        raise HandposeError(f"{path}: its config cannot build a model: {e}") from None
+    _load_weights(net, state["model"], path, f"arch {arch!r} (the checkpoint's config)")
+    sets = state.get("sets") or [{}]
+    ratio = (state.get("boxes") or {}).get("box_to_keypoints")
+    spec = ModelSpec(
+        size=int(cfg["image_size"]),
+        mean=tuple(float(v) for v in norm["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in norm["std"]),  # type: ignore[arg-type]
+        kind="handpose checkpoint",
+        preprocess="warp",
+        crop=str(sets[0].get("crop", "image")),
+        pad=float(cfg.get("box_pad", BOX_PAD)),
+        box_to_keypoints=float(ratio) if ratio else BOX_TO_KEYPOINTS,
+    )
+    return net, spec
+
+
+def _tutorial(path: Path, weights: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, ModelSpec]:
+    width, depth = _unet_shape(weights)
+    # The tutorial's decoder reads heatmap cell i as coordinate i (handpose's: i + 0.5).
+    net = models.ShallowUNet(width=width, depth=depth, index_offset=TUTORIAL_INDEX_OFFSET)
+    _load_weights(net, weights, path, "a ShallowUNet state_dict")
+    spec = ModelSpec(TUTORIAL_SIZE, TUTORIAL_MEAN, TUTORIAL_STD, "tutorial state_dict", "tutorial")
+    return net, spec
+
+
+def _load_weights(net: torch.nn.Module, weights: dict[str, Any], path: Path, what: str) -> None:
+    """Strict load; another architecture's weights are one line (counts, not 43 key names)."""
+    expected, given = set(net.state_dict()), set(weights)
+    if expected != given:
+        raise HandposeError(
+            f"{path}: weights are for another architecture ({len(expected - given)} missing, "
+            f"{len(given - expected)} unexpected keys); expected {what}"
+        )
+    for name, t in net.state_dict().items():
+        if tuple(weights[name].shape) != tuple(t.shape):
+            raise HandposeError(
+                f"{path}: weights are for another architecture ({name} is "
+                f"{tuple(weights[name].shape)}, not {tuple(t.shape)}); expected {what}"
+            )
+    net.load_state_dict(weights, strict=True)
 
 
 def _unloadable(path: Path, error: Exception) -> str:
@@ -163,19 +235,21 @@ def _unloadable(path: Path, error: Exception) -> str:
     return "not a handpose checkpoint or tutorial state_dict (not a PyTorch file)"
 
 
-def _shape_mismatch(net: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str:
-    for name, t in net.state_dict().items():
-        if tuple(weights[name].shape) != tuple(t.shape):
-            return f"{name} is {tuple(weights[name].shape)}, expected {tuple(t.shape)}"
-    return "tensor shapes differ"
-
-
 def _unet_shape(weights: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(width, depth) of a ShallowUNet state_dict: first block's channels, number of down blocks.
-    Unknown layouts get the tutorial's (16, 3) and fail in load_state_dict with its message."""
+    Unknown layouts get the tutorial's (16, 3) and fail the strict load with key counts."""
     first = weights.get("conv_down1.double_conv.1.weight")
     depth = sum(1 for k in weights if re.fullmatch(r"conv_down\d+\.double_conv\.1\.weight", k))
-    return (int(first.shape[0]), depth) if first is not None else (16, 3)
+    return (int(first.shape[0]), depth) if first is not None and first.ndim == 4 else (16, 3)
+
+
+def _module_digest(net: torch.nn.Module, spec: ModelSpec) -> str:
+    """An in-memory model's identity for resuming: its class, weights and spec."""
+    h = hashlib.sha256(f"{type(net).__qualname__}|{spec}".encode())
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -186,10 +260,16 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode processes: cores - 1 beside a GPU; none on a CPU, where the model already uses every
-    core and a decode process only competes with it (`handpose bench predict`, 2 cores: decode in
-    the main process 88.7 images/s vs 63.9 with one decode worker, see BENCHMARKS.md)."""
-    return max(0, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0
+    """Decode threads: cores - 1 beside a GPU; none on a CPU, where the model already uses every
+    core and decoding elsewhere only competes with it (see BENCHMARKS.md)."""
+    return max(0, _cores() - 1) if device.type == "cuda" else 0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -206,217 +286,36 @@ def pick_device(device: str | None) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# Preprocessing: the model input of one crop
 
 
-@dataclass(frozen=True)
-class Item:
-    """One input image: where its bytes are, the path reported for it, its label if any."""
+def preprocess(data: bytes, M: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Image bytes + source -> input matrix M -> uint8 (size, size, 3).
 
-    path: str  # as written to predictions.jsonl / errors.jsonl
-    file: str  # file to read
-    offset: int = 0  # byte range in `file` (a shard member); length -1: the whole file
-    length: int = -1
-    image_id: int | None = None  # COCO image_id (labels, FreiHAND file number, shard sid)
-    uv: np.ndarray | None = None  # (21, 2) ground truth, original pixels
-    visible: np.ndarray | None = None  # (21,) bool: joints that count in the report
-
-
-def collect_inputs(
-    inputs: Sequence[str | os.PathLike],
-    out: Path,
-    *,
-    split: str,
-    labels: str | os.PathLike | None,
-    verify: bool = True,
-) -> tuple[list[Item], list[dict[str, str]]]:
-    """Expand files, folders (recursive), FreiHAND roots and shard folders into Items; inputs
-    that cannot be used become {"path", "reason"} problems (the run goes on without them).
-    A shards folder's shards are checked against its manifest's sha256s unless `verify` is off."""
-    items: list[Item] = []
-    problems: list[dict[str, str]] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir() and (p / MANIFEST).is_file():
-            items += _shard_items(p, split, verify=verify)
-        elif p.is_dir() and (p / "training_xyz.json").is_file():
-            found, bad = _freihand_items(p, split)
-            items += found
-            problems += bad
-        elif p.is_dir():
-            items += [Item(str(f), str(f)) for f in _image_files(p, skip=out)]
-        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            items.append(Item(str(p), str(p)))
-        elif p.is_file():
-            problems.append(
-                {
-                    "path": str(p),
-                    "reason": f"unsupported file type {p.suffix or '(none)'!r} "
-                    f"(expected {', '.join(IMAGE_SUFFIXES)})",
-                }
-            )
-        else:
-            problems.append({"path": str(p), "reason": "no such file or folder"})
-    seen: set[tuple[str, int]] = set()
-    unique = []
-    for it in items:  # the same file named twice (a file and its folder) is predicted once
-        key = (os.path.realpath(it.file), it.offset)
-        if key not in seen:
-            seen.add(key)
-            unique.append(it)
-    if labels is not None:
-        unique = _attach_coco_labels(unique, Path(labels))
-    return unique, problems
-
-
-def _image_files(folder: Path, *, skip: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; hidden names and the output folder skipped
-    (so a re-run does not predict its own overlays)."""
-    skip_r = skip.resolve()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() != skip_r)
-        found += [
-            d / n
-            for n in sorted(filenames)
-            if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES
-        ]
-    return found
-
-
-FREIHAND_SPLITS = ("train", "training", "eval", "evaluation", "test")
-
-
-def _freihand_items(root: Path, split: str) -> tuple[list[Item], list[dict[str, str]]]:
-    """A FreiHAND root: --split train|training or eval|evaluation; 'test' (the default: the
-    held-out images) takes the evaluation set when it is labelled, else the training set."""
-    if split not in FREIHAND_SPLITS:
-        raise HandposeError(f"--split {split!r}: a FreiHAND root ({root}) has {', '.join(FREIHAND_SPLITS)}")
-    data = read_freihand(root, versions=None)
-    want_eval = split in ("eval", "evaluation") or (
-        split not in ("train", "training") and any(r.evaluation for r in data.records)
-    )
-    items = [
-        Item(str(r.path), str(r.path), image_id=r.sid, uv=r.uv, visible=np.ones(NUM_JOINTS, bool))
-        for r in data.records
-        if r.evaluation == want_eval
-    ]
-    if not items:
-        raise HandposeError(f"{root}: no {'evaluation' if want_eval else 'training'} images with labels")
-    problems = [{"path": str(root / p.file), "reason": p.reason} for p in data.problems]
-    return items, problems
-
-
-def _shard_items(root: Path, split: str, *, verify: bool = True) -> list[Item]:
-    """Samples of one split of a shards folder; labels from each sample's kp.f32 member, located
-    through the DALI index so workers can read the JPEG bytes directly. The shards' sizes are
-    always checked against the manifest, their sha256s too when `verify`."""
-    manifest, tars = split_shards(root, split)
-    if verify:
-        verify_shards(manifest, manifest.entries(split))
-    items = []
-    for tar in tars:
-        idx = tar.with_name(index_name(tar.name))
-        if not idx.is_file() or not tar.is_file():
-            raise HandposeError(
-                f"{root}: {tar.name} or its index {idx.name} is missing (re-run handpose pack)"
-            )
-        with open(tar, "rb") as data:
-            for key, members in read_index(idx):
-                if "jpg" not in members or "kp.f32" not in members:
-                    raise HandposeError(f"{idx}: sample {key} has no jpg or kp.f32 member")
-                data.seek(members["kp.f32"][0])
-                uv = decode_keypoints(data.read(members["kp.f32"][1])).astype(np.float64)
-                off, size = members["jpg"]
-                visible = np.asarray(np.isfinite(uv).all(axis=1), dtype=bool)
-                items.append(Item(f"{tar}/{key}.jpg", str(tar), off, size, int(key), uv, visible))
-    return items
-
-
-def _attach_coco_labels(items: list[Item], path: Path) -> list[Item]:
-    """Label images from a COCO keypoints json, matched by file_name relative to the json's folder,
-    else by a base name that occurs once. Joints with visibility 0 do not count."""
-    try:
-        data = load_json(path)
-    except HandposeError as e:  # its message starts with the path
-        raise HandposeError(f"--labels {e}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(k), list) for k in ("images", "annotations")
-    ):
-        raise HandposeError(
-            f"--labels {path}: not a COCO keypoints json (needs 'images' and 'annotations' lists)"
-        )
-    names = {im["id"]: str(im["file_name"]) for im in data["images"] if "id" in im and "file_name" in im}
-    by_file: dict[str, tuple[int, np.ndarray]] = {}
-    for a in data["annotations"]:
-        kp = np.asarray(a.get("keypoints", ()), dtype=np.float64)
-        if a.get("image_id") in names and kp.shape == (NUM_JOINTS * 3,) and np.isfinite(kp).all():
-            by_file[names[a["image_id"]]] = (a["image_id"], kp.reshape(NUM_JOINTS, 3))
-    base_count = Counter(Path(f).name for f in by_file)
-    by_base = {Path(f).name: v for f, v in by_file.items() if base_count[Path(f).name] == 1}
-    root = path.parent.resolve()
-    out = []
-    for it in items:
-        p = Path(it.file).resolve()
-        hit = by_file.get(p.relative_to(root).as_posix()) if root in p.parents else None
-        hit = hit or by_base.get(p.name)
-        if hit is None or it.uv is not None:
-            out.append(it)
-        else:
-            iid, kp = hit
-            out.append(Item(it.path, it.file, it.offset, it.length, iid, kp[:, :2].copy(), kp[:, 2] > 0))
-    if items and not any(a is not b for a, b in zip(items, out, strict=True)):
-        # An explicit --labels that labels nothing is a mistake (wrong json, wrong folder), not a run
-        # without a report.
-        example = f" such as {next(iter(by_file))!r}" if by_file else ""
-        raise HandposeError(
-            f"--labels {path}: matches none of the {len(items)} input images ({len(by_file)} annotated "
-            f"file_names{example}, matched relative to {root} or by a unique base name)"
-        )
-    return out
-
-
-def read_bytes(item: Item) -> bytes:
-    """The image bytes of one item (a file, or a member's byte range inside a shard)."""
-    with open(item.file, "rb") as f:
-        if item.offset:
-            f.seek(item.offset)
-        return f.read(item.length)
-
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing (runs in DataLoader workers)
-
-
-def prepare(data: bytes, spec: ModelSpec, *, draft: bool = True) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Decode and letterbox one image: (uint8 (size, size, 3), fit matrix original -> model, W, H).
-
-    draft: big JPEGs decode at 1/2, 1/4 or 1/8 in the DCT domain (the longer side stays >= the
-    model size); the scale enters the image matrix, the fit matrix stays in original pixels.
+    Handpose checkpoints: `imageio.warp_to_input`, the WDS loader's own function (augmentation
+    off: M is `crop_matrix(region, size)` there too), including its JPEG DCT fast path.
+    The tutorial's weights: a full decode and Pillow's antialiased resize, the tutorial's
+    preprocessing, never a DCT-scaled decode (which moves its keypoints by pixels).
     """
-    min_side = _draft_min_side(*jpeg_size(data), spec.size) if draft and data[:2] == JPEG_MAGIC else 0
-    image, scale = decode_image(data, min_side=min_side)
-    width, height = (image.shape[1], image.shape[0]) if scale == 1.0 else jpeg_size(data)
+    if spec.preprocess == "tutorial":
+        return letterbox(decode_image(data)[0], M, spec.size)
+    return warp_to_input(data, M, spec.size)
+
+
+def prepare(
+    data: bytes, spec: ModelSpec, box: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One crop as predict feeds it: (uint8 input, source -> input matrix, width, height).
+    `box` None: the whole image letterboxed (`image_region`), else the box padded by spec.pad."""
+    width, height = image_size(data)
     if min(width, height) < MIN_SIDE_PX:
         raise ValueError(f"image is {width}x{height} px, too small (both sides must be >= {MIN_SIDE_PX} px)")
-    fit = fit_matrix(width, height, spec.size)
-    if spec.resample == "resize":
-        return letterbox(image, compose(fit, scaling(1.0 / scale)), spec.size), fit, width, height
-    r = max(image.shape[:2]) // spec.size
-    if r >= 2:  # warp_affine does not antialias: box-reduce big images first, as the DCT path does
-        image, scale = np.asarray(Image.fromarray(image).reduce(r)), scale / r
-    return warp_affine(image, compose(fit, scaling(1.0 / scale)), spec.size), fit, width, height
+    M = crop_matrix(_region(box, spec, width, height), spec.size)
+    return preprocess(data, M, spec), M, width, height
 
 
-def _draft_min_side(width: int, height: int, size: int) -> int:
-    """simplejpeg's min_side that picks the smallest 1/r (r = 2, 4, 8) keeping the longer side
-    >= size; 0 (full decode) when even 1/2 is too small. Powers of two only: a 224 px FreiHAND
-    image must decode in full, as in the tutorial (5/8 would change its pixels)."""
-    for r in (8, 4, 2):
-        if max(width, height) / r >= size and min(width, height) / r >= 1:
-            return math.ceil(min(width, height) / r)
-    return 0
+def _region(box: np.ndarray | None, spec: ModelSpec, width: int, height: int) -> Region:
+    return image_region(width, height) if box is None else box_region(box, spec.pad)
 
 
 def letterbox(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
@@ -428,19 +327,21 @@ def letterbox(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
     s, tx, ty = float(M[0, 0]), float(M[0, 2]), float(M[1, 2])
     x0, x1 = _covered(tx, w * s, size)
     y0, y1 = _covered(ty, h * s, size)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    if x1 <= x0 or y1 <= y0:  # a crop entirely off the image
+        return canvas
     box = [(x0 - tx) / s, (y0 - ty) / s, (x1 - tx) / s, (y1 - ty) / s]
     box = [_snap(v, lim) for v, lim in zip(box, (w, h, w, h), strict=True)]
     # Pad an axis only when its box leaves the image; 1/s + 2 px covers the filter's support.
     pad = math.ceil(max(1.0, 1.0 / s)) + 2
-    px = pad if box[0] < 0 or box[2] > w else 0
-    py = pad if box[1] < 0 or box[3] > h else 0
+    px = math.ceil(max(0.0, -box[0], box[2] - w)) + pad if box[0] < 0 or box[2] > w else 0
+    py = math.ceil(max(0.0, -box[1], box[3] - h)) + pad if box[1] < 0 or box[3] > h else 0
     if px or py:
         image = np.pad(image, ((py, py), (px, px), (0, 0)))
         box = [box[0] + px, box[1] + py, box[2] + px, box[3] + py]
     region = Image.fromarray(image).resize(
         (x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=(box[0], box[1], box[2], box[3])
     )
-    canvas = np.zeros((size, size, 3), np.uint8)
     canvas[y0:y1, x0:x1] = np.asarray(region)
     return canvas
 
@@ -456,58 +357,9 @@ def _snap(v: float, limit: int) -> float:
     return 0.0 if abs(v) < 1e-6 else float(limit) if abs(v - limit) < 1e-6 else v
 
 
-class _Images(torch.utils.data.Dataset):
-    """Item i -> {"index", "image", "fit", "size"} or {"index", "error"}: data errors never raise."""
-
-    def __init__(self, items: list[Item], spec: ModelSpec, draft: bool):
-        self.items, self.spec, self.draft = items, spec, draft
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            image, fit, w, h = prepare(read_bytes(self.items[i]), self.spec, draft=self.draft)
-        except DATA_ERRORS as e:
-            return {"index": i, "error": _reason(e)}
-        return {"index": i, "image": image, "fit": fit, "size": (w, h)}
-
-
 def _reason(e: BaseException) -> str:
     """A data error as one deterministic line (Pillow names its BytesIO object's address)."""
     return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decodable samples; pass the failures through as (index, reason)."""
-    ok = [s for s in samples if "error" not in s]
-    return {
-        "index": [s["index"] for s in ok],
-        "image": torch.from_numpy(np.stack([s["image"] for s in ok])) if ok else torch.empty(0),
-        "fit": np.stack([s["fit"] for s in ok]) if ok else np.empty((0, 2, 3)),
-        "size": [s["size"] for s in ok],
-        "errors": [(s["index"], s["error"]) for s in samples if "error" in s],
-    }
-
-
-def make_loader(
-    items: list[Item], spec: ModelSpec, *, batch_size: int, workers: int, draft: bool, pin: bool
-) -> torch.utils.data.DataLoader:
-    """In-order batches of prepared images; decoding overlaps the forward pass when workers > 0."""
-    workers = min(workers, math.ceil(len(items) / batch_size))  # tiny inputs: no idle workers
-    return torch.utils.data.DataLoader(
-        _Images(items, spec, draft),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        worker_init_fn=_worker_init if workers else None,
-    )
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # workers only decode; the main process owns the cores for the model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +369,8 @@ def _worker_init(_: int) -> None:
 def forward(
     net: torch.nn.Module, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21)."""
+    """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21),
+    through the model's own `decode`."""
     device = next(net.parameters()).device
     # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -526,145 +379,389 @@ def forward(
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     x = (x / 255.0 - mean) / std
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        heatmaps = net(x)
-    uv, score = heatmaps_to_keypoints(heatmaps, spec.index_offset)
-    return uv.cpu().numpy().astype(np.float64), score.cpu().numpy()
-
-
-def _results(
-    net: torch.nn.Module, spec: ModelSpec, loader: torch.utils.data.DataLoader, channels_last: bool
-) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
-    """Per batch: (batch, keypoints (B, 21, 2) in original pixels, scores (B, 21))."""
-    with torch.inference_mode():
-        for batch in loader:
-            if not batch["index"]:
-                yield batch, np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS))
-                continue
-            uv_model, score = forward(net, batch["image"], spec, channels_last=channels_last)
-            back = np.stack([invert(f) for f in batch["fit"]])  # model -> original pixels
-            yield batch, apply_affine(back, uv_model), score
+        out = net(x)
+    uv, score = net.decode(out)  # type: ignore[operator]
+    return uv.float().cpu().numpy().astype(np.float64), score.float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
+# One chunk of images
 
 
-class _Stream:
-    """A text file written line by line to NAME.partial and renamed to NAME on close(): readers
-    never mistake an interrupted run's file for a complete one."""
+@dataclass(frozen=True)
+class _Context:
+    """What every chunk needs: the model, the options, the pool."""
 
-    def __init__(self, path: Path):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
-        self.f = open(self.partial, "w", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        self.f.write(text)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.partial, self.path)
-
-    def discard(self) -> None:
-        self.f.close()
-        self.partial.unlink(missing_ok=True)
+    net: torch.nn.Module
+    spec: ModelSpec
+    boxes: BoxSource
+    refine: int
+    batch_size: int
+    channels_last: bool
+    pool: ThreadPoolExecutor | None
+    first: int  # unlabelled overlays: the first N predictions
 
 
-class _Outputs:
-    """predictions.jsonl, errors.jsonl and the optional COCO results, written as batches arrive."""
+@dataclass
+class _Image:
+    """One image on its way through a chunk."""
 
-    def __init__(self, out: Path, coco: Path | None):
-        self.preds, self.errors = _Stream(out / "predictions.jsonl"), _Stream(out / "errors.jsonl")
-        self.coco = _Stream(coco) if coco else None
-        self.ok = self.failed = 0
+    src: Source
+    width: int
+    height: int
+    hands: tuple[Hand, ...] | None
+    tasks: list[BoxTask]
+    regions: list[Region]
+    inputs: list[np.ndarray]
+    problems: list[Problem]
+    uv: list[np.ndarray] = field(default_factory=list)  # per task, original px
+    score: list[np.ndarray] = field(default_factory=list)
+    boxes: list[np.ndarray | None] = field(default_factory=list)  # the final box of each task
 
-    def error(self, path: str, reason: str) -> None:
-        self.errors.write(json.dumps({"path": path, "reason": reason}) + "\n")
-        self.failed += 1
 
-    def prediction(
-        self,
-        item: Item,
-        index: int,
-        size: tuple[int, int],
-        uv: np.ndarray,
-        score: np.ndarray,
-        error_px: float | None,
-    ) -> None:
-        self.preds.write(_prediction_line(item, size, uv, score, error_px))
-        if self.coco:  # a json array streamed entry by entry
-            self.coco.write(
-                ("[" if self.ok == 0 else ",\n") + json.dumps(_coco_result(item, index, uv, score))
+def _open_image(unit: Unit, ctx: _Context) -> _Image | Problem:
+    """Read one input and prepare its crops; a data error makes it a Problem."""
+    if isinstance(unit, Problem):
+        return unit
+    try:
+        data = read_bytes(unit)
+        width, height = image_size(data)
+        if min(width, height) < MIN_SIDE_PX:
+            raise ValueError(
+                f"image is {width}x{height} px, too small (both sides must be >= {MIN_SIDE_PX} px)"
             )
-        self.ok += 1
-
-    def flush(self) -> None:
-        self.preds.flush()
-        self.errors.flush()
-
-    def close(self) -> None:
-        """Rename everything into place; errors.jsonl only when nothing was predicted."""
-        self.errors.close()
-        if self.ok == 0:
-            self.discard()
-            return
-        self.preds.close()
-        if self.coco:
-            self.coco.write("]\n")
-            self.coco.close()
-
-    def discard(self) -> None:
-        for stream in (self.preds, self.errors, self.coco):
-            if stream and not stream.f.closed:
-                stream.discard()
+        hands, problems = labels_of(unit, width, height)
+        tasks = ctx.boxes.boxes(unit, width, height, hands)
+        regions = [_region(t.box, ctx.spec, width, height) for t in tasks]
+        inputs = [preprocess(data, crop_matrix(r, ctx.spec.size), ctx.spec) for r in regions]
+    except DATA_ERRORS as e:
+        return Problem(unit.ordinal, unit.path, _reason(e))
+    return _Image(unit, width, height, hands, tasks, regions, inputs, problems, boxes=[t.box for t in tasks])
 
 
-def _prediction_line(
-    item: Item, size: tuple[int, int], uv: np.ndarray, score: np.ndarray, error_px: float | None
-) -> str:
+def _opened(chunks: Iterator[tuple[int, list[Unit]]], ctx: _Context) -> Iterator[tuple[int, list[Any]]]:
+    """Each chunk with its images opened; with a pool, the next chunk is read and decoded while
+    the caller runs the model on this one."""
+    if ctx.pool is None:
+        for cid, units in chunks:
+            yield cid, [_open_image(u, ctx) for u in units]
+        return
+    pending: tuple[int, list[Future[Any]]] | None = None
+    for cid, units in chunks:
+        submitted = (cid, [ctx.pool.submit(_open_image, u, ctx) for u in units])
+        if pending is not None:
+            yield pending[0], [f.result() for f in pending[1]]
+        pending = submitted
+    if pending is not None:
+        yield pending[0], [f.result() for f in pending[1]]
+
+
+def _run_model(inputs: list[np.ndarray], ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
+    """Model-input keypoints (N, 21, 2) and scores (N, 21) of N inputs, in batches."""
+    uv, score = [], []
+    for k in range(0, len(inputs), ctx.batch_size):
+        batch = torch.from_numpy(np.stack(inputs[k : k + ctx.batch_size]))
+        u, s = forward(ctx.net, batch, ctx.spec, channels_last=ctx.channels_last)
+        uv.append(u)
+        score.append(s)
+    if not uv:
+        return np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS))
+    return np.concatenate(uv), np.concatenate(score)
+
+
+def _predict_images(images: list[_Image], ctx: _Context) -> None:
+    """Every task of every image: one pass, then `ctx.refine` passes for whole-image tasks."""
+    flat = [(img, k) for img in images for k in range(len(img.tasks))]
+    uv, score = _run_model([img.inputs[k] for img, k in flat], ctx)
+    for (img, k), u, s in zip(flat, uv, score, strict=True):
+        img.uv.append(_to_source(u, img.regions[k], ctx.spec.size))
+        img.score.append(s)
+        img.inputs[k] = None  # type: ignore[call-overload]  # free the crop
+    for _ in range(ctx.refine):
+        todo = [(img, k) for img, k in flat if img.tasks[k].box is None]
+        boxes = [refine_box(img.uv[k], ctx.spec.box_to_keypoints) for img, k in todo]
+        jobs = [(img, box_region(b, ctx.spec.pad)) for (img, _), b in zip(todo, boxes, strict=True)]
+        crops = list(ctx.pool.map(_crop_again, jobs, [ctx] * len(jobs))) if ctx.pool else None
+        crops = crops if crops is not None else [_crop_again(j, ctx) for j in jobs]
+        # an image that cannot be read again (gone since the first pass) keeps its last pass
+        kept = [n for n, c in enumerate(crops) if c is not None]
+        uv, score = _run_model([crops[n] for n in kept], ctx)  # type: ignore[misc]
+        for n, u, s in zip(kept, uv, score, strict=True):
+            (img, k), (_, region) = todo[n], jobs[n]
+            img.uv[k], img.score[k] = _to_source(u, region, ctx.spec.size), s
+            img.boxes[k], img.regions[k] = boxes[n], region
+
+
+def _crop_again(job: tuple[_Image, Region], ctx: _Context) -> np.ndarray | None:
+    """A refinement crop: the image is read again (a chunk does not hold every image's bytes)."""
+    img, region = job
+    try:
+        return preprocess(read_bytes(img.src), crop_matrix(region, ctx.spec.size), ctx.spec)
+    except DATA_ERRORS:
+        return None
+
+
+def _to_source(uv: np.ndarray, region: Region, size: int) -> np.ndarray:
+    """Model-input keypoints -> original pixels through the inverse of the crop's matrix."""
+    return apply_affine(invert(crop_matrix(region, size)), uv)
+
+
+def refine_box(uv: np.ndarray, ratio: float) -> np.ndarray:
+    """The hand box a refinement pass crops: the predicted keypoints' extent grown about its
+    centre by `ratio` (the training data's labelled box side / keypoint extent side), so it
+    matches the boxes the model was trained on; at least MIN_SIDE_PX on its longer side."""
+    x0, y0, x1, y1 = keypoints_box(uv)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = np.array([x1 - x0, y1 - y0]) * ratio / 2
+    half = np.maximum(half, MIN_SIDE_PX / 2) if max(half) * 2 < MIN_SIDE_PX else half
+    return np.array([cx - half[0], cy - half[1], cx + half[0], cy + half[1]])
+
+
+def match_hands(img: _Image) -> list[int | None]:
+    """The labelled hand each prediction is scored against (None: none). --boxes gt: the box's own
+    hand. Otherwise greedily by the lowest mean error over the hand's labelled joints: each
+    labelled hand and each prediction is used once (a whole-image prediction on a photo with
+    three hands is scored against the hand it found)."""
+    n = len(img.tasks)
+    if not img.hands or not n:
+        return [None] * n
+    if any(t.label is not None for t in img.tasks):
+        return [t.label for t in img.tasks]
+    pairs = []
+    for i in range(n):
+        for j, hand in enumerate(img.hands):
+            e = report.image_errors(img.uv[i][None], hand.uv[None], hand.labelled[None])[0]
+            if np.isfinite(e):
+                pairs.append((float(e), i, j))
+    match: list[int | None] = [None] * n
+    used: set[int] = set()
+    for _, i, j in sorted(pairs):
+        if match[i] is None and j not in used:
+            match[i] = j
+            used.add(j)
+    return match
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank's running state: counts and the kept hands (checkpointed with every chunk)
+
+
+@dataclass
+class _State:
+    counts: Counter[str]
+    extremes: report.Extremes
+    first: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, data: dict[str, Any], worst: int, best: int) -> _State:
+        return cls(
+            Counter(data.get("counts", {})),
+            report.Extremes(worst, best).load(data.get("extremes", {})),
+            list(data.get("first", [])),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "extremes": self.extremes.to_json(),
+            "first": self.first,
+        }
+
+
+def _chunk_outputs(cid: int, opened: list[Any], ctx: _Context, state: _State) -> dict[str, bytes]:
+    """Predict one chunk and return the bytes it adds to each part file; update `state`."""
+    images = [x for x in opened if isinstance(x, _Image)]
+    _predict_images(images, ctx)
+    preds, errors, coco, spill = [], [], [], []
+    position = 0
+    for x in opened:
+        if isinstance(x, Problem):
+            errors.append(_error_line(x))
+            state.counts["errors"] += 1
+            continue
+        errors += [_error_line(p) for p in x.problems]
+        state.counts["label_problems"] += len(x.problems)
+        matches = match_hands(x)
+        state.counts["images"] += 1
+        state.counts["images_without_boxes"] += not x.tasks
+        if x.hands:
+            state.counts["hands_labelled"] += len(x.hands)
+            state.counts["hands_missed"] += len(x.hands) - sum(m is not None for m in matches)
+            state.counts["images_scored"] += any(m is not None for m in matches)
+        for k in range(len(x.tasks)):
+            order = [cid, position]
+            position += 1
+            hand = x.hands[matches[k]] if matches[k] is not None and x.hands else None
+            row, entry = _score(x, k, hand, order)
+            preds.append(_prediction_line(x, k, entry))
+            coco.append(json.dumps(_coco_result(x, k)) + "\n")
+            state.counts["predictions"] += 1
+            if row is not None:
+                spill.append(row)
+                state.extremes.add(entry)
+            elif len(state.first) < ctx.first:
+                state.first.append(entry)
+    return {
+        "predictions.jsonl": "".join(preds).encode(),
+        "errors.jsonl": "".join(errors).encode(),
+        "coco.jsonl": "".join(coco).encode(),
+        "spill.f32": np.concatenate(spill).astype("<f4").tobytes() if spill else b"",
+    }
+
+
+def _score(
+    img: _Image, k: int, hand: Hand | None, order: list[int]
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The report row of prediction k (None without a labelled hand) and its entry: what the
+    overlays and the worst/best tables need to find and draw it again."""
+    box = img.boxes[k]
+    entry: dict[str, Any] = {
+        "path": img.src.path,
+        "hand": img.tasks[k].hand,
+        "order": order,
+        "file": img.src.file,
+        "sample": img.src.sample,
+        "pred": np.round(img.uv[k], 3).tolist(),
+        "box": None if box is None else np.round(box, 3).tolist(),
+        "region": [round(float(v), 3) for v in img.regions[k]],
+    }
+    if hand is None:
+        return None, entry
+    side = float(max(img.width, img.height))
+    gt_side = report.box_side(hand.box)
+    row = report.spill_rows(
+        img.uv[k][None], hand.uv[None], hand.labelled[None], [side], [gt_side], [img.regions[k][2]]
+    )
+    err = float(report.image_errors(img.uv[k][None], hand.uv[None], hand.labelled[None])[0])
+    entry.update(
+        error_px=err,
+        error_pct=err / side * 100.0,
+        error_pct_box=err / gt_side * 100.0,
+        gt=np.round(hand.uv, 3).tolist(),
+        labelled=hand.labelled.astype(int).tolist(),
+    )
+    return row, entry
+
+
+def _error_line(p: Problem) -> str:
+    return json.dumps({"path": p.path, "reason": p.reason}) + "\n"
+
+
+def _prediction_line(img: _Image, k: int, entry: dict[str, Any]) -> str:
+    task = img.tasks[k]
     rec: dict[str, Any] = {
-        "path": item.path,
-        "width": size[0],
-        "height": size[1],
+        "path": img.src.path,
+        "width": img.width,
+        "height": img.height,
+        "hand": task.hand,
+        "box": entry["box"],
         "keypoints": [
             [round(float(x), 3), round(float(y), 3), round(float(s), 4)]
-            for (x, y), s in zip(uv, score, strict=True)
+            for (x, y), s in zip(img.uv[k], img.score[k], strict=True)
         ],
     }
-    if error_px is not None:
-        rec["error_px"] = round(error_px, 4)
+    if task.score is not None:
+        rec["box_score"] = round(task.score, 4)
+    if "error_px" in entry:
+        rec["error_px"] = round(entry["error_px"], 4)
+        rec["error_pct_box"] = round(entry["error_pct_box"], 4)
     return json.dumps(rec) + "\n"
 
 
-def _coco_result(item: Item, index: int, uv: np.ndarray, score: np.ndarray) -> dict[str, Any]:
-    """COCO keypoint-results entry; image_id from the labels, else the FreiHAND-style file number,
-    else the input's position (1-based)."""
-    stem = Path(item.path).stem
-    iid = item.image_id if item.image_id is not None else int(stem) if stem.isdigit() else index + 1
+def _coco_result(img: _Image, k: int) -> dict[str, Any]:
+    """A COCO keypoint-results entry; image_id from the labels (or a digits-only file stem), else
+    the input's position (1-based)."""
+    iid = img.src.image_id if img.src.image_id is not None else img.src.ordinal + 1
+    uv, score = img.uv[k], img.score[k]
     kps = [round(float(v), 3) for (x, y), s in zip(uv, score, strict=True) for v in (x, y, s)]
-    return {"image_id": iid, "category_id": 1, "keypoints": kps, "score": round(float(score.mean()), 4)}
+    rec: dict[str, Any] = {
+        "image_id": iid,
+        "category_id": 1,
+        "keypoints": kps,
+        "score": round(float(score.mean()), 4),
+    }
+    box = img.boxes[k]
+    if box is not None:
+        rec["bbox"] = [round(float(v), 3) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])]
+    return rec
 
 
-def _output_path(out: Path, path: str | os.PathLike | None, option: str) -> Path | None:
-    if path is None:
+# ---------------------------------------------------------------------------------------------
+# Options and the job
+
+
+def _check_numbers(**values: int | None) -> None:
+    least = {"batch_size": 1, "workers": 0, "overlays": 0, "refine": 0}
+    for name, value in values.items():
+        if value is not None and value < least[name]:
+            raise HandposeError(f"--{name.replace('_', '-')} {value}: must be >= {least[name]}")
+
+
+def coco_name(out: Path, coco: str | os.PathLike | None) -> str | None:
+    """--coco as a path relative to --out: a new file inside --out, not one of predict's own
+    names, under no file. Its folder is created inside --out when missing."""
+    if coco is None:
         return None
     try:
-        return inside(out, path)
+        path = inside(out, coco)
     except ValueError as e:
-        raise HandposeError(f"{option}: {e}") from None
+        raise HandposeError(f"--coco: {e}") from None
+    rel = path.relative_to(out.resolve()).as_posix()
+    if rel == ".":
+        raise HandposeError(f"--coco {coco}: is the output folder; give a file name inside it")
+    if path.is_dir():
+        raise HandposeError(f"--coco {coco}: is a folder; give a file name")
+    top = rel.split("/")[0]
+    if rel in OWN_NAMES or top in ("overlays", STAGING) or rel.endswith(".partial"):
+        raise HandposeError(f"--coco {coco}: {rel} is one of predict's own outputs; choose another name")
+    for p in path.parents:
+        if p == out.resolve():
+            break
+        if p.exists() and not p.is_dir():
+            raise HandposeError(f"--coco {coco}: {p} is a file, not a folder")
+    return rel
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove the outputs of an earlier run here, so no stale report sits beside new predictions."""
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-    for pattern in OVERLAY_NAMES:
-        for f in (out / "overlays").glob(pattern):
-            f.unlink()
+def _resolve_refine(refine: int | None, spec: ModelSpec, boxes: BoxSource) -> int:
+    """--refine: N passes in the predicted hand's box. Default DEFAULT_REFINE for models trained
+    on box crops, 0 otherwise; never with --boxes (the boxes are given)."""
+    if not isinstance(boxes, WholeImage):
+        if refine:
+            raise HandposeError("--refine applies to whole images; it cannot be used with --boxes")
+        return 0
+    if refine is None:
+        return DEFAULT_REFINE if spec.crop == "box" else 0
+    return refine
+
+
+def _chunk_size(batch_size: int) -> int:
+    """Images per chunk: whole batches (one box per image), at least MIN_CHUNK."""
+    return batch_size * max(1, math.ceil(MIN_CHUNK / batch_size))
+
+
+def _chunks(units: Iterator[Unit], size: int) -> Iterator[tuple[int, list[Unit]]]:
+    chunk: list[Unit] = []
+    cid = 0
+    for unit in units:
+        chunk.append(unit)
+        if len(chunk) == size:
+            yield cid, chunk
+            cid, chunk = cid + 1, []
+    if chunk:
+        yield cid, chunk
+
+
+def _join_world(dev: torch.device) -> World:
+    """One process, or this rank of a torchrun job (each rank its own device: cuda:LOCAL_RANK,
+    else the CPU, where each rank gets its share of the cores)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return World(device=dev)
+    world = setup_world(dev.type)
+    if world.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size) or 1)
+        # torchrun sets OMP_NUM_THREADS=1 for every rank; give each rank its share of the cores.
+        torch.set_num_threads(max(1, _cores() // local))
+    return world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,8 +773,10 @@ def predict(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    split: str = "test",
+    split: str | None = None,
     labels: str | os.PathLike | None = None,
+    boxes: str | os.PathLike | None = None,
+    refine: int | None = None,
     coco: str | os.PathLike | None = None,
     overlays: int = 0,
     batch_size: int | None = None,
@@ -685,92 +784,226 @@ def predict(
     device: str | None = None,
     quiet: bool = False,
     channels_last: bool = True,
-    draft: bool = True,
     verify: bool = True,
 ) -> dict[str, Any]:
     """Predict keypoints for every input image into `out`; with labels, write an error report.
-    `verify`: check a shards folder's sha256s before reading it (sizes are always checked).
 
-    model: a checkpoint / state_dict path, or an already loaded (module, ModelSpec) pair.
-    Returns a summary ({"images", "errors", "seconds", "images_per_s", "report"}). Raises
-    HandposeError when nothing could be predicted. `quiet`, `channels_last` and `draft` (the
-    JPEG DCT fast path) exist for the benchmark and tests.
+    model: a checkpoint / state_dict path, or an already loaded (module with `decode`, ModelSpec)
+    pair. boxes: None (whole images), "gt" (the labelled boxes), a COCO detections json or a YOLO
+    labels folder. refine: passes in the predicted hand's box (None: DEFAULT_REFINE for
+    box-crop models, else 0). verify: check a shards folder's sha256s before reading it (sizes
+    are always checked). Returns a summary ({"images", "predictions", "errors", "seconds",
+    "images_per_s", "report", ...}; under torchrun rank 0's holds the whole run). Re-running an
+    interrupted run resumes it. Raises HandposeError for a user mistake, or when nothing could be
+    predicted (after writing errors.jsonl).
     """
+    _check_numbers(batch_size=batch_size, workers=workers, overlays=overlays, refine=refine)
     out = check_output_dir(out, "--out")
-    for flag, value, least in (
-        ("--batch-size", batch_size, 1),
-        ("--workers", workers, 0),
-        ("--overlays", overlays, 0),
-    ):
-        if value is not None and value < least:
-            raise HandposeError(f"{flag} {value}: must be >= {least}")
-    coco_path = _output_path(out, coco, "--coco")
-    dev = pick_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    net, spec = model if isinstance(model, tuple) else load_model(model, dev, channels_last=channels_last)
-    items, problems = collect_inputs(inputs, out, split=split, labels=labels, verify=verify)
-    if not items and not problems:
+    coco_rel = coco_name(out, coco)
+    world = _join_world(pick_device(device))
+    if isinstance(model, tuple):
+        net, spec = model
+        spec = ModelSpec(**{**spec.__dict__, "digest": spec.digest or _module_digest(net, spec)})
+    else:
+        net, spec = load_model(model, world.device, channels_last=channels_last)
+    job = _plan_job(
+        spec,
+        world,
+        inputs,
+        out,
+        split=split,
+        labels=labels,
+        boxes=boxes,
+        refine=refine,
+        coco_rel=coco_rel,
+        overlays=overlays,
+        batch_size=batch_size,
+        workers=workers,
+        channels_last=channels_last,
+    )
+    staging = Staging(out)
+    mode = None
+    if world.is_main:
+        # Fail before the work on a file that would have to be overwritten at the end.
+        check_not_foreign(out, job.names)
+        if verify:
+            verify_shard_inputs(job.plan, job.split, progress=not quiet)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
+        mode = staging.open(job.fingerprint)
+    mode = broadcast_object(mode, world)
+    console = make_console(stderr=True, quiet=quiet or not world.is_main)
+    if mode == "commit":  # an earlier run finished everything but moving its files into place
+        return _end(world, _commit_only(staging, world), console)
+    if mode == "resume":
+        console.print(f"resuming the interrupted run in {staging.root}")
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(job.workers, thread_name_prefix="predict-decode") if job.workers else None
+    ctx = _Context(net, spec, job.boxes, job.refine, job.batch_size, channels_last, pool, overlays)
+    try:
+        state = _run_part(job, ctx, world, staging.part(world.rank), console)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    barrier(world)
+    if not world.is_main:
+        return _end(world, {"rank": world.rank, **state.counts}, console)
+    return _end(world, _finish(staging, world, ctx, job, time.perf_counter() - start, console), console)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A run, resolved: the inputs, the options, and the fingerprint a resumed run must match."""
+
+    plan: list[Input]
+    out: Path
+    split: str | None
+    labels: CocoLabels | None
+    boxes: BoxSource
+    refine: int
+    coco: str | None  # relative to out
+    overlays: int
+    batch_size: int
+    workers: int
+    chunk: int  # images per chunk
+    found: Scan
+    names: list[str]  # files the run will (or may) write in OUT
+    fingerprint: dict[str, Any]
+
+
+def _plan_job(
+    spec: ModelSpec,
+    world: World,
+    inputs: Sequence[str | os.PathLike],
+    out: Path,
+    *,
+    split: str | None,
+    labels: str | os.PathLike | None,
+    boxes: str | os.PathLike | None,
+    refine: int | None,
+    coco_rel: str | None,
+    overlays: int,
+    batch_size: int | None,
+    workers: int | None,
+    channels_last: bool,
+) -> _Job:
+    """Check the inputs and options (HandposeError before anything is written) and scan the
+    inputs once: their fingerprint and count."""
+    label_set = load_coco_labels(labels) if labels is not None else None
+    box_source = open_boxes(boxes)
+    refine = _resolve_refine(refine, spec, box_source)
+    plan = plan_inputs(inputs, out)
+    check_split(plan, split)
+    labelled = labelled_kinds(plan, label_set)
+    if isinstance(box_source, LabelledBoxes) and not labelled:
+        raise HandposeError(
+            "--boxes gt: no input carries labels (shards, a YOLO dataset, a FreiHAND root, or --labels)"
+        )
+    found = scan(iter_units(plan, out, split=split, labels=label_set))
+    if not found.units:
         raise HandposeError(
             f"no images found in {', '.join(str(p) for p in inputs) or '(no inputs)'} "
             f"(looked for {', '.join(IMAGE_SUFFIXES)})"
         )
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
-    _clear_previous(out)
-    console = make_console(stderr=True, quiet=quiet)
-
-    workers = default_workers(dev) if workers is None else workers
-    loader = make_loader(
-        items, spec, batch_size=batch_size, workers=workers, draft=draft, pin=dev.type == "cuda"
-    )
-    outputs, kept = _Outputs(out, coco_path), _Kept(overlays)
-    for p in problems:
-        outputs.error(p["path"], p["reason"])
-    start = time.perf_counter()
-    try:
-        with _progress(console) as progress:
-            task = progress.add_task("predict", total=len(items), rate=0.0)
-            for batch, uv, score in _results(net, spec, loader, channels_last):
-                for i, reason in batch["errors"]:
-                    outputs.error(items[i].path, reason)
-                for k, i in enumerate(batch["index"]):
-                    error_px = kept.add(i, items[i], uv[k], batch["size"][k])
-                    outputs.prediction(items[i], i, batch["size"][k], uv[k], score[k], error_px)
-                outputs.flush()
-                done = outputs.ok + outputs.failed - len(problems)
-                progress.update(task, completed=done, rate=done / (time.perf_counter() - start))
-    except BaseException:
-        outputs.discard()
-        raise
-    seconds = time.perf_counter() - start
-    outputs.close()
-    n_ok, n_err = outputs.ok, outputs.failed
-    if n_ok == 0:
+    if labels is not None and found.plain and not found.plain_labelled:
         raise HandposeError(
-            f"no image could be predicted: all {n_err} inputs failed (reasons in {out / 'errors.jsonl'})"
+            f"--labels {labels}: matches none of the {found.plain} input images (by file_name under "
+            f"{Path(labels).parent}, or by a base name that occurs once)"
         )
-
-    def load(i: int) -> np.ndarray:
-        return decode_image(read_bytes(items[i]))[0]
-
-    kept.write_overlays(out, items, load)
-    result: dict[str, Any] = {
-        "images": n_ok,
-        "errors": n_err,
-        "seconds": seconds,
-        "images_per_s": n_ok / seconds,
-        "report": None,
+    batch_size = batch_size or default_batch_size(world.device)
+    chunk = _chunk_size(batch_size)
+    fingerprint = {
+        "format": "handpose-predict-job",
+        "model": spec.digest,
+        "inputs": found.digest,
+        "world_size": world.world_size,
+        "chunk": chunk,
+        "options": {
+            "split": split,
+            "labels": stamp_of(labels),
+            "boxes": stamp_of(boxes),
+            "refine": refine,
+            "coco": coco_rel,
+            "overlays": overlays,
+            "batch_size": batch_size,
+            "channels_last": channels_last,
+            "device": world.device.type,
+        },
     }
-    console.print(f"predicted {n_ok} images, {n_err} errors, {n_ok / seconds:.1f} img/s -> {out}")
-    if kept.labelled:
-        result["report"] = report.write_report(
-            out, kept.labelled_set(items), model_size=spec.size, load_image=load, console=console
-        )
-    write_json(
-        out / "run.json",
-        {k: v for k, v in result.items() if k != "report"}
-        | {"model": spec.kind, "model_size": spec.size, "device": str(dev), "batch_size": batch_size},
+    names = [*OWN_NAMES[:3], *(report.OUTPUTS if labelled else ()), *([coco_rel] if coco_rel else [])]
+    return _Job(
+        plan,
+        out,
+        split,
+        label_set,
+        box_source,
+        refine,
+        coco_rel,
+        overlays,
+        batch_size,
+        default_workers(world.device) if workers is None else workers,
+        chunk,
+        found,
+        names,
+        fingerprint,
     )
-    return result
+
+
+def _run_part(job: _Job, ctx: _Context, world: World, folder: Path, console: Console) -> _State:
+    """This rank's chunks, each predicted, appended to its part and checkpointed; a part left by
+    an interrupted run continues after its last checkpoint."""
+    part = Part(folder)
+    try:
+        state = _State.load(part.state, *_keep_counts(job.overlays))
+        state.counts["fresh_images"] = 0
+        units = iter_units(job.plan, job.out, split=job.split, labels=job.labels)
+        mine = ((c, u) for c, u in _chunks(units, job.chunk) if c % world.world_size == world.rank)
+        todo = max(0, _my_units(job.found.units, job.chunk, world) - part.chunks * job.chunk)
+        start = time.perf_counter()
+        with _progress(console) as progress, torch.inference_mode():
+            task = progress.add_task("predict", total=todo, rate=0.0)
+            done = 0
+            for cid, opened in _opened(_skip(mine, part.chunks), ctx):
+                data = _chunk_outputs(cid, opened, ctx, state)
+                state.counts["fresh_images"] += len(opened)
+                part.write_chunk(cid, data, state.to_json())
+                done += len(opened)
+                progress.update(task, completed=done, rate=done / (time.perf_counter() - start))
+    finally:
+        part.close()
+    return state
+
+
+def _skip(chunks: Iterator[tuple[int, list[Unit]]], n: int) -> Iterator[tuple[int, list[Unit]]]:
+    """This rank's chunks after the first `n` (done by an interrupted run: resume after them)."""
+    for k, item in enumerate(chunks):
+        if k >= n:
+            yield item
+
+
+def _my_units(units: int, chunk: int, world: World) -> int:
+    """Units of the first `units` that fall in this rank's chunks."""
+    full, rest = divmod(units, chunk)
+    mine = len(range(world.rank, full, world.world_size)) * chunk
+    return mine + (rest if full % world.world_size == world.rank else 0)
+
+
+def _keep_counts(overlays: int) -> tuple[int, int]:
+    """(worst, best) hands to keep: the report's tables and gallery, and --overlays N (labelled:
+    the worst ceil(N/2) and the best floor(N/2))."""
+    return max(report.EXTREMES, (overlays + 1) // 2), max(report.EXTREMES, overlays // 2)
+
+
+def _end(world: World, summary: dict[str, Any], console: Console) -> dict[str, Any]:
+    teardown(world)
+    if world.is_main and summary.get("predictions") == 0:
+        where = summary.get("out", "")
+        if summary.get("errors"):
+            raise HandposeError(
+                f"no image could be predicted: all {summary['errors']} inputs failed "
+                f"(reasons in {Path(where) / 'errors.jsonl'})"
+            )
+        raise HandposeError(f"no prediction: no input image had a box (--boxes {summary.get('boxes')})")
+    return summary
 
 
 def _progress(console: Console) -> Progress:
@@ -785,53 +1018,120 @@ def _progress(console: Console) -> Progress:
     )
 
 
-class _Kept:
-    """What outlives a batch: labelled predictions (for the report and worst/best overlays) and,
-    unlabelled, the first N predictions to draw. Everything else is already on disk."""
+# ---------------------------------------------------------------------------------------------
+# Rank 0: merge, report, overlays, commit
 
-    def __init__(self, overlays: int):
-        self.overlays = overlays
-        self.labelled: list[tuple[int, np.ndarray, tuple[int, int], float]] = []
-        self.first: list[tuple[int, np.ndarray]] = []
 
-    def add(self, i: int, item: Item, uv: np.ndarray, size: tuple[int, int]) -> float | None:
-        """Keep what is needed; return the image's mean error (px) when it has a label."""
-        if item.uv is None or item.visible is None:
-            if len(self.first) < self.overlays:
-                self.first.append((i, uv))
-            return None
-        err = float(report.image_errors(uv[None], item.uv[None], item.visible[None])[0])
-        self.labelled.append((i, uv, size, err))
-        return err
-
-    def labelled_set(self, items: list[Item]) -> report.Labelled:
-        idx = [k[0] for k in self.labelled]
-        return report.Labelled(
-            index=np.array(idx),
-            paths=[items[i].path for i in idx],
-            pred=np.stack([k[1] for k in self.labelled]),
-            gt=np.stack([items[i].uv for i in idx]),  # type: ignore[misc]
-            visible=np.stack([items[i].visible for i in idx]),  # type: ignore[misc]
-            side=np.array([max(k[2]) for k in self.labelled], dtype=np.float64),
+def _finish(
+    staging: Staging, world: World, ctx: _Context, job: _Job, seconds: float, console: Console
+) -> dict[str, Any]:
+    """Merge the ranks' parts, write the COCO results, the report and the overlays into the
+    staging folder's final/, and commit them into OUT."""
+    keep, coco_rel = _keep_counts(job.overlays), job.coco
+    parts = [staging.part(r) for r in range(world.world_size)]
+    states = [_State.load((_read_progress(p) or {}).get("state", {}), *keep) for p in parts]
+    counts: Counter[str] = sum((s.counts for s in states), Counter())
+    extremes = report.Extremes(*keep)
+    for s in states:
+        extremes.load(s.extremes.to_json())
+    first = sorted((e for s in states for e in s.first), key=lambda e: e["order"])[: ctx.first]
+    final = staging.final
+    merge_parts(parts, final)
+    files = ["predictions.jsonl", "errors.jsonl"]
+    if coco_rel is not None:
+        (final / coco_rel).parent.mkdir(parents=True, exist_ok=True)
+        write_coco_array(final / "coco.jsonl", final / coco_rel)
+        files.append(coco_rel)
+    rep = None
+    if (final / "spill.f32").stat().st_size:
+        rep = report.write_report(
+            final,
+            report.spill_blocks(final / "spill.f32"),
+            model_size=ctx.spec.size,
+            load_image=_load_entry_image,
+            counts={"images": counts["images_scored"], "hands_missed": counts["hands_missed"]},
+            worst=extremes.worst(),
+            best=extremes.best(),
+            console=console,
         )
+        if rep is not None:
+            files += list(report.OUTPUTS)
+    files += _write_overlays(final, ctx.first, extremes, first)
+    fresh = counts["fresh_images"]
+    record = {
+        "images": counts["images"],
+        "predictions": counts["predictions"],
+        "errors": counts["errors"],
+        "label_problems": counts["label_problems"],
+        "images_without_boxes": counts["images_without_boxes"],
+        "hands_labelled": counts["hands_labelled"],
+        "hands_missed": counts["hands_missed"],
+        "inputs": job.found.units,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(fresh / seconds, 3) if seconds > 0 else None,
+        "model": ctx.spec.kind,
+        "model_size": ctx.spec.size,
+        "device": str(world.device),
+        "world_size": world.world_size,
+        "batch_size": ctx.batch_size,
+        "boxes": ctx.boxes.spec,
+        "refine": ctx.refine,
+    }
+    staging.plan_commit(files, record)
+    staging.commit()
+    console.print(
+        f"predicted {record['predictions']} hands in {record['images']} images, {record['errors']} errors "
+        f"-> {staging.out}"
+    )
+    return {**record, "report": rep, "out": str(staging.out)}
 
-    def write_overlays(self, out: Path, items: list[Item], load: Callable[[int], np.ndarray]) -> None:
-        """--overlays N: labelled runs draw the worst ceil(N/2) and the best floor(N/2) images with
-        their ground truth; unlabelled runs the first N."""
-        if self.overlays <= 0:
-            return
-        folder = out / "overlays"
-        folder.mkdir(exist_ok=True)
-        if not self.labelled:
-            for rank, (i, uv) in enumerate(self.first, 1):
-                name = f"{rank:04d}-{Path(items[i].path).stem}.png"
-                report.save_png(report.draw_hand(load(i), uv), folder / name)
-            return
-        ranked = sorted((k for k in self.labelled if np.isfinite(k[3])), key=lambda k: (-k[3], k[0]))
-        n_worst = min(len(ranked), (self.overlays + 1) // 2)
-        n_best = min(len(ranked) - n_worst, self.overlays // 2)
-        picks = [("worst", r, k) for r, k in enumerate(ranked[:n_worst], 1)]
-        picks += [("best", r, k) for r, k in enumerate(ranked[::-1][:n_best], 1)]
-        for tag, rank, (i, uv, _, err) in picks:
-            image = report.draw_hand(load(i), uv, items[i].uv, caption=f"{err:.1f} px")
-            report.save_png(image, folder / f"{tag}-{rank:02d}-{Path(items[i].path).stem}.png")
+
+def _commit_only(staging: Staging, world: World) -> dict[str, Any]:
+    if not world.is_main:
+        return {"rank": world.rank}
+    record = staging.commit()
+    return {**record, "report": _read_report(staging.out), "out": str(staging.out)}
+
+
+def _read_progress(folder: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / "progress.json").read_text())
+    return None
+
+
+def _read_report(out: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((out / "report.json").read_text())
+    return None
+
+
+def _load_entry_image(entry: dict[str, Any]) -> np.ndarray:
+    """The image of a kept hand (report gallery, overlays), read again from where it was."""
+    src = Source(0, entry["path"], entry["file"], "", sample=int(entry["sample"]))
+    return decode_image(read_bytes(src))[0]
+
+
+def _write_overlays(final: Path, n: int, extremes: report.Extremes, first: list[dict[str, Any]]) -> list[str]:
+    """--overlays N: labelled runs draw the worst ceil(N/2) and the best floor(N/2) hands with
+    their ground truth; unlabelled runs the first N predictions. Returns the names written."""
+    if n <= 0:
+        return []
+    worst, best = extremes.worst(), extremes.best()
+    picks: list[tuple[str, dict[str, Any]]] = []
+    if worst:
+        ranked = [e for e in worst if np.isfinite(e["error_px"])]
+        n_worst = min(len(ranked), (n + 1) // 2)
+        shown = {tuple(e["order"]) for e in ranked[:n_worst]}
+        better = [e for e in best if tuple(e["order"]) not in shown][: n // 2]
+        picks = [(f"worst-{r:02d}", e) for r, e in enumerate(ranked[:n_worst], 1)]
+        picks += [(f"best-{r:02d}", e) for r, e in enumerate(better, 1)]
+    else:
+        picks = [(f"{r:04d}", e) for r, e in enumerate(first, 1)]
+    (final / "overlays").mkdir(parents=True, exist_ok=True)
+    names = []
+    for tag, e in picks:
+        caption = f"{e['error_px']:.1f} px" if "error_px" in e else None
+        name = f"overlays/{tag}-{Path(e['path']).stem}.png"
+        report.save_png(report.draw_entry(_load_entry_image(e), e, caption=caption), final / name)
+        names.append(name)
+    return names

@@ -1,24 +1,37 @@
 """The error report of a labelled `predict` run: report.json, report.md, plots and a gallery.
 
 An error is the Euclidean distance in original pixels between a predicted and a labelled
-keypoint, over the joints that count (`visible`). Statistics pool every such keypoint, each with
-the same weight (the tutorial's mean error); an image's error is the mean over its joints.
-"% of the image side" divides by max(width, height), the side the letterbox fits to the model
-input; "at the model size" is the same error in model-input pixels (x size / side), the unit the
-tutorial quotes ("6 px at 128"). PCK(t) = fraction of keypoints with error <= t px, t in 0..30 px;
-its AUC is the curve's trapezoid area divided by 30 (1.0 = every keypoint exact).
+keypoint, over the joints that are labelled (visibility > 0). Statistics pool every such
+keypoint, each with the same weight (the tutorial's mean error, the EPE); a hand's error is the
+mean over its joints. Three normalisations sit next to the pixels:
+- "% of the image side": divided by max(width, height), the side the letterbox fits;
+- "% of the box": divided by the longer side of the hand's LABELLED box (whatever box the
+  prediction was made in; for labels without a box, the labelled keypoints' extent), and
+  PCK@0.05/0.1/0.2 of that side, the standard top-down figures;
+- "at the model size": the error in model-input pixels (x size / the side of the square that
+  filled the input), the unit the tutorial quotes ("6 px at 128").
+PCK(t) = fraction of keypoints with error <= t px, t in 0..30 px; its AUC is the curve's
+trapezoid area divided by 30 (1.0 = every keypoint exact).
 
-OUT/report.json   headline keys mean_error_px, mean_error_pct, median_error_px, auc; then all tables
+Statistics are streamed, so memory does not grow with the number of images: predict spills one
+float32 row per scored hand (`spill_rows`: 21 errors, NaN where not labelled, then the image
+side, the labelled box side and the input side) and `summarise` reads the spill in blocks; exact
+percentiles come from a radix select over the values' bit patterns (`order_statistics`), the
+worst and best hands from bounded heaps (`Extremes`).
+
+OUT/report.json   headline keys mean_error_px, mean_error_pct, mean_error_pct_box, pck_0.2_box,
+                  median_error_px, auc; then all tables
 OUT/report.md     the same for people
 OUT/error_hist.png, OUT/pck.png, OUT/gallery.png (worst row above best row)
 """
 
 from __future__ import annotations
 
+import heapq
 import io
+import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +47,22 @@ from handpose.skeleton import BONES, FINGER_COLORS, FINGERS, JOINT_NAMES, NUM_JO
 OUTPUTS = ("report.json", "report.md", "error_hist.png", "pck.png", "gallery.png")
 PCK_MAX_PX = 30.0
 PCK_THRESHOLDS_PX = np.linspace(0.0, PCK_MAX_PX, 61)  # 0.5 px steps
+BOX_PCK = (0.05, 0.1, 0.2)  # PCK thresholds as fractions of the labelled box's longer side
 STATS = ("mean", "median", "p90", "p95", "max")
+QUANTILES = {"median": 50.0, "p90": 90.0, "p95": 95.0}
+HIST_TOP_Q = 99.0  # the error histogram spans 0 .. max(PCK_MAX_PX, this percentile)
 GT_COLOR = (255, 255, 255)
+EXTREMES = 10  # rows of the worst and best tables
 
-
-@dataclass(frozen=True)
-class Labelled:
-    """Predictions with their labels, all in original pixels."""
-
-    index: np.ndarray  # (N,) input index (to reload the image)
-    paths: list[str]
-    pred: np.ndarray  # (N, 21, 2)
-    gt: np.ndarray  # (N, 21, 2)
-    visible: np.ndarray  # (N, 21) bool: joints that count
-    side: np.ndarray  # (N,) max(width, height), px
+# A spill row: NUM_JOINTS errors (px, NaN = not labelled), then these three sides (px).
+SIDE, BOX_SIDE, INPUT_SIDE = NUM_JOINTS, NUM_JOINTS + 1, NUM_JOINTS + 2
+SPILL_COLUMNS = NUM_JOINTS + 3
+BLOCK_ROWS = 1 << 13  # rows read per block of the spill (0.8 MB; the statistics' working set ~10x)
+FINGER_GROUPS = {f: [j for j in range(NUM_JOINTS) if joint_finger(j) == f] for f in ("wrist", *FINGERS)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (pure)
+# Per-hand errors (pure)
 
 
 def keypoint_errors(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -60,26 +71,268 @@ def keypoint_errors(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def image_errors(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """(N,) mean error over each image's visible joints; NaN for an image with none."""
+    """(N,) mean error over each hand's labelled joints; NaN for a hand with none."""
     e = np.where(visible, keypoint_errors(pred, gt), 0.0)
     n = visible.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, e.sum(axis=1) / n, np.nan)
 
 
-def describe(values: np.ndarray) -> dict[str, float]:
-    """mean, median, p90, p95, max of a 1-D array (linear-interpolated percentiles)."""
-    v = np.asarray(values, np.float64)
-    if v.size == 0:
-        return {k: float("nan") for k in STATS}
-    p50, p90, p95 = np.percentile(v, [50, 90, 95])
+def spill_rows(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    labelled: np.ndarray,
+    side: Sequence[float] | np.ndarray,
+    box_side: Sequence[float] | np.ndarray,
+    input_side: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """(N, SPILL_COLUMNS) float32 rows: per-joint errors (NaN where not labelled), the image's
+    longer side, the labelled box's longer side and the side of the square that filled the input."""
+    err = np.where(np.asarray(labelled, bool), keypoint_errors(pred, gt), np.nan)
+    sides = np.stack([np.asarray(v, np.float64).reshape(-1) for v in (side, box_side, input_side)], axis=1)
+    return np.concatenate([err, sides], axis=1).astype(np.float32)
+
+
+def box_side(box: np.ndarray) -> float:
+    """The longer side of a box (x0, y0, x1, y1)."""
+    return float(max(box[2] - box[0], box[3] - box[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The worst and best hands: bounded heaps
+
+
+class Extremes:
+    """The `worst` highest-error and `best` lowest-error hands seen so far, each an entry dict with
+    "error_px" and "order" (a list that sorts like the input order: ties go to the earlier hand).
+
+    Bounded, so a run over any number of images keeps at most worst + best entries; entries are
+    plain JSON, so a rank can checkpoint them and rank 0 can merge every rank's.
+    """
+
+    def __init__(self, worst: int, best: int):
+        self.n_worst, self.n_best = worst, best
+        self._worst: list[tuple[float, list[int], int, dict[str, Any]]] = []  # min-heap of the worst
+        self._best: list[tuple[float, list[int], int, dict[str, Any]]] = []  # min-heap of -error
+        self._tick = 0  # unique tie-breaker so dicts are never compared
+
+    def add(self, entry: dict[str, Any]) -> None:
+        e, order = float(entry["error_px"]), _neg(entry["order"])
+        self._tick += 1
+        # worst: keep the largest errors; among equal errors the earliest hand (largest -order)
+        _push(self._worst, (e, order, self._tick, entry), self.n_worst)
+        _push(self._best, (-e, order, self._tick, entry), self.n_best)
+
+    def worst(self) -> list[dict[str, Any]]:
+        """Highest error first; ties: the earlier hand first."""
+        return [t[3] for t in sorted(self._worst, key=lambda t: (-t[0], _neg(t[1])))]
+
+    def best(self) -> list[dict[str, Any]]:
+        """Lowest error first; ties: the earlier hand first."""
+        return [t[3] for t in sorted(self._best, key=lambda t: (t[0] * -1, _neg(t[1])))]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worst": self.worst(), "best": self.best()}
+
+    def load(self, data: dict[str, Any]) -> Extremes:
+        """Add the entries of a `to_json()` dict (a checkpoint, or another rank's); returns self."""
+        for entry in [*data.get("worst", []), *data.get("best", [])]:
+            self.add(entry)
+        return self
+
+
+def _neg(order: list[int]) -> list[int]:
+    return [-v for v in order]
+
+
+def _push(heap: list[Any], item: tuple[Any, ...], limit: int) -> None:
+    if limit <= 0:
+        return
+    if any(t[1] == item[1] for t in heap):  # the same hand added twice (merging checkpoints)
+        return
+    if len(heap) < limit:
+        heapq.heappush(heap, item)
+    elif item[:2] > heap[0][:2]:
+        heapq.heapreplace(heap, item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed statistics
+
+
+Blocks = Callable[[], Iterable[np.ndarray]]  # a fresh pass over the spill, block by block
+
+
+def spill_blocks(path: str | os.PathLike, rows: int = BLOCK_ROWS) -> Blocks:
+    """Passes over a spill file (float32 rows of SPILL_COLUMNS), `rows` at a time."""
+
+    def blocks() -> Iterator[np.ndarray]:
+        with open(path, "rb") as f:
+            while True:
+                block = np.fromfile(f, dtype="<f4", count=rows * SPILL_COLUMNS)
+                if not block.size:
+                    return
+                yield block.reshape(-1, SPILL_COLUMNS)
+
+    return blocks
+
+
+def _groups(rows: np.ndarray, model_size: int) -> dict[str, np.ndarray]:
+    """The value groups the report describes, from one block of spill rows (float32, >= 0)."""
+    err = rows[:, :NUM_JOINTS]
+    lab = np.isfinite(err)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = err / rows[:, SIDE : SIDE + 1] * np.float32(100.0)
+        pct_box = err / rows[:, BOX_SIDE : BOX_SIDE + 1] * np.float32(100.0)
+        model = err * np.float32(model_size) / rows[:, INPUT_SIDE : INPUT_SIDE + 1]
+    out = {"px": err[lab], "pct": pct[lab], "pct_box": pct_box[lab], "model_px": model[lab]}
+    for j in range(NUM_JOINTS):
+        m = lab[:, j]
+        out[f"joint{j}"], out[f"joint{j}_pct"], out[f"joint{j}_pct_box"] = err[m, j], pct[m, j], pct_box[m, j]
+    for f, cols in FINGER_GROUPS.items():
+        m = lab[:, cols]
+        out[f"finger_{f}"] = err[:, cols][m]
+        out[f"finger_{f}_pct"] = pct[:, cols][m]
+        out[f"finger_{f}_pct_box"] = pct_box[:, cols][m]
+    # abs(): a -0.0 would sort as the largest bit pattern
+    return {k: np.abs(v.astype(np.float32, copy=False)) for k, v in out.items()}
+
+
+def order_statistics(
+    blocks: Callable[[], Iterable[dict[str, np.ndarray]]], wanted: Mapping[str, Iterable[int]]
+) -> dict[str, dict[int, float]]:
+    """The k-th smallest value (k 0-based) of named groups of non-negative float32 values that
+    arrive in blocks, exactly, in memory independent of their number: a radix select on the bit
+    patterns (non-negative IEEE floats sort like their unsigned integers), 8 bits per pass."""
+    state = {g: {k: [int(k), 0] for k in ks} for g, ks in wanted.items()}  # k left, bits chosen
+    for p in range(4):
+        shift = 24 - 8 * p
+        hist = {(g, t[1]): np.zeros(256, np.int64) for g, ts in state.items() for t in ts.values()}
+        for block in blocks():
+            for g, ts in state.items():
+                keys = np.ascontiguousarray(block[g]).view(np.uint32)
+                for prefix in {t[1] for t in ts.values()}:
+                    sel = keys if p == 0 else keys[(keys >> (shift + 8)) == prefix]
+                    hist[g, prefix] += np.bincount(((sel >> shift) & 0xFF).astype(np.intp), minlength=256)
+        for g, ts in state.items():
+            for t in ts.values():
+                cum = np.cumsum(hist[g, t[1]])
+                digit = int(np.searchsorted(cum, t[0], side="right"))
+                t[0] -= int(cum[digit - 1]) if digit else 0
+                t[1] = (t[1] << 8) | digit
     return {
-        "mean": float(v.mean()),
-        "median": float(p50),
-        "p90": float(p90),
-        "p95": float(p95),
-        "max": float(v.max()),
+        g: {k: float(np.array([t[1]], np.uint32).view(np.float32)[0]) for k, t in ts.items()}
+        for g, ts in state.items()
     }
+
+
+def _percentile_ranks(n: int, q: float) -> tuple[int, int, float]:
+    """np.percentile's linear rule: the two order statistics around q and the weight between."""
+    index = q / 100 * (n - 1)
+    lo = math.floor(index)
+    return lo, min(lo + 1, n - 1), index - lo
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """np.percentile's interpolation (its formula, so the figures equal numpy's)."""
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+
+
+def summarise(
+    blocks: Blocks,
+    model_size: int,
+    *,
+    counts: dict[str, int] | None = None,
+    worst: Sequence[dict[str, Any]] = (),
+    best: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Everything report.json holds, from passes over the spill rows. `counts` adds the run's
+    counts ("images", "hands_missed"); `worst` and `best` are `Extremes` entries."""
+
+    def grouped() -> Iterator[dict[str, np.ndarray]]:
+        for rows in blocks():
+            yield _groups(rows, model_size)
+
+    n: dict[str, int] = {}
+    total: dict[str, float] = {}
+    top: dict[str, float] = {}
+    pck = np.zeros(len(PCK_THRESHOLDS_PX), np.int64)
+    box_pck = np.zeros(len(BOX_PCK), np.int64)
+    hands = 0
+    for rows in blocks():
+        hands += int(np.isfinite(rows[:, :NUM_JOINTS]).any(axis=1).sum())
+        groups = _groups(rows, model_size)
+        for g, v in groups.items():
+            n[g] = n.get(g, 0) + v.size
+            total[g] = total.get(g, 0.0) + float(v.sum(dtype=np.float64))
+            top[g] = max(top.get(g, -math.inf), float(v.max()) if v.size else -math.inf)
+        pck += np.searchsorted(np.sort(groups["px"]), PCK_THRESHOLDS_PX, side="right")
+        box_pck += [int((groups["pct_box"] <= t * 100).sum()) for t in BOX_PCK]
+
+    described = ["px", "pct", "pct_box", "model_px"] + [f"joint{j}" for j in range(NUM_JOINTS)]
+    described += [f"finger_{f}" for f in FINGER_GROUPS]
+    wanted: dict[str, set[int]] = {}
+    for g in described:
+        if n.get(g, 0):
+            qs = [*QUANTILES.values(), *([HIST_TOP_Q] if g == "px" else [])]
+            wanted[g] = {r for q in qs for r in _percentile_ranks(n[g], q)[:2]}
+    ranked = order_statistics(grouped, wanted)
+
+    def quantile(g: str, q: float) -> float:
+        lo, hi, t = _percentile_ranks(n[g], q)
+        return _lerp(ranked[g][lo], ranked[g][hi], t)
+
+    def describe(g: str) -> dict[str, float]:
+        if not n.get(g, 0):
+            return {k: float("nan") for k in STATS}
+        return {"mean": total[g] / n[g], **{k: quantile(g, q) for k, q in QUANTILES.items()}, "max": top[g]}
+
+    def mean(g: str) -> float:
+        return total[g] / n[g] if n.get(g, 0) else float("nan")
+
+    def group_row(g: str) -> dict[str, Any]:
+        return {
+            "keypoints": n.get(g, 0),
+            "error_px": describe(g),
+            "mean_error_pct": mean(f"{g}_pct"),
+            "mean_error_pct_box": mean(f"{g}_pct_box"),
+        }
+
+    keypoints = n.get("px", 0)
+    fraction = (pck / max(keypoints, 1)).tolist()
+    px, pct, pct_box = describe("px"), describe("pct"), describe("pct_box")
+    box_fraction = {f"{t:g}": float(c / max(keypoints, 1)) for t, c in zip(BOX_PCK, box_pck, strict=True)}
+    counts = counts or {}
+    return {
+        "mean_error_px": px["mean"],
+        "mean_error_pct": pct["mean"],
+        "mean_error_pct_box": pct_box["mean"],
+        "pck_0.2_box": box_fraction["0.2"],
+        "median_error_px": px["median"],
+        "auc": pck_auc(PCK_THRESHOLDS_PX, np.asarray(fraction)),
+        "images": int(counts.get("images", hands)),
+        "hands": hands,
+        "hands_missed": int(counts.get("hands_missed", 0)),
+        "keypoints": keypoints,
+        "model_size": int(model_size),
+        "error_px": px,
+        "error_pct": pct,
+        "error_pct_box": pct_box,
+        "error_model_px": describe("model_px"),
+        "pck": {"thresholds_px": PCK_THRESHOLDS_PX.tolist(), "fraction": fraction},
+        "pck_box": box_fraction,
+        "hist_top_px": max(PCK_MAX_PX, quantile("px", HIST_TOP_Q)) if keypoints else PCK_MAX_PX,
+        "per_joint": [
+            {"joint": j, "name": JOINT_NAMES[j], **group_row(f"joint{j}")} for j in range(NUM_JOINTS)
+        ],
+        "per_finger": [{"finger": f, **group_row(f"finger_{f}")} for f in FINGER_GROUPS],
+        "worst": [_table_row(e) for e in worst[:EXTREMES]],
+        "best": [_table_row(e) for e in best[:EXTREMES]],
+    }
+
+
+def _table_row(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("path", "hand", "error_px", "error_pct", "error_pct_box")}
 
 
 def pck_curve(errors: np.ndarray, thresholds: np.ndarray = PCK_THRESHOLDS_PX) -> np.ndarray:
@@ -94,56 +347,15 @@ def pck_auc(thresholds: np.ndarray, pck: np.ndarray) -> float:
     return float(np.sum((p[1:] + p[:-1]) / 2 * np.diff(t)) / (t[-1] - t[0]))
 
 
-def summarise(lab: Labelled, model_size: int, *, extremes: int = 10) -> dict[str, Any]:
-    """Everything report.json holds."""
-    err = keypoint_errors(lab.pred, lab.gt)
-    vis = lab.visible.astype(bool)
-    pct = err / lab.side[:, None] * 100.0
-    flat, flat_pct = err[vis], pct[vis]
-    pck = pck_curve(flat)
-    per_image = image_errors(lab.pred, lab.gt, vis)
-    order = [int(i) for i in np.argsort(np.nan_to_num(per_image, nan=-1.0), kind="stable")]
-    order = [i for i in order if np.isfinite(per_image[i])]
-
-    def image_row(i: int) -> dict[str, Any]:
-        return {
-            "path": lab.paths[i],
-            "error_px": float(per_image[i]),
-            "error_pct": float(per_image[i] / lab.side[i] * 100.0),
-        }
-
-    def group_row(cols: np.ndarray) -> dict[str, Any]:
-        m = vis[:, cols]
-        e, p = err[:, cols][m], pct[:, cols][m]
-        return {
-            "keypoints": int(m.sum()),
-            "error_px": describe(e),
-            "mean_error_pct": float(p.mean()) if p.size else float("nan"),
-        }
-
-    px, pc = describe(flat), describe(flat_pct)
-    return {
-        "mean_error_px": px["mean"],
-        "mean_error_pct": pc["mean"],
-        "median_error_px": px["median"],
-        "auc": pck_auc(PCK_THRESHOLDS_PX, pck),
-        "images": int(len(lab.paths)),
-        "keypoints": int(vis.sum()),
-        "model_size": int(model_size),
-        "error_px": px,
-        "error_pct": pc,
-        "error_model_px": describe(flat_pct / 100.0 * model_size),
-        "pck": {"thresholds_px": PCK_THRESHOLDS_PX.tolist(), "fraction": pck.tolist()},
-        "per_joint": [
-            {"joint": j, "name": JOINT_NAMES[j], **group_row(np.array([j]))} for j in range(NUM_JOINTS)
-        ],
-        "per_finger": [
-            {"finger": f, **group_row(np.array([j for j in range(NUM_JOINTS) if joint_finger(j) == f]))}
-            for f in ("wrist", *FINGERS)
-        ],
-        "worst": [image_row(i) for i in order[::-1][:extremes]],
-        "best": [image_row(i) for i in order[:extremes]],
-    }
+def error_histogram(blocks: Blocks, top: float, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) of the labelled keypoint errors clipped to [0, top], one streamed pass."""
+    edges = np.linspace(0.0, top, bins + 1)
+    counts = np.zeros(bins, np.int64)
+    for rows in blocks():
+        err = rows[:, :NUM_JOINTS]
+        e = np.clip(err[np.isfinite(err)].astype(np.float64), 0, top)
+        counts += np.histogram(e, bins=edges)[0]
+    return counts, edges
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,26 +364,30 @@ def summarise(lab: Labelled, model_size: int, *, extremes: int = 10) -> dict[str
 
 def write_report(
     out: str | os.PathLike,
-    lab: Labelled,
+    blocks: Blocks,
     *,
     model_size: int,
-    load_image: Callable[[int], np.ndarray],
+    load_image: Callable[[dict[str, Any]], np.ndarray],
+    counts: dict[str, int] | None = None,
+    worst: Sequence[dict[str, Any]] = (),
+    best: Sequence[dict[str, Any]] = (),
     console: Console | None = None,
     gallery: int = 4,
 ) -> dict[str, Any] | None:
     """Write report.json, report.md, the plots and the gallery into `out`; print the headline
-    table. `load_image(index)` returns an input image (RGB uint8) for the gallery. Returns the
+    table. `blocks` are passes over the spill rows; `worst`/`best` are `Extremes` entries, which
+    `load_image(entry)` turns back into their (RGB uint8) image for the gallery. Returns the
     report dict, or None when no keypoint has a label."""
     out = Path(out)
     console = console or make_console(stderr=True)
-    if not lab.visible.any():
+    rep = summarise(blocks, model_size, counts=counts, worst=worst, best=best)
+    if not rep["keypoints"]:
         console.print("no labelled keypoints: no report")
         return None
-    rep = summarise(lab, model_size)
     write_json(out / "report.json", rep)
     write_text(out / "report.md", render_markdown(rep))
-    _plots(out, keypoint_errors(lab.pred, lab.gt)[lab.visible.astype(bool)], rep)
-    save_png(_gallery(lab, rep, load_image, gallery), out / "gallery.png")
+    _plots(out, error_histogram(blocks, rep["hist_top_px"]), rep)
+    save_png(_gallery(worst[:gallery], best[:gallery], load_image), out / "gallery.png")
     console.print(_headline_table(rep))
     return rep
 
@@ -187,18 +403,37 @@ def _fmt(v: float, digits: int = 2) -> str:
 def render_markdown(rep: dict[str, Any]) -> str:
     """report.md from the report dict."""
     size = rep["model_size"]
+    missed = f" {rep['hands_missed']} labelled hands got no prediction." if rep["hands_missed"] else ""
     lines = [
         "# Keypoint error report",
         "",
-        f"{rep['images']} images, {rep['keypoints']} labelled keypoints. Errors are distances in original "
-        f"pixels; % of the image side (max of width and height); and at the model's {size} px input, "
-        "as the tutorial reports them.",
+        f"{rep['images']} images, {rep['hands']} hands, {rep['keypoints']} labelled keypoints.{missed} "
+        "Errors are distances in original pixels; % of the image side (max of width and height); "
+        "% of the labelled box's longer side; and at the model's "
+        f"{size} px input, as the tutorial reports them.",
         "",
         "| error | " + " | ".join(STATS) + " |",
         "|---|" + "---|" * len(STATS),
     ]
-    for label, key in (("px", "error_px"), ("% of side", "error_pct"), (f"px at {size}", "error_model_px")):
+    rows = (
+        ("px", "error_px"),
+        ("% of side", "error_pct"),
+        ("% of box", "error_pct_box"),
+        (f"px at {size}", "error_model_px"),
+    )
+    for label, key in rows:
         lines.append(f"| {label} | " + " | ".join(_fmt(rep[key][s]) for s in STATS) + " |")
+    box = rep["pck_box"]
+    lines += [
+        "",
+        "Box-normalised (top-down) figures:",
+        "",
+        "| EPE px | mean % of box | " + " | ".join(f"PCK@{t:g} of box" for t in BOX_PCK) + " |",
+        "|---|---|" + "---|" * len(BOX_PCK),
+        f"| {_fmt(rep['mean_error_px'])} | {_fmt(rep['mean_error_pct_box'])} | "
+        + " | ".join(f"{box[f'{t:g}']:.3f}" for t in BOX_PCK)
+        + " |",
+    ]
     pck = dict(zip(rep["pck"]["thresholds_px"], rep["pck"]["fraction"], strict=True))
     marks = [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
     lines += [
@@ -208,35 +443,28 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "| PCK@ | " + " | ".join(f"{t:g} px" for t in marks) + " |",
         "|---|" + "---|" * len(marks),
         "| fraction | " + " | ".join(f"{pck[t]:.3f}" for t in marks) + " |",
-        "",
-        "## Per finger",
-        "",
-        "| finger | keypoints | mean px | median px | p90 px | mean % |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in rep["per_finger"]:
-        e = r["error_px"]
-        lines.append(
-            f"| {r['finger']} | {r['keypoints']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "
-            f"{_fmt(e['p90'])} | {_fmt(r['mean_error_pct'])} |"
-        )
-    lines += [
-        "",
-        "## Per joint",
-        "",
-        "| # | joint | mean px | median px | p90 px | mean % |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rep["per_joint"]:
-        e = r["error_px"]
-        lines.append(
-            f"| {r['joint']} | {r['name']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "
-            f"{_fmt(e['p90'])} | {_fmt(r['mean_error_pct'])} |"
-        )
-    for title, key in (("Worst images", "worst"), ("Best images", "best")):
-        lines += ["", f"## {title}", "", "| # | image | mean px | % of side |", "|---|---|---|---|"]
+    head = "| keypoints | mean px | median px | p90 px | mean % | mean % of box |"
+    for title, key, first in (("Per finger", "per_finger", "finger"), ("Per joint", "per_joint", "joint")):
+        lines += ["", f"## {title}", "", f"| {first} {head}", "|---|---|---|---|---|---|---|"]
+        for r in rep[key]:
+            e = r["error_px"]
+            name = r["finger"] if key == "per_finger" else f"{r['joint']} {r['name']}"
+            lines.append(
+                f"| {name} | {r['keypoints']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "
+                f"{_fmt(e['p90'])} | {_fmt(r['mean_error_pct'])} | {_fmt(r['mean_error_pct_box'])} |"
+            )
+    for title, key in (("Worst hands", "worst"), ("Best hands", "best")):
         lines += [
-            f"| {k} | `{r['path']}` | {_fmt(r['error_px'])} | {_fmt(r['error_pct'])} |"
+            "",
+            f"## {title}",
+            "",
+            "| # | image | hand | mean px | % of side | % of box |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | `{r['path']}` | {r['hand']} | {_fmt(r['error_px'])} | {_fmt(r['error_pct'])} | "
+            f"{_fmt(r['error_pct_box'])} |"
             for k, r in enumerate(rep[key], 1)
         ]
     lines += [
@@ -247,7 +475,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "",
         "![PCK curve](pck.png)",
         "",
-        "![worst (top row) and best (bottom row) images](gallery.png)",
+        "![worst (top row) and best (bottom row) hands](gallery.png)",
         "",
     ]
     return "\n".join(lines)
@@ -256,18 +484,24 @@ def render_markdown(rep: dict[str, Any]) -> str:
 def _headline_table(rep: dict[str, Any]) -> Table:
     size = rep["model_size"]
     t = Table(
-        title=f"keypoint error: {rep['images']} images, {rep['keypoints']} keypoints, "
-        f"PCK AUC 0-{PCK_MAX_PX:g} px {rep['auc']:.3f}"
+        title=f"keypoint error: {rep['hands']} hands, {rep['keypoints']} keypoints, "
+        f"PCK AUC 0-{PCK_MAX_PX:g} px {rep['auc']:.3f}, PCK@0.2 of box {rep['pck_0.2_box']:.3f}"
     )
     t.add_column("")
-    for col in ("px", "% of side", f"px at {size}"):
+    for col in ("px", "% of side", "% of box", f"px at {size}"):
         t.add_column(col, justify="right")
     for s in STATS:
-        t.add_row(s, _fmt(rep["error_px"][s]), _fmt(rep["error_pct"][s]), _fmt(rep["error_model_px"][s]))
+        t.add_row(
+            s,
+            _fmt(rep["error_px"][s]),
+            _fmt(rep["error_pct"][s]),
+            _fmt(rep["error_pct_box"][s]),
+            _fmt(rep["error_model_px"][s]),
+        )
     return t
 
 
-def _plots(out: Path, errors: np.ndarray, rep: dict[str, Any]) -> None:
+def _plots(out: Path, hist: tuple[np.ndarray, np.ndarray], rep: dict[str, Any]) -> None:
     """error_hist.png and pck.png with matplotlib's object API (no pyplot: no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -277,10 +511,10 @@ def _plots(out: Path, errors: np.ndarray, rep: dict[str, Any]) -> None:
         FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
         write_bytes(out / name, buf.getvalue())
 
+    counts, edges = hist
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    top = max(PCK_MAX_PX, float(np.percentile(errors, 99)))
-    ax.hist(np.clip(errors, 0, top), bins=60, range=(0, top), color="tab:blue")
+    ax.hist(edges[:-1], bins=edges.tolist(), weights=counts, color="tab:blue")
     ax.axvline(rep["error_px"]["mean"], color="tab:red", label=f"mean {rep['error_px']['mean']:.2f} px")
     ax.axvline(
         rep["error_px"]["median"], color="tab:orange", label=f"median {rep['error_px']['median']:.2f} px"
@@ -338,6 +572,26 @@ def draw_hand(
     return _caption(canvas, caption) if caption else canvas
 
 
+def draw_entry(image: np.ndarray, entry: dict[str, Any], *, caption: str | None = None) -> Image.Image:
+    """One predicted hand drawn over its image: the whole image, or for a box prediction the
+    square around the box (`entry["region"]` = cx, cy, side, clipped to the image)."""
+    pred = np.asarray(entry["pred"], np.float64)
+    gt = np.asarray(entry["gt"], np.float64) if entry.get("gt") is not None else None
+    if gt is not None and entry.get("labelled") is not None:  # draw only labelled joints' truth
+        gt = np.where(np.asarray(entry["labelled"], bool)[:, None], gt, pred)
+    region = entry.get("region")
+    if entry.get("box") is not None and region is not None:
+        cx, cy, side = region
+        h, w = image.shape[:2]
+        x0, y0 = max(0, math.floor(cx - side / 2)), max(0, math.floor(cy - side / 2))
+        x1, y1 = min(w, math.ceil(cx + side / 2)), min(h, math.ceil(cy + side / 2))
+        if x1 > x0 and y1 > y0:
+            image = image[y0:y1, x0:x1]
+            pred = pred - [x0, y0]
+            gt = gt - [x0, y0] if gt is not None else None
+    return draw_hand(image, pred, gt, caption=caption)
+
+
 def _caption(image: Image.Image, text: str) -> Image.Image:
     draw = ImageDraw.Draw(image)
     box = draw.textbbox((4, 4), text)
@@ -347,19 +601,19 @@ def _caption(image: Image.Image, text: str) -> Image.Image:
 
 
 def _gallery(
-    lab: Labelled, rep: dict[str, Any], load_image: Callable[[int], np.ndarray], k: int
+    worst: Sequence[dict[str, Any]],
+    best: Sequence[dict[str, Any]],
+    load_image: Callable[[dict[str, Any]], np.ndarray],
 ) -> Image.Image:
-    """Worst k images in the top row, best k below, each with ground truth and prediction."""
+    """Worst hands in the top row, best below, each with ground truth and prediction."""
     tile = 224
-    where = {p: i for i, p in enumerate(lab.paths)}
-    rows = [rep["worst"][:k], rep["best"][:k]]
+    rows = [worst, best]
     cols = max(1, max(len(r) for r in rows))
     sheet = Image.new("RGB", (cols * tile, 2 * tile), (40, 40, 40))
     for r, row in enumerate(rows):
         for c, entry in enumerate(row):
-            i = where[entry["path"]]
             label = f"{'worst' if r == 0 else 'best'} {entry['error_px']:.1f}px {Path(entry['path']).name}"
-            img = draw_hand(load_image(int(lab.index[i])), lab.pred[i], lab.gt[i])
+            img = draw_entry(load_image(entry), entry)
             img.thumbnail((tile, tile), Image.Resampling.BILINEAR)
             img = _caption(img, label)
             sheet.paste(img, (c * tile + (tile - img.width) // 2, r * tile + (tile - img.height) // 2))

@@ -58,7 +58,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         json.dumps(
             {
                 "images": [{"id": 1, "file_name": "elsewhere/zzz.jpg", "width": 48, "height": 40}],
-                "annotations": [{"image_id": 1, "keypoints": [10.0, 10.0, 2] * 21}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "bbox": [5, 5, 10, 10], "keypoints": [10.0, 10.0, 2] * 21}
+                ],
             }
         )
     )

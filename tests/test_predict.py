@@ -1,110 +1,56 @@
-"""`handpose predict` and its report: geometry round trips through stub models, the tutorial's
-numbers on real FreiHAND images, bad inputs, output rules and the report's arithmetic."""
+"""`handpose predict`: geometry round trips through stub models (whole images, several boxes per
+image, refinement), every input kind and its labels, the shared preprocessing, the tutorial's
+numbers, model loading, bad inputs and the report's arithmetic.
+
+Output rules, resume and torchrun are in test_predict_runs.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yolokit
 from PIL import Image
-
-from handpose.errors import HandposeError
-from handpose.geometry import apply_affine, fit_matrix
-from handpose.predict import Item, ModelSpec, collect_inputs, letterbox, predict, prepare, read_bytes
-from handpose.report import PCK_THRESHOLDS_PX, Labelled, pck_auc, summarise, write_report
-from handpose.skeleton import NUM_JOINTS
-
-PLAIN = ModelSpec(
-    size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), index_offset=0.5, resample="resize", kind="stub"
+from predictkit import (
+    PLAIN,
+    WARP,
+    FixedPoseModel,
+    IntensityModel,
+    dot_image,
+    encode,
+    lookup_model,
+    noise_image,
+    smooth_image,
 )
 
-
-# ----------------------------------------------------------------------------- stub models
-
-
-class IntensityModel(torch.nn.Module):
-    """Every heatmap = the input's red channel: the decoder then returns the red centroid, so a
-    single bright dot on black comes back where the letterbox put it (mean 0 / std 1 input)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict finds the device from a parameter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1].expand(-1, NUM_JOINTS, -1, -1)
-
-
-class LookupModel(torch.nn.Module):
-    """A perfect model for known images: the model input (back to uint8) is hashed and looked up
-    to model-space keypoints, each rendered as a bilinear splat on the 4 nearest cells, which the
-    heatmap-mean decoder reads back exactly (a Gaussian is cut off near the border)."""
-
-    def __init__(self, table: dict[str, np.ndarray], spec: ModelSpec) -> None:
-        super().__init__()
-        self.table, self.spec = table, spec
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
-        u8 = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        uv = np.stack([self.table[_digest(im.contiguous().numpy())] for im in u8])
-        return torch.from_numpy(splat(uv, self.spec.size))
-
-
-def splat(uv: np.ndarray, size: int) -> np.ndarray:
-    """(B, J, 2) model pixels -> (B, J, size, size) maps whose weighted mean of cell centres
-    (i + 0.5) is exactly uv (for 0.5 <= uv <= size - 0.5)."""
-    b, j, _ = uv.shape
-    maps = np.zeros((b, j, size, size), np.float32)
-    c = uv - 0.5
-    i0 = np.clip(np.floor(c).astype(int), 0, size - 2)
-    f = c - i0
-    for bi in range(b):
-        for ji in range(j):
-            (x0, y0), (fx, fy) = i0[bi, ji], f[bi, ji]
-            maps[bi, ji, y0 : y0 + 2, x0 : x0 + 2] = np.outer([1 - fy, fy], [1 - fx, fx])
-    return maps
-
-
-def _digest(image: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-
-
-def lookup_model(items: list[Item], spec: ModelSpec, uv_of: dict[str, np.ndarray]) -> LookupModel:
-    """Stub for these items: uv_of[item.path] (original pixels) moved into model space by the fit."""
-    table = {}
-    for it in items:
-        image, fit, _, _ = prepare(read_bytes(it), spec)
-        table[_digest(image)] = apply_affine(fit, uv_of[it.path])
-    return LookupModel(table, spec)
-
-
-# ----------------------------------------------------------------------------- image helpers
-
-
-def encode(image: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def dot_image(w: int, h: int, cx: float, cy: float, sigma: float) -> np.ndarray:
-    """Black (h, w, 3) with a Gaussian dot centred at (cx, cy) in pixel-centre coordinates."""
-    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
-    g = np.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma**2))
-    return np.repeat(np.round(g * 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
-def noise_image(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+from handpose.errors import HandposeError
+from handpose.geometry import apply_affine, box_region, crop_matrix, fit_matrix, invert, keypoints_box
+from handpose.predict import (
+    BOX_TO_KEYPOINTS,
+    DEFAULT_REFINE,
+    ModelSpec,
+    letterbox,
+    load_model,
+    predict,
+    prepare,
+    refine_box,
+)
+from handpose.predict_inputs import parse_box_line
+from handpose.report import (
+    PCK_THRESHOLDS_PX,
+    SPILL_COLUMNS,
+    order_statistics,
+    pck_auc,
+    spill_rows,
+    summarise,
+    write_report,
+)
+from handpose.skeleton import NUM_JOINTS
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -115,25 +61,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "w, h, fmt, resample",
+    "w, h, fmt, preprocess",
     [
-        (300, 200, "PNG", "resize"),  # fractional bars: 21.33 px top and bottom
+        (300, 200, "PNG", "tutorial"),  # fractional bars: 21.33 px top and bottom
         (200, 300, "PNG", "warp"),
-        (96, 64, "PNG", "resize"),  # upscaled
-        (1001, 603, "JPEG", "resize"),  # JPEG fast path: 1/4 in the DCT domain, width not a multiple of 8
-        (1001, 603, "JPEG", "warp"),
+        (96, 64, "PNG", "tutorial"),  # upscaled
+        (1001, 603, "JPEG", "tutorial"),  # full decode, width not a multiple of 8
+        (1001, 603, "JPEG", "warp"),  # JPEG DCT fast path at 1/4
     ],
 )
-def test_letterbox_dot_round_trip(tmp_path: Path, w: int, h: int, fmt: str, resample: str) -> None:
+def test_letterbox_dot_round_trip(tmp_path: Path, w: int, h: int, fmt: str, preprocess: str) -> None:
     """A dot drawn at a known place in a non-square image comes back there in original pixels."""
-    spec = ModelSpec(**{**PLAIN.__dict__, "resample": resample})
+    spec = ModelSpec(**{**PLAIN.__dict__, "preprocess": preprocess})
     cx, cy = 0.87 * w + 0.3, 0.31 * h + 0.2  # far from the centre: scale errors show
     (tmp_path / f"dot.{fmt.lower()}").write_bytes(
         encode(dot_image(w, h, cx, cy, max(w, h) / 40), fmt, quality=95)
     )
     predict((IntensityModel(), spec), [tmp_path], tmp_path / "out", workers=0, quiet=True)
     (rec,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    assert (rec["width"], rec["height"]) == (w, h)
+    assert (rec["width"], rec["height"], rec["hand"], rec["box"]) == (w, h, 0, None)
     kp = np.array(rec["keypoints"])
     assert np.abs(kp[:, :2] - [cx, cy]).max() < 0.1 * max(1.0, max(w, h) / 300)  # measured: <= 0.05
 
@@ -150,12 +96,13 @@ def test_exif_rgba_and_grey_dots(tmp_path: Path) -> None:
     rgba = np.concatenate([disp, np.full((h, w, 1), 255, np.uint8)], axis=2)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(disp[..., 0], "L").save(tmp_path / "grey.png")
-    predict((IntensityModel(), PLAIN), [tmp_path], tmp_path / "out", workers=0, quiet=True)
-    recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    assert [Path(r["path"]).name for r in recs] == ["exif.jpg", "grey.png", "rgba.png"]
-    for r in recs:
-        assert (r["width"], r["height"]) == (w, h)
-        assert np.abs(np.array(r["keypoints"])[:, :2] - [cx, cy]).max() < 0.1, r["path"]
+    for spec in (PLAIN, WARP):
+        predict((IntensityModel(), spec), [tmp_path], tmp_path / "out", workers=0, quiet=True)
+        recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+        assert [Path(r["path"]).name for r in recs] == ["exif.jpg", "grey.png", "rgba.png"]
+        for r in recs:
+            assert (r["width"], r["height"]) == (w, h)
+            assert np.abs(np.array(r["keypoints"])[:, :2] - [cx, cy]).max() < 0.1, r["path"]
 
 
 def test_letterbox_equals_the_fit_matrix() -> None:
@@ -175,28 +122,243 @@ def test_letterbox_equals_the_fit_matrix() -> None:
 
 
 def test_known_keypoints_come_back(tmp_path: Path) -> None:
-    """Known keypoints on generated images of many shapes come back through predict exactly."""
+    """Known keypoints on generated images of many shapes come back through predict exactly, in
+    input order, whatever the batch size and decode threads."""
     rng = np.random.default_rng(0)
-    uv_of = {}
+    crops, uv_of = [], {}
     for k, (w, h) in enumerate([(224, 224), (320, 180), (150, 400), (640, 480), (257, 255)]):
         path = tmp_path / "in" / f"img{k}.{'jpg' if k % 2 else 'png'}"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(encode(noise_image(w, h, k), "JPEG" if k % 2 else "PNG", quality=90))
         uv_of[str(path)] = rng.uniform([0.1 * w, 0.1 * h], [0.9 * w, 0.9 * h], (NUM_JOINTS, 2))
-    items, _ = collect_inputs([tmp_path / "in"], tmp_path / "out", split="test", labels=None)
-    model = lookup_model(items, PLAIN, uv_of)
+        crops.append((path.read_bytes(), None, uv_of[str(path)]))
+    for spec in (PLAIN, WARP):
+        model = lookup_model(crops, spec)
+        predict(
+            (model, spec),
+            [tmp_path / "in"],
+            tmp_path / "out",
+            batch_size=2,
+            workers=2,
+            overlays=1,
+            quiet=True,
+        )
+        assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["0001-img0.png"]
+        recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+        assert [r["path"] for r in recs] == sorted(uv_of)
+        for r in recs:
+            assert np.abs(np.array(r["keypoints"])[:, :2] - uv_of[r["path"]]).max() < 2e-3
+        first = (tmp_path / "out" / "predictions.jsonl").read_bytes()
+        predict((model, spec), [tmp_path / "in"], tmp_path / "out", batch_size=64, workers=0, quiet=True)
+        assert (tmp_path / "out" / "predictions.jsonl").read_bytes() == first
+
+
+def _box_photos(tmp_path: Path) -> tuple[dict[str, list[tuple[np.ndarray, np.ndarray]]], list, Path]:
+    """Three photos with 3, 2 and 1 off-centre hand boxes of several sizes, each box with known
+    keypoints: {file name: [(box, uv)]}, the crops for a lookup model, and the folder."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    truth, crops = {}, []
+    for name, (w, h), n in (("a.jpg", (1280, 960), 3), ("b.png", (400, 300), 2), ("c.jpg", (224, 224), 1)):
+        data = encode(smooth_image(w, h, len(truth)), "JPEG" if name.endswith("jpg") else "PNG", quality=92)
+        (folder / name).write_bytes(data)
+        hands = []
+        for _ in range(n):
+            side = rng.uniform(0.1, 0.4) * min(w, h)
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            box = np.array([x0, y0, x0 + side, y0 + side * rng.uniform(0.7, 1.0)])
+            uv = rng.uniform(box[:2], box[2:], (NUM_JOINTS, 2))
+            hands.append((box, uv))
+            crops.append((data, box, uv))
+        truth[name] = hands
+    return truth, crops, folder
+
+
+@pytest.mark.parametrize("spec", [WARP, PLAIN], ids=["warp", "tutorial"])
+def test_boxes_several_per_image_come_back(tmp_path: Path, spec: ModelSpec) -> None:
+    """--boxes: a stub model that answers known keypoints for each crop returns them in original
+    pixels for several boxes per image, from COCO detections (by file_name or image_id) and from a
+    YOLO labels folder; predictions.jsonl carries each box and its hand index."""
+    truth, crops, folder = _box_photos(tmp_path)
+    model = lookup_model(crops, spec)
+    detections = []
+    for name, hands in truth.items():
+        for box, _ in hands:
+            x0, y0, x1, y1 = box.tolist()
+            detections.append({"file_name": name, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 0.9})
+    (tmp_path / "dets.json").write_text(json.dumps(detections))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name, hands in truth.items():
+        w, h = Image.open(folder / name).size
+        lines = []
+        for box, _ in hands:
+            cx, cy, bw, bh = (
+                (box[0] + box[2]) / 2 / w,
+                (box[1] + box[3]) / 2 / h,
+                (box[2] - box[0]) / w,
+                (box[3] - box[1]) / h,
+            )
+            lines.append(f"0 {float(cx)!r} {float(cy)!r} {float(bw)!r} {float(bh)!r} 0.8")
+        (labels / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
+    for boxes in (tmp_path / "dets.json", labels):
+        out = tmp_path / f"out-{Path(boxes).stem}"
+        predict((model, spec), [folder], out, boxes=boxes, workers=0, quiet=True, coco=out / "coco.json")
+        recs = read_jsonl(out / "predictions.jsonl")
+        assert [(Path(r["path"]).name, r["hand"]) for r in recs] == [
+            (n, k) for n, hands in truth.items() for k in range(len(hands))
+        ]
+        for r in recs:
+            box, uv = truth[Path(r["path"]).name][r["hand"]]
+            assert np.abs(np.array(r["box"]) - box).max() < 2e-3
+            assert np.abs(np.array(r["keypoints"])[:, :2] - uv).max() < 2e-3
+            assert r["box_score"] == (0.9 if boxes.suffix == ".json" else 0.8)
+        coco = json.loads((out / "coco.json").read_text())
+        assert len(coco) == len(recs) and all(len(c["bbox"]) == 4 for c in coco)
+    # by image_id: a digits-only stem is the image's id
+    (folder / "a.jpg").rename(folder / "7.jpg")
+    by_id = [{"image_id": 7, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for b, _ in truth["a.jpg"]]
+    (tmp_path / "ids.json").write_text(json.dumps(by_id))
     predict(
-        (model, PLAIN), [tmp_path / "in"], tmp_path / "out", batch_size=2, workers=1, overlays=1, quiet=True
+        (model, spec),
+        [folder / "7.jpg"],
+        tmp_path / "out-id",
+        boxes=tmp_path / "ids.json",
+        workers=0,
+        quiet=True,
     )
-    assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["0001-img0.png"]
-    recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    assert [r["path"] for r in recs] == sorted(uv_of)
+    recs = read_jsonl(tmp_path / "out-id" / "predictions.jsonl")
+    assert len(recs) == 3 and "box_score" not in recs[0]
     for r in recs:
-        assert np.abs(np.array(r["keypoints"])[:, :2] - uv_of[r["path"]]).max() < 2e-3
-    # Same bytes with another batch size and no workers: order and values do not depend on them.
-    first = (tmp_path / "out" / "predictions.jsonl").read_bytes()
-    predict((model, PLAIN), [tmp_path / "in"], tmp_path / "out", batch_size=64, workers=0, quiet=True)
-    assert (tmp_path / "out" / "predictions.jsonl").read_bytes() == first
+        assert np.abs(np.array(r["keypoints"])[:, :2] - truth["a.jpg"][r["hand"]][1]).max() < 2e-3
+
+
+def test_boxes_file_errors(tmp_path: Path) -> None:
+    """A bad detection entry is one line naming the entry; a bad YOLO box line fails its image."""
+    (tmp_path / "a.png").write_bytes(encode(noise_image(64, 48, 0)))
+    cases = [
+        ({"x": 1}, "entry 1: needs an integer image_id or a file_name"),
+        ({"file_name": "a.png", "bbox": [0, 0, 5]}, "entry 1: bbox has shape"),
+        ({"file_name": "a.png", "bbox": [0, 0, 0, 5]}, "entry 1: bbox .* width or height <= 0"),
+        ({"image_id": "3", "bbox": [0, 0, 5, 5]}, "entry 1: image_id '3' is not an integer"),
+        ({"file_name": "a.png", "bbox": [0, 0, 5, 5], "score": "high"}, "entry 1: score 'high'"),
+    ]
+    for entry, message in cases:
+        (tmp_path / "d.json").write_text(json.dumps([{"file_name": "a.png", "bbox": [1, 1, 9, 9]}, entry]))
+        with pytest.raises(HandposeError, match=message):
+            predict(
+                (IntensityModel(), PLAIN),
+                [tmp_path / "a.png"],
+                tmp_path / "out",
+                boxes=tmp_path / "d.json",
+                quiet=True,
+            )
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 1.5 0.2\n")
+    with pytest.raises(HandposeError, match="no image could be predicted"):
+        predict((IntensityModel(), PLAIN), [tmp_path / "a.png"], tmp_path / "out", boxes=labels, quiet=True)
+    (err,) = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert err["path"].endswith("a.png") and re.search(r"a\.txt:2: box w = 1\.5 is outside", err["reason"])
+    assert parse_box_line("0 0.5 0.5 0.2 0.4".split())[1] is None
+    assert np.allclose(parse_box_line("0 0.5 0.5 0.2 0.4 0.7".split())[0], [0.4, 0.3, 0.6, 0.7])
+
+
+def test_refine_crops_the_predicted_hand(tmp_path: Path) -> None:
+    """--refine N: each pass crops the box of the last pass's keypoints grown by the checkpoint's
+    box-to-keypoints ratio, padded by its box_pad; predictions.jsonl records the final box."""
+    w, h = 640, 480
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jpg").write_bytes(encode(smooth_image(w, h, 3), "JPEG", quality=90))
+    rng = np.random.default_rng(2)
+    pose = rng.uniform(40, 90, (NUM_JOINTS, 2))  # a hand left of centre in every crop
+    spec = ModelSpec(**{**WARP.__dict__, "crop": "box", "pad": 1.3, "box_to_keypoints": 1.5})
+    model = FixedPoseModel(pose, spec.size)
+    for refine in (0, 1, 2):
+        out = tmp_path / f"out{refine}"
+        predict((model, spec), [tmp_path / "in"], out, refine=refine, quiet=True)
+        (rec,) = read_jsonl(out / "predictions.jsonl")
+        uv = apply_affine(invert(fit_matrix(w, h, spec.size)), pose)  # pass 1: the whole image
+        box = None
+        for _ in range(refine):
+            box = refine_box(uv, 1.5)
+            assert np.allclose(box[2:] - box[:2], (keypoints_box(uv)[2:] - keypoints_box(uv)[:2]) * 1.5)
+            uv = apply_affine(invert(crop_matrix(box_region(box, 1.3), spec.size)), pose)
+        assert (rec["box"] is None) == (box is None)
+        if box is not None:
+            assert np.abs(np.array(rec["box"]) - box).max() < 2e-3
+        assert np.abs(np.array(rec["keypoints"])[:, :2] - uv).max() < 2e-3
+    # the default: DEFAULT_REFINE passes for a box-crop model, none for a whole-image model
+    predict((model, spec), [tmp_path / "in"], tmp_path / "d-box", quiet=True)
+    assert (read_jsonl(tmp_path / "d-box" / "predictions.jsonl")[0]["box"] is None) == (DEFAULT_REFINE == 0)
+    predict((model, WARP), [tmp_path / "in"], tmp_path / "d-image", quiet=True)
+    assert read_jsonl(tmp_path / "d-image" / "predictions.jsonl")[0]["box"] is None
+    with pytest.raises(HandposeError, match="--refine applies to whole images"):
+        predict((model, spec), [tmp_path / "in"], tmp_path / "x", refine=1, boxes="gt", quiet=True)
+    assert BOX_TO_KEYPOINTS == 1.2
+
+
+# ----------------------------------------------------------------------------- inputs and labels
+
+
+def test_yolo_dataset_gt_boxes_and_splits(tmp_path: Path) -> None:
+    """A YOLO-pose dataset: --split picks its split folder; --boxes gt predicts each labelled hand
+    in its box; a perfect model scores 0 in px and in % of the box; unlabelled joints and a
+    background image count nowhere."""
+    root = yolokit.write_dataset(tmp_path / "yolo", yolokit.default_spec())
+    spec = yolokit.default_spec()
+    crops, expect = [], []
+    for img in spec.splits["train"]:
+        data = (root / "train" / "images" / f"{img.name}.jpg").read_bytes()
+        w, h = yolokit.displayed_size(img)
+        for k, line in enumerate(img.lines or []):
+            (cx, cy, bw, bh), uv, vis = yolokit.parse(line)
+            box = np.array([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]) * [w, h, w, h]
+            crops.append((data, box, uv * [w, h]))
+            expect.append((img.name, k, box, uv * [w, h], vis))
+    model = lookup_model(crops, WARP)
+    predict((model, WARP), [root], tmp_path / "out", split="train", boxes="gt", quiet=True, overlays=3)
+    recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    got = [
+        (Path(r["path"]).relative_to(root / "train" / "images").with_suffix("").as_posix(), r["hand"])
+        for r in recs
+    ]
+    assert got == [(n, k) for n, k, *_ in expect]
+    for r, (_, _, box, uv, vis) in zip(recs, expect, strict=True):
+        assert np.abs(np.array(r["box"]) - box).max() < 1e-3
+        assert np.abs(np.array(r["keypoints"])[vis > 0, :2] - uv[vis > 0]).max() < 2e-3
+        assert r["error_px"] < 2e-3
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["hands"] == len(expect) and rep["keypoints"] == sum(int((v > 0).sum()) for *_, v in expect)
+    assert rep["mean_error_px"] < 2e-3 and rep["mean_error_pct_box"] < 1e-2 and rep["pck_0.2_box"] == 1.0
+    assert rep["images"] == 5 and rep["hands_missed"] == 0
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
+    with pytest.raises(HandposeError, match=r"no split 'bogus' \(has: train, val\)"):
+        predict((model, WARP), [root], tmp_path / "x", split="bogus", quiet=True)
+    with pytest.raises(HandposeError, match=r"no split 'test' \(has: train, val\); choose one with --split"):
+        predict((model, WARP), [root], tmp_path / "x", quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_whole_image_scored_against_the_hand_it_found(tmp_path: Path) -> None:
+    """Whole images with several labelled hands: the one prediction is scored against the
+    labelled hand nearest to it; the other hands are counted as missed."""
+    root = yolokit.write_dataset(tmp_path / "yolo", yolokit.default_spec())
+    spec = yolokit.default_spec()
+    img = spec.splits["val"][0]  # h: 224 x 224, two hands
+    data = (root / "val" / "images" / "h.jpg").read_bytes()
+    uv1 = yolokit.parse(img.lines[1])[1] * [224, 224]  # the model finds the SECOND hand
+    model = lookup_model([(data, None, uv1)], WARP)
+    predict((model, WARP), [root / "val" / "images" / "h.jpg"], tmp_path / "out", quiet=True, refine=0)
+    assert "error_px" not in read_jsonl(tmp_path / "out" / "predictions.jsonl")[0]  # a file: no labels
+    model.default = np.full((NUM_JOINTS, 2), 64.0)  # the dataset's other photos: some answer
+    predict((model, WARP), [root], tmp_path / "out", split="val", quiet=True, refine=0)
+    recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert Path(recs[0]["path"]).name == "h.jpg" and recs[0]["error_px"] < 2e-3
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["hands"] == 3 and rep["hands_missed"] == 3  # h: 1 of 2, i: 1 of 1, j: 1 of 3
 
 
 def test_freihand_root_labels(synth_root: Path, tmp_path: Path) -> None:
@@ -204,49 +366,200 @@ def test_freihand_root_labels(synth_root: Path, tmp_path: Path) -> None:
     from handpose.sources.freihand import read_freihand
 
     evaluation = [r for r in read_freihand(synth_root, versions=None).records if r.evaluation]
-    uv_of = {str(r.path): r.uv for r in evaluation}
-    items, _ = collect_inputs([synth_root], tmp_path, split="test", labels=None)
-    assert sorted(it.path for it in items) == sorted(uv_of)
-    model = lookup_model(items, PLAIN, uv_of)
+    crops = [(r.path.read_bytes(), None, r.uv) for r in evaluation]
+    model = lookup_model(crops, PLAIN)
     predict((model, PLAIN), [synth_root], tmp_path / "out", workers=0, overlays=2, quiet=True)
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["images"] == len(evaluation) and rep["keypoints"] == len(evaluation) * NUM_JOINTS
     assert rep["mean_error_px"] < 2e-3 and rep["auc"] > 0.98
     assert len(list((tmp_path / "out" / "overlays").glob("worst-01-*.png"))) == 1
     assert len(list((tmp_path / "out" / "overlays").glob("best-01-*.png"))) == 1
+    with pytest.raises(HandposeError, match="FreiHAND root .* has the splits train, training, eval"):
+        predict((model, PLAIN), [synth_root], tmp_path / "x", split="bogus", quiet=True)
 
 
-def test_shards_labels(packed: Path, tmp_path: Path) -> None:
-    """A shards folder with --split: JPEG bytes read in place, labels from kp.f32."""
-    from handpose.shards import decode_keypoints, read_manifest
+def test_shards_read_through_the_shard_reader(packed: Path, tmp_path: Path) -> None:
+    """A shards folder: JPEG bytes and labels (uv, visibility, box) through shards.read_samples;
+    with --boxes gt the labelled box of each sample; COCO image ids are the sample ids."""
+    from handpose.shards import decode_annotation, read_manifest, read_samples, split_shards
 
-    items, _ = collect_inputs([packed], tmp_path, split="val", labels=None)
-    assert len(items) == read_manifest(packed).count("val")
-    uv_of = {it.path: it.uv for it in items}
-    assert all(uv is not None for uv in uv_of.values())
-    first = items[0]  # the label really is that sample's kp.f32 member
-    tar_path, name = first.path.rsplit("/", 1)
-    with tarfile.open(tar_path) as tar:
-        kp = tar.extractfile(name.replace(".jpg", ".kp.f32")).read()
-        assert tar.extractfile(name).read() == read_bytes(first)
-    assert np.array_equal(decode_keypoints(kp), first.uv.astype(np.float32))
-    model = lookup_model(items, PLAIN, uv_of)
+    _, tars = split_shards(packed, "val")
+    samples = [s for t in tars for s in read_samples(t, ("jpg", "kp.f32", "vis.u8", "box.f32"))]
+    assert len(samples) == read_manifest(packed).count("val")
+    anns = [decode_annotation(s) for s in samples]
+    for boxes in (None, "gt"):
+        crops = [
+            (s["jpg"], a.box.astype(np.float64) if boxes else None, a.uv.astype(np.float64))
+            for s, a in zip(samples, anns, strict=True)
+        ]
+        model = lookup_model(crops, WARP)
+        out = tmp_path / f"out-{boxes}"
+        predict((model, WARP), [packed], out, split="val", boxes=boxes, quiet=True, coco=out / "r.json")
+        recs = read_jsonl(out / "predictions.jsonl")
+        assert [Path(r["path"]).stem for r in recs] == [s["__key__"] for s in samples]
+        for r, a in zip(recs, anns, strict=True):
+            assert np.abs(np.array(r["keypoints"])[:, :2] - a.uv).max() < 2e-3
+            assert (r["box"] is None) == (boxes is None)
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["hands"] == len(samples) and rep["mean_error_px"] < 2e-3
+        results = json.loads((out / "r.json").read_text())
+        assert [r["image_id"] for r in results] == [int(s["__key__"]) for s in samples]
+    with pytest.raises(HandposeError, match=r"no shards for split 'bogus' \(have: eval, test, train, val\)"):
+        predict((model, WARP), [packed], tmp_path / "x", split="bogus", quiet=True)
+
+
+def test_yolo_shards_group_the_hands_of_a_photo(tmp_path: Path) -> None:
+    """Packed YOLO data holds one sample per hand; predict reads the samples of one photo as one
+    image, so whole-image predictions on the shards equal those on the YOLO root."""
+    from handpose.pack import pack
+
+    root = yolokit.write_dataset(tmp_path / "yolo", yolokit.default_spec())
+    pack(root, tmp_path / "shards", fmt="yolo", workers=1)
+    model = IntensityModel()
+    predict((model, WARP), [root], tmp_path / "a", split="val", quiet=True, refine=0)
+    predict((model, WARP), [tmp_path / "shards"], tmp_path / "b", split="val", quiet=True, refine=0)
+    a, b = read_jsonl(tmp_path / "a" / "predictions.jsonl"), read_jsonl(tmp_path / "b" / "predictions.jsonl")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["keypoints"] == y["keypoints"] and (x["width"], x["height"]) == (y["width"], y["height"])
+        assert abs(x["error_px"] - y["error_px"]) < 1e-3  # labels: float64 vs the shards' float32
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert (ra["hands"], ra["hands_missed"]) == (rb["hands"], rb["hands_missed"]) == (3, 3)
+
+
+def test_coco_labels_by_the_coco_reader(tmp_path: Path) -> None:
+    """--labels: read by sources.coco; joints with visibility 0 are not labelled and do not count;
+    labels that match no input image are an error."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    images, annotations, crops = [], [], []
+    for k in range(3):
+        data = encode(noise_image(96, 80, k))
+        (folder / f"{k:03d}x.png").write_bytes(data)
+        uv = rng.uniform(10, 70, (NUM_JOINTS, 2))
+        pred = uv + 3.0  # off by (3, 3) everywhere
+        vis = np.full(NUM_JOINTS, 2)
+        vis[:5] = 0  # not labelled: their (wild) coordinates must count nowhere
+        kps = np.column_stack([np.where(vis[:, None] > 0, uv, 500.0), vis]).ravel().tolist()
+        images.append({"id": k + 1, "file_name": f"{k:03d}x.png", "width": 96, "height": 80})
+        annotations.append({"id": k + 10, "image_id": k + 1, "keypoints": kps})
+        crops.append((data, None, pred))
+    (folder / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    model = lookup_model(crops, PLAIN)
     predict(
         (model, PLAIN),
-        [packed],
+        [folder],
         tmp_path / "out",
-        split="val",
-        workers=0,
+        labels=folder / "ann.json",
         quiet=True,
-        coco=tmp_path / "out" / "results.json",
+        coco=tmp_path / "out" / "c.json",
     )
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rep["images"] == len(items) and rep["mean_error_px"] < 2e-3
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [r["image_id"] for r in results] == [int(Path(it.path).stem) for it in items]
+    assert rep["keypoints"] == 3 * 16 and rep["mean_error_px"] == pytest.approx(np.hypot(3, 3), abs=2e-3)
+    assert [c["image_id"] for c in json.loads((tmp_path / "out" / "c.json").read_text())] == [1, 2, 3]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zzz.png").write_bytes(encode(noise_image(96, 80, 9)))
+    with pytest.raises(HandposeError, match=r"--labels .*ann.json: matches none of the 1 input images"):
+        predict((model, PLAIN), [other], tmp_path / "x", labels=folder / "ann.json", quiet=True)
+    annotations[1]["keypoints"] = annotations[1]["keypoints"][:-3]
+    (folder / "bad.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    with pytest.raises(HandposeError, match=r"--labels .*bad.json: .*annotation 11: keypoints has shape"):
+        predict((model, PLAIN), [folder], tmp_path / "x", labels=folder / "bad.json", quiet=True)
 
 
-# ----------------------------------------------------------------------------- the tutorial's numbers
+# ----------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("w, h", [(1280, 960), (224, 224)])
+def test_preprocessing_equals_the_wds_loader(tmp_path: Path, w: int, h: int) -> None:
+    """For handpose checkpoints the model input is the WDS loader's (augmentation off) within 1
+    grey level, for crop image and crop box, on a large and a small JPEG."""
+    from shardkit import MEAN, STD, jpeg, write_pack
+
+    from handpose.loader import make_loader
+
+    rng = np.random.default_rng(5)
+    samples = []
+    for sid in range(3):
+        data = jpeg(smooth_image(w, h, sid), 90)
+        side = rng.uniform(0.15, 0.5) * min(w, h)
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        box = np.array([x0, y0, x0 + side * 0.8, y0 + side])
+        samples.append(
+            (sid, data, rng.uniform(0, [w, h], (NUM_JOINTS, 2)), {"box.f32": box.astype("<f4").tobytes()})
+        )
+    root = write_pack(tmp_path / "shards", {"val": [samples]})
+    spec = ModelSpec(size=128, mean=MEAN, std=STD, pad=1.25)
+    for crop in ("image", "box"):
+        batch = next(iter(make_loader(root, "val", batch_size=3, workers=0, crop=crop, box_pad=1.25)))
+        mean, std = np.array(MEAN)[:, None, None], np.array(STD)[:, None, None]
+        loader_u8 = (batch["image"].numpy() * std + mean) * 255
+        for k, (_, data, _, extra) in enumerate(samples):
+            box = np.frombuffer(extra["box.f32"], "<f4").astype(np.float64) if crop == "box" else None
+            ours = prepare(data, spec, box)[0].transpose(2, 0, 1).astype(np.float64)
+            assert np.abs(ours - loader_u8[k]).max() <= 1.0, (crop, k)
+
+
+def _random_unet(path: Path) -> torch.nn.Module:
+    """A randomly initialised tutorial-shaped ShallowUNet saved as a bare state_dict, its output
+    layer scaled so its heatmaps (and keypoints) depend strongly on the input."""
+    from handpose.model import ShallowUNet
+
+    torch.manual_seed(0)
+    net = ShallowUNet(16, 3)
+    with torch.no_grad():
+        net.conv_out[0].weight.mul_(40.0)
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
+def _tutorial_keypoints(net: torch.nn.Module, path: Path) -> np.ndarray:
+    """The tutorial's per-image pipeline, written out: PIL open, resize to 128 bilinear, to a
+    tensor, normalise, model, its decoder (cell i at coordinate i), scaled to the image."""
+    from handpose.predict import TUTORIAL_MEAN, TUTORIAL_STD
+
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    x = torch.from_numpy(np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR)).copy())
+    x = x.permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(TUTORIAL_MEAN).view(3, 1, 1)) / torch.tensor(TUTORIAL_STD).view(3, 1, 1)
+    with torch.no_grad():
+        heat = net(x[None])[0].numpy().astype(np.float64)
+    heat = heat / heat.sum(axis=(1, 2), keepdims=True)
+    grid = np.arange(128, dtype=np.float64)
+    uv = np.stack([(heat.sum(axis=1) * grid).sum(-1), (heat.sum(axis=2) * grid).sum(-1)], axis=-1)
+    return uv * [w / 128, h / 128]
+
+
+def test_tutorial_parity_at_256_and_1024_px(tmp_path: Path) -> None:
+    """A bare state_dict is predicted with the tutorial's own preprocessing, never the JPEG DCT
+    fast path: its keypoints equal the tutorial pipeline's on 256 and 1024 px photos."""
+    net = _random_unet(tmp_path / "weights.pt")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for side in (256, 1024):
+        (folder / f"p{side}.jpg").write_bytes(encode(smooth_image(side, side, side), "JPEG", quality=90))
+    predict(tmp_path / "weights.pt", [folder], tmp_path / "out", quiet=True, device="cpu")
+    recs = {
+        Path(r["path"]).name: np.array(r["keypoints"])[:, :2]
+        for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    }
+    for side in (256, 1024):
+        ref = _tutorial_keypoints(net, folder / f"p{side}.jpg")
+        assert np.abs(recs[f"p{side}.jpg"] - ref).max() < 2e-3, side
+    # the test can fail: the DCT fast path (warp_to_input) moves the 1024 px photo's keypoints
+    loaded, spec = load_model(tmp_path / "weights.pt", torch.device("cpu"))
+    assert spec.preprocess == "tutorial"
+    from handpose.predict import forward
+
+    fast = prepare((folder / "p1024.jpg").read_bytes(), ModelSpec(**{**spec.__dict__, "preprocess": "warp"}))[
+        0
+    ]
+    with torch.inference_mode():
+        uv = forward(loaded, torch.from_numpy(fast[None].copy()), spec)[0][0] * 8
+    assert np.abs(uv - recs["p1024.jpg"]).max() > 0.05
 
 
 def test_parity_with_the_tutorial(shared_data: Path, tmp_path: Path) -> None:
@@ -274,10 +587,73 @@ def test_parity_with_the_tutorial(shared_data: Path, tmp_path: Path) -> None:
     assert abs(rep["mean_error_px"] - np.mean(list(got.values()))) < 0.01  # 21 joints each: same mean
 
 
-# ----------------------------------------------------------------------------- bad inputs and output rules
+# ----------------------------------------------------------------------------- models
+
+
+def test_tutorial_state_dict_loads(shared_data: Path) -> None:
+    net, spec = load_model(shared_data / "tutorial-weights" / "model_final", torch.device("cpu"))
+    assert (spec.size, spec.preprocess, spec.kind) == (128, "tutorial", "tutorial state_dict")
+    assert sum(p.numel() for p in net.parameters()) == 491_206
+
+
+def _checkpoint(path: Path, net: torch.nn.Module, config: dict, **extra: object) -> None:
+    from handpose import checkpoint
+
+    state = {
+        "model": net.state_dict(),
+        "config": config,
+        "norm": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]},
+        "epoch": 1,
+        "step": 1,
+        **extra,
+    }
+    checkpoint.save(path, state)
+
+
+def test_checkpoint_loads_and_bad_models_are_one_line(tmp_path: Path) -> None:
+    """A handpose checkpoint's config picks the architecture and the crop settings; every way a
+    MODEL can be wrong is one line naming the file."""
+    from handpose.model import ShallowUNet
+
+    net = ShallowUNet(width=8, depth=2)
+    config = {"arch": "unet", "width": 8, "depth": 2, "image_size": 64, "sigma": 3.0, "loss": "iou"}
+    config |= {"index_offset": 0.5, "box_pad": 1.4}
+    _checkpoint(tmp_path / "best.pt", net, config, sets=[{"crop": "box"}], boxes={"box_to_keypoints": 1.33})
+    loaded, spec = load_model(tmp_path / "best.pt", torch.device("cpu"))
+    assert (spec.size, spec.mean, spec.std, spec.preprocess) == (64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "warp")
+    assert (spec.crop, spec.pad, spec.box_to_keypoints) == ("box", 1.4, 1.33)
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(loaded(x), net.eval()(x), atol=1e-6)  # the same weights (channels_last)
+    old = {k: v for k, v in config.items() if k not in ("arch", "box_pad")}  # before arch and boxes
+    _checkpoint(tmp_path / "old.pt", net, old, boxes={"box_to_keypoints": None})
+    _, spec = load_model(tmp_path / "old.pt", torch.device("cpu"))
+    assert (spec.crop, spec.pad, spec.box_to_keypoints) == ("image", 1.25, 1.2)
+
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:3000])
+    torch.save(ShallowUNet(16, 3, joints=10).state_dict(), tmp_path / "ten.pt")  # same keys
+    other = {f"layer{i}.weight": torch.zeros(2) for i in range(5)}
+    torch.save(other, tmp_path / "other.pt")
+    _checkpoint(tmp_path / "mismatch.pt", ShallowUNet(8, 3), config)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases = {
+        "junk.pt": "not a PyTorch file",
+        "cut.pt": "truncated or damaged",
+        "other.pt": r"another architecture \(85 missing, 5 unexpected keys\); expected a ShallowUNet",
+        "ten.pt": r"conv_out\.0\.weight is \(10, 16, 3, 3\), not \(21, 16, 3, 3\)",
+        "mismatch.pt": r"another architecture \(\d+ missing, \d+ unexpected keys\); expected arch 'unet'",
+        "list.pt": r"not a handpose checkpoint or tutorial state_dict \(a list\)",
+        "missing.pt": "model file not found",
+    }
+    for name, message in cases.items():
+        with pytest.raises(HandposeError, match=message) as e:
+            load_model(tmp_path / name, torch.device("cpu"))
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_inputs(tmp_path: Path) -> None:
+    """Inputs that cannot be used go to errors.jsonl at their place, with a reason; the others are
+    predicted. No images at all, or none predictable, is one HandposeError."""
     src = tmp_path / "in"
     (src / "empty").mkdir(parents=True)
     good = encode(noise_image(64, 48, 0), "JPEG", quality=90)
@@ -288,96 +664,67 @@ def test_bad_inputs(tmp_path: Path) -> None:
     deep = (np.arange(40 * 56, dtype=np.uint16).reshape(40, 56) * 29).astype(np.uint16)
     Image.fromarray(deep).save(src / "deep16.png")  # 16-bit greyscale
     (src / "notes.txt").write_text("ignored inside a folder\n")
-    items, _ = collect_inputs([src], tmp_path / "out", split="test", labels=None)
-    decodable = [it for it in items if Path(it.path).name in ("good.jpg", "deep16.png")]
-    model = lookup_model(decodable, PLAIN, {it.path: np.full((NUM_JOINTS, 2), 20.0) for it in decodable})
-
     summary = predict(
-        (model, PLAIN),
+        (IntensityModel(), PLAIN),
         [src, tmp_path / "missing.png", src / "notes.txt"],
         tmp_path / "out",
         workers=0,
         quiet=True,
     )
     assert summary["images"] == 2 and summary["errors"] == 5
-    preds = {Path(r["path"]).name for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")}
-    assert preds == {"good.jpg", "deep16.png"}
+    preds = [Path(r["path"]).name for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")]
+    assert preds == ["deep16.png", "good.jpg"]
     errors = {Path(e["path"]).name: e["reason"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
-    assert set(errors) == {"corrupt.jpg", "text.jpg", "tiny.png", "missing.png", "notes.txt"}
+    assert list(errors) == ["corrupt.jpg", "text.jpg", "tiny.png", "missing.png", "notes.txt"]  # input order
     assert "too small" in errors["tiny.png"] and "1x1" in errors["tiny.png"]
     assert "unsupported" in errors["notes.txt"] and "no such" in errors["missing.png"]
     assert all(errors.values())
 
     with pytest.raises(HandposeError, match="no images found"):
-        predict((model, PLAIN), [src / "empty"], tmp_path / "out2", workers=0, quiet=True)
-    with pytest.raises(HandposeError, match="no image could be predicted"):
+        predict((IntensityModel(), PLAIN), [src / "empty"], tmp_path / "out2", workers=0, quiet=True)
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(HandposeError, match="no image could be predicted: all 2 inputs failed"):
         predict(
-            (model, PLAIN), [src / "corrupt.jpg", src / "text.jpg"], tmp_path / "out3", workers=0, quiet=True
+            (IntensityModel(), PLAIN), [src / "corrupt.jpg", src / "text.jpg"], tmp_path / "out3", quiet=True
         )
     assert len(read_jsonl(tmp_path / "out3" / "errors.jsonl")) == 2
-    assert not (tmp_path / "out3" / "predictions.jsonl").exists()
+    assert (tmp_path / "out3" / "predictions.jsonl").read_text() == ""
 
 
-def test_coco_outside_out_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(encode(noise_image(32, 32, 0)))
-    with pytest.raises(HandposeError, match="outside the output folder"):
-        predict(
-            (IntensityModel(), PLAIN),
-            [tmp_path / "a.png"],
-            tmp_path / "out",
-            coco=tmp_path / "results.json",
-            workers=0,
-            quiet=True,
-        )
-    with pytest.raises(HandposeError, match="outside the output folder"):
-        predict(
-            (IntensityModel(), PLAIN),
-            [tmp_path / "a.png"],
-            tmp_path / "out",
-            coco=tmp_path / "out" / ".." / "results.json",
-            workers=0,
-            quiet=True,
-        )
-    assert not (tmp_path / "results.json").exists()
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+@pytest.mark.parametrize("arch", ["unet", "strided"])
+def test_checkpoint_of_each_architecture_round_trips_through_predict(tmp_path: Path, arch: str) -> None:
+    """A checkpoint's config builds its architecture (model.model_from_config) and predict returns
+    that model's own decoded keypoints for the crop, mapped back to original pixels."""
+    from handpose.model import build_model
 
-
-def test_tutorial_state_dict_loads(shared_data: Path) -> None:
-    from handpose.predict import load_model
-
-    net, spec = load_model(shared_data / "tutorial-weights" / "model_final", torch.device("cpu"))
-    assert (spec.size, spec.index_offset, spec.resample) == (128, 0.0, "resize")
-    assert sum(p.numel() for p in net.parameters()) == 491_206
-
-
-def test_checkpoint_loads(tmp_path: Path) -> None:
-    """A handpose checkpoint: shape, size, decoder offset and normalisation come from inside."""
-    from handpose import checkpoint
-    from handpose.model import ShallowUNet
-    from handpose.predict import load_model
-
-    net = ShallowUNet(width=8, depth=2)
-    state = {
-        "model": net.state_dict(),
-        "config": {"width": 8, "depth": 2, "image_size": 64, "index_offset": 0.5},
-        "norm": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]},
-        "epoch": 1,
-        "step": 1,
-    }
-    checkpoint.save(tmp_path / "best.pt", state)
-    loaded, spec = load_model(tmp_path / "best.pt", torch.device("cpu"))
-    assert (spec.size, spec.mean, spec.std, spec.resample) == (64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "warp")
-    (tmp_path / "junk.pt").write_bytes(b"not a model")
-    with pytest.raises(HandposeError, match="junk.pt"):
-        load_model(tmp_path / "junk.pt", torch.device("cpu"))
+    torch.manual_seed(1)
+    config = {"arch": arch, "width": 4, "depth": 1, "image_size": 64, "sigma": 2.0}
+    config |= {"loss": "iou" if arch == "unet" else "l1", "index_offset": 0.5, "box_pad": 1.25}
+    net = build_model(arch, **{k: v for k, v in config.items() if k not in ("arch", "box_pad")})
+    _checkpoint(tmp_path / "m.pt", net, config, sets=[{"crop": "box"}])
+    (tmp_path / "in").mkdir()
+    data = encode(smooth_image(200, 150, 7), "JPEG", quality=90)
+    (tmp_path / "in" / "a.jpg").write_bytes(data)
+    predict(tmp_path / "m.pt", [tmp_path / "in"], tmp_path / "out", refine=0, quiet=True, device="cpu")
+    (rec,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    loaded, spec = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    image, M, _, _ = prepare(data, spec)
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 255 - torch.tensor(spec.mean).view(
+        1, 3, 1, 1
+    )
+    x = x / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        uv = net.eval().decode(net(x))[0][0].numpy()
+    assert np.abs(np.array(rec["keypoints"])[:, :2] - apply_affine(invert(M), uv)).max() < 2e-3
 
 
 # ----------------------------------------------------------------------------- the report's arithmetic
 
 
 def test_report_values_by_hand(tmp_path: Path) -> None:
-    """Image A (side 100): 21 joints off by (3, 4) = 5 px. Image B (side 200): joints 0-9 off by
-    (6, 8) = 10 px, joints 10-20 unlabelled (and far off: they must not count)."""
+    """Hand A (image side 100, box side 50): 21 joints off by (3, 4) = 5 px. Hand B (side 200,
+    box 100): joints 0-9 off by (6, 8) = 10 px, joints 10-20 unlabelled (and far off: they must
+    not count)."""
     gt = np.zeros((2, NUM_JOINTS, 2)) + 50
     pred = gt.copy()
     pred[0] += [3, 4]
@@ -385,18 +732,33 @@ def test_report_values_by_hand(tmp_path: Path) -> None:
     pred[1, 10:] += 500
     vis = np.ones((2, NUM_JOINTS), bool)
     vis[1, 10:] = False
-    lab = Labelled(np.array([0, 1]), ["a.png", "b.png"], pred, gt, vis, np.array([100.0, 200.0]))
-    images = {0: np.zeros((100, 100, 3), np.uint8), 1: np.zeros((150, 200, 3), np.uint8)}
-    rep = write_report(tmp_path, lab, model_size=128, load_image=images.__getitem__)
+    rows = spill_rows(pred, gt, vis, [100.0, 200.0], [50.0, 100.0], [100.0, 200.0])
+    (tmp_path / "spill.f32").write_bytes(rows.tobytes())
+    images = [np.zeros((100, 100, 3), np.uint8), np.zeros((150, 200, 3), np.uint8)]
+    entries = [
+        {"path": p, "hand": 0, "error_px": e, "error_pct": e / s * 100, "error_pct_box": e / b * 100,
+         "order": [0, k], "pred": pred[k].tolist(), "gt": gt[k].tolist(), "box": None, "region": [0, 0, 1]}
+        for k, (p, e, s, b) in enumerate([("a.png", 5.0, 100, 50), ("b.png", 10.0, 200, 100)])
+    ]  # fmt: skip
+    from handpose.report import spill_blocks
 
+    rep = write_report(
+        tmp_path,
+        spill_blocks(tmp_path / "spill.f32", rows=1),  # one row per block: the streamed path
+        model_size=128,
+        load_image=lambda e: images[e["order"][1]],
+        worst=entries[::-1],
+        best=entries,
+    )
     n = 31
-    assert rep["keypoints"] == n and rep["images"] == 2
+    assert rep["keypoints"] == n and rep["hands"] == 2
     assert rep["mean_error_px"] == pytest.approx((21 * 5 + 10 * 10) / n)
     assert rep["median_error_px"] == pytest.approx(5.0)  # 16th of 21 fives then 10 tens
     assert rep["mean_error_pct"] == pytest.approx(5.0)  # 5/100 and 10/200
+    assert rep["mean_error_pct_box"] == pytest.approx(10.0)  # 5/50 and 10/100
+    assert rep["pck_box"] == {"0.05": 0.0, "0.1": 1.0, "0.2": 1.0} and rep["pck_0.2_box"] == 1.0
     assert rep["error_model_px"]["mean"] == pytest.approx(0.05 * 128)
     assert rep["error_px"]["p90"] == pytest.approx(10.0) and rep["error_px"]["max"] == pytest.approx(10.0)
-    # PCK: 0 below 5 px, 21/31 from 5 px, 1 from 10 px; trapezoids on the 0.5 px grid.
     frac = np.array(rep["pck"]["fraction"])
     t = np.array(rep["pck"]["thresholds_px"])
     assert (
@@ -405,23 +767,56 @@ def test_report_values_by_hand(tmp_path: Path) -> None:
     assert rep["auc"] == pytest.approx((21 / n * 5 + 0.25 + 20) / 30)
     wrist = next(r for r in rep["per_finger"] if r["finger"] == "wrist")
     assert wrist["error_px"]["mean"] == pytest.approx(7.5) and wrist["keypoints"] == 2
+    assert wrist["mean_error_pct_box"] == pytest.approx(10.0)
     little = next(r for r in rep["per_finger"] if r["finger"] == "little")
     assert little["keypoints"] == 4 and little["error_px"]["mean"] == pytest.approx(5.0)
     assert [r["path"] for r in rep["worst"]] == ["b.png", "a.png"]
     assert json.loads((tmp_path / "report.json").read_text())["auc"] == pytest.approx(rep["auc"])
     for name in ("report.md", "error_hist.png", "pck.png", "gallery.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| px | 6.61 | 5.00 | 10.00 | 10.00 | 10.00 |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| px | 6.61 | 5.00 | 10.00 | 10.00 | 10.00 |" in md
+    assert "| 6.61 | 10.00 | 0.000 | 1.000 | 1.000 |" in md
+
+
+def test_streamed_statistics_equal_numpy(tmp_path: Path) -> None:
+    """Order statistics by radix select over blocks equal numpy's percentiles exactly (ties,
+    zeros and a wide range of magnitudes included), and block size does not change the report."""
+    rng = np.random.default_rng(6)
+    values = np.concatenate(
+        [rng.exponential(5.0, 5000), np.zeros(40), np.full(300, 2.5), rng.uniform(0, 1e-3, 50)]
+    )
+    values = rng.permutation(values).astype(np.float32)
+    blocks = [values[k : k + 777] for k in range(0, len(values), 777)]
+    ranks = [0, 1, 17, len(values) // 2, len(values) - 2, len(values) - 1]
+    got = order_statistics(lambda: ({"v": b} for b in blocks), {"v": ranks})["v"]
+    ordered = np.sort(values)
+    assert [got[k] for k in ranks] == [float(ordered[k]) for k in ranks]
+    rows = np.full((len(values) // 21, SPILL_COLUMNS), 100.0, np.float32)
+    rows[:, :NUM_JOINTS] = values[: len(rows) * NUM_JOINTS].reshape(-1, NUM_JOINTS)
+    rows[::3, 4] = np.nan  # unlabelled joints
+    whole = summarise(lambda: [rows], 128)
+    parts = summarise(lambda: (rows[k : k + 50] for k in range(0, len(rows), 50)), 128)
+    flat = rows[:, :NUM_JOINTS][np.isfinite(rows[:, :NUM_JOINTS])].astype(np.float64)
+    for q, key in ((50, "median"), (90, "p90"), (95, "p95")):
+        assert whole["error_px"][key] == float(np.percentile(flat, q)), key
+    assert whole["error_px"]["max"] == float(flat.max())
+    assert whole["error_px"]["mean"] == pytest.approx(flat.mean(), rel=1e-12)
+    for key in ("error_px", "error_pct", "error_pct_box", "error_model_px"):
+        for stat in ("median", "p90", "p95", "max"):  # exact whatever the blocks
+            assert parts[key][stat] == whole[key][stat], (key, stat)
+        assert parts[key]["mean"] == pytest.approx(whole[key]["mean"], rel=1e-12)
+    assert parts["pck"] == whole["pck"] and parts["pck_box"] == whole["pck_box"]
 
 
 def test_pck_auc_of_a_perfect_curve() -> None:
     assert pck_auc(PCK_THRESHOLDS_PX, np.ones_like(PCK_THRESHOLDS_PX)) == pytest.approx(1.0)
-    lab = Labelled(
-        np.array([0]),
-        ["x"],
+    rows = spill_rows(
         np.zeros((1, NUM_JOINTS, 2)),
         np.zeros((1, NUM_JOINTS, 2)),
         np.ones((1, NUM_JOINTS), bool),
-        np.array([224.0]),
+        [224.0],
+        [50.0],
+        [224.0],
     )
-    assert summarise(lab, 128)["auc"] == pytest.approx(1.0)
+    assert summarise(lambda: [rows], 128)["auc"] == pytest.approx(1.0)

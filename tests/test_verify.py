@@ -25,7 +25,7 @@ from handpose.datasets import open_sets, share_by_size, verify_sets
 from handpose.errors import HandposeError
 from handpose.inspector import inspect_shards
 from handpose.loader import make_loader
-from handpose.predict import collect_inputs
+from handpose.predict import predict
 from handpose.shards import (
     MANIFEST,
     index_name,
@@ -48,6 +48,13 @@ def _cli(*args: Any) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "1000"}
     cmd = [str(BIN / "handpose"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _predict(pack: Path, out: Path, *, verify: bool) -> dict[str, Any]:
+    """The real predict() on the train split, with a stub model (predictkit)."""
+    from predictkit import WARP, IntensityModel
+
+    return predict((IntensityModel(), WARP), [pack], out, split="train", verify=verify, quiet=True)
 
 
 def _error_line(p: subprocess.CompletedProcess[str]) -> str:
@@ -173,7 +180,7 @@ def test_every_consumer_checks_sizes_when_it_opens_a_set(
         "wds loader": lambda: make_loader(pack, "train", kind="wds", batch_size=4, workers=0),
         "dali loader": lambda: make_loader(pack, "train", kind="dali", batch_size=4, workers=0),
         "inspect": lambda: inspect_shards(pack, png=tmp_path / "x.png", verify=False),
-        "predict": lambda: collect_inputs([pack], tmp_path / "out", split="train", labels=None, verify=False),
+        "predict": lambda: _predict(pack, tmp_path / "out", verify=False),
     }
     for name, consumer in consumers.items():
         with pytest.raises(HandposeError) as e:
@@ -216,14 +223,15 @@ def test_changed_keypoint_bytes_are_caught_before_reading(pack: Path, tmp_path: 
         inspect_shards(pack, n=1, png=tmp_path / "x.png")
     assert str(e.value) == expected
     with pytest.raises(HandposeError) as e:
-        collect_inputs([pack], tmp_path / "out", split="train", labels=None)
+        _predict(pack, tmp_path / "out", verify=True)
     assert str(e.value) == expected
 
     # opted out: the damaged label is what gets read (the reason the hash is on by default)
-    items, _ = collect_inputs([pack], tmp_path / "out", split="train", labels=None, verify=False)
+    _predict(pack, tmp_path / "out", verify=False)
     key = read_index(pack / index_name(shard))[0][0]
-    [item] = [it for it in items if it.path == f"{pack / shard}/{key}.jpg"]
-    assert item.uv is not None and item.uv[0, 0] == 12345.0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    [line] = [r for r in lines if r["path"] == f"{pack / shard}/{key}.jpg"]
+    assert line["error_px"] > 12345.0 / 21 - 300  # joint 0 labelled at x = 12345
     inspect_shards(pack, n=1, png=tmp_path / "x.png", verify=False)
 
     # the real CLI: one line, exit 1; --no-verify draws

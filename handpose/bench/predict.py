@@ -4,11 +4,11 @@
   mode) at the same batch size: the ceiling end to end can approach.
 - tutorial loop: the tutorial's way, one image at a time: PIL open, resize, numpy normalise,
   an NCHW forward at batch 1, numpy post-processing.
-- end to end: the real `predict()` (listing, worker decode, letterbox, forward, mapping back,
-  predictions.jsonl) into a scratch folder, timed around the whole call (model load and worker
-  start-up included, so they amortise over --limit images);
-  plus one row per speed-up switched off (channels_last, worker decode, the JPEG DCT fast path)
-  and model-only rows for NCHW and batch 1, so each win is measured.
+- end to end: the real `predict()` (listing, decode, crop, forward, mapping back, the staged
+  predictions.jsonl with its checkpoints, the commit) into a scratch folder, timed around the
+  whole call (model load included, so it amortises over --limit images);
+  plus one row with a speed-up switched off (channels_last), one with a decode thread, and
+  model-only rows for NCHW and batch 1, so each win is measured.
 
 Prints a table, then one JSON line with images_per_s, model_only_images_per_s and
 tutorial_loop_images_per_s.
@@ -89,8 +89,7 @@ def bench_predict(
         "model only, batch 1": lambda: model_only(net, spec, batch[:1], min(n, 64), True),
         END_TO_END: e2e,
         "end to end, NCHW": lambda: e2e(channels_last=False),
-        "end to end, 1 decode worker": lambda: e2e(workers=1),
-        "end to end, no JPEG DCT fast path": lambda: e2e(draft=False),
+        "end to end, 1 decode thread": lambda: e2e(workers=1),
         "end to end, batch 1": lambda: e2e(files[:64], batch_size=1),  # batch-1 rows: 64 images
     }
     # Rounds interleave the rows and each row keeps its best: on a shared machine a neighbour's

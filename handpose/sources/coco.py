@@ -46,18 +46,21 @@ def coco_box(bbox: Any, uv: np.ndarray, visibility: np.ndarray) -> np.ndarray:
     return np.array([x, y, x + w, y + h])
 
 
-def read_coco(json_path: str | Path, images: str | Path | None = None) -> Dataset:
+def read_coco(
+    json_path: str | Path, images: str | Path | None = None, *, need_images: bool = True
+) -> Dataset:
     """Read a COCO keypoints json (21 keypoints per annotation, FreiHAND joint order).
 
     Images are `file_name` under `images` (default: the json's folder). Problems with the file
     as a whole (not COCO, duplicate or missing ids) are HandposeErrors; a bad annotation or a
-    missing image is a per-hand Problem.
+    missing image is a per-hand Problem. `need_images=False` (predict's --labels, which label
+    whatever images are given) keeps the hands of images that are not in the folder.
     """
     json_path = Path(json_path)
     if json_path.is_dir():
         raise HandposeError(f"{json_path}: --format coco expects the keypoints json file, not a folder")
     folder = Path(images) if images is not None else json_path.parent
-    if not folder.is_dir():
+    if need_images and not folder.is_dir():
         raise HandposeError(f"{folder}: image folder not found")
     data = load_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -67,7 +70,7 @@ def read_coco(json_path: str | Path, images: str | Path | None = None) -> Datase
     by_id = _images(json_path, data["images"])
     hands, orphans = _annotations(json_path, data["annotations"], by_id)
 
-    names = _listing(folder)
+    names = _listing(folder) if need_images else set()
     records: list[Record] = []
     problems: list[Problem] = []
     for iid in sorted(hands):
@@ -75,7 +78,7 @@ def read_coco(json_path: str | Path, images: str | Path | None = None) -> Datase
         file = im["file_name"]
         w, h = im.get("width"), im.get("height")
         size = (w, h) if isinstance(w, int) and isinstance(h, int) else None
-        exists = _exists(folder, file, names)
+        exists = _exists(folder, file, names) if need_images else True
         for hand, ann in enumerate(hands[iid]):
             aid = ann["id"]
             try:

@@ -107,8 +107,12 @@ def _label_dir(images: Path) -> Path:
     return label_path(images / "x.jpg").parent
 
 
-def find_folders(src: Path) -> tuple[list[Folder], str]:
-    """The image folders of a dataset root and its layout name; HandposeError if none is found."""
+def find_folders(src: Path, *, resplit: bool = True) -> tuple[list[Folder], str]:
+    """The image folders of a dataset root and its layout name; HandposeError if none is found.
+
+    `resplit`: a dataset in one split folder is re-split by pack's --split, so its folder fixes
+    no split; False keeps the folder's own split name (predict's --split picks folders by it).
+    """
     layouts = {
         "{split}/images": [(s, src / n / "images") for s, names in SPLIT_FOLDERS.items() for n in names],
         "images/{split}": [(s, src / "images" / n) for s, names in SPLIT_FOLDERS.items() for n in names],
@@ -131,7 +135,7 @@ def find_folders(src: Path) -> tuple[list[Folder], str]:
         both = [f.images.relative_to(src).as_posix() for f in folders if f.split == split]
         if len(both) > 1:
             raise HandposeError(f"{src}: {' and '.join(both)} are both split {split!r}; keep one")
-    return _one_split_resplits(folders), layout
+    return (_one_split_resplits(folders) if resplit else folders), layout
 
 
 def _one_split_resplits(folders: list[Folder]) -> list[Folder]:
@@ -357,8 +361,9 @@ def _rel_str(path: str, root: str) -> str:
 Entry = tuple[int, str, list[tuple[int, str]]]  # line number, inline value, the block lines below
 
 
-def read_dataset_yaml(path: Path) -> tuple[Path, list[Folder], int | None]:
-    """A dataset yaml -> (root, image folders with their splits, keypoint dims or None)."""
+def read_dataset_yaml(path: Path, *, resplit: bool = True) -> tuple[Path, list[Folder], int | None]:
+    """A dataset yaml -> (root, image folders with their splits, keypoint dims or None);
+    `resplit` as in `find_folders`."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -373,7 +378,7 @@ def read_dataset_yaml(path: Path) -> tuple[Path, list[Folder], int | None]:
     if not folders:
         raise HandposeError(f"{path}: no train, val or test folder")
     dims = _kpt_dims(entries["kpt_shape"], path) if "kpt_shape" in entries else None
-    return root, _one_split_resplits(folders), dims
+    return root, (_one_split_resplits(folders) if resplit else folders), dims
 
 
 def yaml_entries(text: str, path: Path) -> dict[str, Entry]:

@@ -1,0 +1,150 @@
+"""Stub models and images for the predict tests: models whose answers are known exactly, so
+predict's geometry (crops, boxes, refinement, mapping back) can be checked to 1e-3 px."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handpose.heatmaps import heatmaps_to_keypoints
+from handpose.predict import ModelSpec
+from handpose.skeleton import NUM_JOINTS
+
+PLAIN = ModelSpec(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="stub", preprocess="tutorial")
+WARP = ModelSpec(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="stub", preprocess="warp")
+
+
+class _Stub(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict finds the device from a parameter
+
+    def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return heatmaps_to_keypoints(out, 0.5)
+
+
+class IntensityModel(_Stub):
+    """Every heatmap = the input's red channel: the decoder then returns the red centroid, so a
+    single bright dot on black comes back where the crop put it (mean 0 / std 1 input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].expand(-1, NUM_JOINTS, -1, -1)
+
+
+class LookupModel(_Stub):
+    """A perfect model for known crops: the model input (back to uint8) is hashed and looked up to
+    model-space keypoints, each rendered as a bilinear splat on the 4 nearest cells, which the
+    heatmap-mean decoder reads back exactly."""
+
+    def __init__(self, table: dict[str, np.ndarray], spec: ModelSpec) -> None:
+        super().__init__()
+        self.table, self.spec = table, spec
+        self.default: np.ndarray | None = None  # the answer for crops not in the table (None: fail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        uv = [
+            self.table[d] if self.default is None else self.table.get(d, self.default) for d in self._keys(x)
+        ]
+        return torch.from_numpy(splat(np.stack(uv), self.spec.size))
+
+    def _keys(self, x: torch.Tensor) -> list[str]:
+        return [digest(im) for im in to_uint8(x, self.spec)]
+
+
+class FixedPoseModel(_Stub):
+    """Answers the same keypoints (model-input px) for every crop: predictions then show which
+    crop was taken."""
+
+    def __init__(self, uv: np.ndarray, size: int) -> None:
+        super().__init__()
+        self.uv, self.size = uv, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(splat(np.repeat(self.uv[None], len(x), axis=0), self.size))
+
+
+class RaisingModel(_Stub):
+    """Raises `exc` on its `after`-th forward call (an interrupted run)."""
+
+    def __init__(self, inner: torch.nn.Module, after: int, exc: type[BaseException] = KeyboardInterrupt):
+        super().__init__()
+        self.inner, self.after, self.exc, self.calls = inner, after, exc, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.after:
+            raise self.exc()
+        return self.inner(x)
+
+
+def to_uint8(x: torch.Tensor, spec: ModelSpec) -> list[np.ndarray]:
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    u8 = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return [im.contiguous().numpy() for im in u8]
+
+
+def splat(uv: np.ndarray, size: int) -> np.ndarray:
+    """(B, J, 2) model pixels -> (B, J, size, size) maps whose weighted mean of cell centres
+    (i + 0.5) is exactly uv (for 0.5 <= uv <= size - 0.5)."""
+    b, j, _ = uv.shape
+    maps = np.zeros((b, j, size, size), np.float32)
+    c = uv - 0.5
+    i0 = np.clip(np.floor(c).astype(int), 0, size - 2)
+    f = c - i0
+    for bi in range(b):
+        for ji in range(j):
+            (x0, y0), (fx, fy) = i0[bi, ji], f[bi, ji]
+            maps[bi, ji, y0 : y0 + 2, x0 : x0 + 2] = np.outer([1 - fy, fy], [1 - fx, fx])
+    return maps
+
+
+def digest(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def lookup_model(crops: list[tuple[bytes, np.ndarray | None, np.ndarray]], spec: ModelSpec) -> LookupModel:
+    """A perfect model for these (image bytes, box or None, keypoints in original px) crops."""
+    from handpose.geometry import apply_affine
+    from handpose.predict import prepare
+
+    table = {}
+    for data, box, uv in crops:
+        image, M, _, _ = prepare(data, spec, box)
+        table[digest(image)] = apply_affine(M, uv)
+    return LookupModel(table, spec)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def dot_image(w: int, h: int, cx: float, cy: float, sigma: float) -> np.ndarray:
+    """Black (h, w, 3) with a Gaussian dot centred at (cx, cy) in pixel-centre coordinates."""
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    g = np.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma**2))
+    return np.repeat(np.round(g * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def noise_image(w: int, h: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def smooth_image(w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth random colours: JPEG-friendly, with detail at every scale a crop might take."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+
+
+Loader = Callable[[], object]
