@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from handpose.geometry import box_region, crop_matrix, image_region, invert, apply_affine  # noqa: E402
-from handpose.report import box_figures  # noqa: E402
+from handpose.geometry import apply_affine, box_region, crop_matrix, image_region, invert  # noqa: E402
+from handpose.report import box_side, spill_rows, summarise  # noqa: E402
 from handpose.shards import decode_annotation, read_manifest, read_samples  # noqa: E402
 
 
@@ -43,12 +44,12 @@ def run(*args: str) -> None:
 def predict_rows(name: str, model: Path, shards: Path, out: Path, refine: int) -> list[dict]:
     """The three predict runs of one model on the val split; one table row each."""
     rows = []
-    for label, extra in (
-        ("labelled boxes", ["--boxes", "gt"]),
-        ("whole photo, 1 pass", ["--refine", "0"]),
-        (f"whole photo, {refine + 1} passes", ["--refine", str(refine)]),
+    for slug, label, extra in (
+        ("boxes", "labelled boxes", ["--boxes", "gt"]),
+        ("whole", "whole photo, 1 pass", ["--refine", "0"]),
+        (f"refine{refine}", f"whole photo, {refine + 1} passes", ["--refine", str(refine)]),
     ):
-        dest = out / f"{name}-{label.split(',')[0].replace(' ', '-')}{'' if 'pass' not in label else '-' + extra[1]}"
+        dest = out / f"{name.split()[0]}-{slug}"
         if not (dest / "report.json").exists():
             run("predict", str(model), str(shards), "--split", "val", "--out", str(dest), *extra)
         rep = json.loads((dest / "report.json").read_text())
@@ -86,15 +87,23 @@ def mean_pose_rows(shards: Path, pad: float) -> list[dict]:
             sides.append(max(w, h))
     rows = []
     for where, label in (("box", "labelled boxes"), ("image", "whole photo")):
-        fig = box_figures(np.stack(preds[where]), np.stack(gts), np.stack(vis), np.stack(boxes), np.array(sides))
+        spill = spill_rows(
+            np.stack(preds[where]),
+            np.stack(gts),
+            np.stack(vis),
+            sides,
+            [box_side(b) for b in boxes],
+            [box_region(b, pad)[2] if where == "box" else s for b, s in zip(boxes, sides, strict=True)],
+        )
+        rep = summarise(lambda spill=spill: [spill], 1)  # the report predict writes, same figures
         rows.append(
             {
                 "model": "mean training pose",
                 "input": label,
-                "mean_px": fig["mean_error_px"],
-                "pct_box": fig["mean_error_pct_box"],
-                "pct_image": fig["mean_error_pct"],
-                "pck_0.2_box": fig["pck_0.2_box"],
+                "mean_px": rep["mean_error_px"],
+                "pct_box": rep["mean_error_pct_box"],
+                "pct_image": rep["mean_error_pct"],
+                "pck_0.2_box": rep["pck_0.2_box"],
             }
         )
     return rows
@@ -142,7 +151,7 @@ def main() -> None:
     rows = predict_rows("trained (hands_cpu)", best, shards, evals, args.refine)
     if args.tutorial:
         rows += predict_rows("tutorial weights", args.tutorial, shards, evals, args.refine)
-    config = json.loads((run_dir / "summary.json").read_text()).get("config", {})
+    config = tomllib.loads((run_dir / "config.toml").read_text())
     rows += mean_pose_rows(shards, float(config.get("box_pad", 1.25)))
 
     summary = json.loads((run_dir / "summary.json").read_text())
