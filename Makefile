@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo hands lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --out $(DEMO)
+
+# Real photos in, a scored model out: make hands DATA=ROOT [TUTORIAL=model_final] [HANDS=hands]
+# (ROOT: any YOLO-pose root or dataset yaml; README says how to get the hand-keypoints photos)
+HANDS ?= hands
+hands: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make hands DATA=ROOT [TUTORIAL=model_final] [HANDS=out-folder]"; exit 1; }
+	$(PY) tools/hands.py --data "$(DATA)" --out "$(HANDS)" $(if $(TUTORIAL),--tutorial "$(TUTORIAL)")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check handpose tools tests

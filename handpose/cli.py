@@ -113,8 +113,9 @@ Examples:
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
     "bench pack": """\b
-Example:
-  handpose bench pack --n 2000 --workdir bench-out/pack""",
+Examples:
+  handpose bench pack --n 2000 --workdir bench-out/pack
+  handpose bench pack --src data/hand-keypoints --format yolo --workdir bench-out/pack-real""",
     "bench loader": """\b
 Example:
   handpose bench loader data/shards --kind wds --workers 2 --batches 50""",
@@ -364,11 +365,15 @@ def bench_pack(
     n: Annotated[int, typer.Option(help="Generated images to pack.")] = 10_000,
     workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("bench-out/pack"),
     workers: Workers = None,
+    src: Annotated[
+        Optional[Path], typer.Option(help="A real data set to pack instead of N generated images.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="--src's format: freihand | coco | yolo.")] = "yolo",
 ) -> None:
-    """Pack N generated images; same run: `tar cf` floor and a decode of all images."""
+    """Pack N generated images (or --src); same run: `tar cf` floor and a decode of all images."""
     from handpose.bench.pack import bench_pack as run
 
-    run(n=n, workdir=workdir, workers=workers)
+    run(n=n, workdir=workdir, workers=workers, src=src, fmt=format)
 
 
 @bench_app.command("loader", epilog=EXAMPLES["bench loader"])
