@@ -6,6 +6,8 @@ Same batch dict, shard sets, crop modes and augmentation distributions as the WD
 - reader: `fn.readers.webdataset` over the pack's `.tar` + `.idx`, members jpg / kp.f32 / vis.u8
   / box.f32 / sid.i64 (keys come from `sid.i64`: DALI cannot carry strings), `shard_id` = GLOBAL
   rank, `num_shards` = world size, `pad_last_batch=True`, shuffled for train;
+- decode: `fn.decoders.image`, "mixed" (nvJPEG) on a GPU, with `jpeg_fancy_upsampling` so that its
+  chroma upsampling is libjpeg-turbo's, like the CPU decoder's (tests/test_gpu.py compares them);
 - geometry: ONE source -> destination matrix per sample built in-graph from `fn.transforms.*`,
   composed exactly like `geometry.crop_matrix` (crop region from the image shape or the box,
   flip, scale, rotate, shift); `fn.warp_affine(inverse_map=False)` moves the image and
@@ -172,7 +174,12 @@ def build_pipeline(
             name="Reader",
         )
         shape = fn.peek_image_shape(jpg, dtype=types.FLOAT)  # (H, W, C) as displayed (EXIF applied)
-        image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        # jpeg_fancy_upsampling: nvJPEG (mixed) interpolates the half-resolution chroma as
+        # libjpeg-turbo does (the CPU decoder here and simplejpeg in the WDS kind); by default it
+        # replicates it, which differs by many grey levels at colour edges.
+        image = fn.decoders.image(
+            jpg, device="mixed" if gpu else "cpu", output_type=types.RGB, jpeg_fancy_upsampling=True
+        )
         p = sample_params(augment)
         if crop == "box":
             cx, cy = (box[0] + box[2]) * 0.5, (box[1] + box[3]) * 0.5
@@ -308,7 +315,7 @@ class DaliLoader:
         n = len(self)
         self._next_epoch = self.epoch + 1
         if self.train:  # each batch: every set's share, concatenated
-            batches: Iterator[list[tuple[int, Any]]] = itertools.islice(
+            batches: Iterator[tuple[Any, ...]] = itertools.islice(
                 zip(*(_forever(it) for it in its), strict=False), n
             )
             outs: Iterator[list[tuple[int, Any]]] = (list(enumerate(b)) for b in batches)

@@ -342,7 +342,9 @@ def _time_dali(shards: str | Path, workers: int, batches: int, batch_size: int, 
         jpg = fn.readers.webdataset(
             paths=[str(p) for p in paths], index_paths=[index_name(str(p)) for p in paths], ext=["jpg"]
         )
-        image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        image = fn.decoders.image(
+            jpg, device="mixed" if gpu else "cpu", output_type=types.RGB, jpeg_fancy_upsampling=True
+        )
         if warp:  # 224 -> 128 px plus a small rotation: the work a real matrix asks for
             m = [0.55, 0.1, 0.0, -0.1, 0.55, 10.0]
             image = fn.warp_affine(
