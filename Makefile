@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test test-fast demo hands lint bench clean
+.PHONY: install test test-fast demo hands lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -42,5 +42,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench_all.py --out bench-out
 
+# The GPU paths (docs/gpu.md): CUDA tests + loader/train/predict benchmarks, one JSON summary,
+# under 8 minutes. Needs the CUDA build of torch, so on a fresh clone of a CUDA machine:
+#   make gpu-check TORCH_SPEC=torch
+# (the DALI wheel, nvidia-dali-cuda130, needs an NVIDIA driver for CUDA 13). Without CUDA it
+# says so in one line and exits 0.
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --out gpu-check-out
+
 clean:
-	rm -rf $(VENV) $(DEMO) bench-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,24 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, where torch sees no CUDA device."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (
+        f"CUDA is not available (torch {torch.__version__} is a CPU build)"
+        if torch.version.cuda is None
+        else f"CUDA is not available (torch {torch.__version__} finds no CUDA device)"
+    )
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip the test cleanly when it is absent."""
