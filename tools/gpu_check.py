@@ -57,8 +57,8 @@ MIN_STEP_S = 15  # a step with less time than this left is not started
 #   bench-loader-dali 60 [150]: the same + DALI's decode-only and decode + warp pipelines
 #   bench-train-wds 40 [120], bench-train-dali 50 [120]: freihand_strong.toml (bf16, width 32,
 #     batch 64, augmentation), 2 x (5 warm-up + 50 timed) steps, ~20 s start-up
-#   bench-predict 60 [150]: 256 photos, 9 rows x 3 rounds, ~15 predict() calls of ~2 s each
-#     (model load, decode workers)
+#   bench-predict 60 [150]: 256 photos, 8 rows x 3 rounds, 12 predict() calls of ~3 s each
+#     (model load, decode threads, outputs)
 # Estimates add up to ~445 s; the budget, 450 s, caps the steps whatever they take, and the
 # data, parsing and Python start-up add ~10 s: under 8 minutes.
 BUDGET_S = 450.0
