@@ -45,7 +45,7 @@ from handpose.distributed import (
     teardown,
 )
 from handpose.errors import ConfigError, HandposeError
-from handpose.model import ARCH_LOSSES, input_multiple, model_from_config
+from handpose.model import ARCH_LOSSES, PoseModel, input_multiple, model_from_config
 from handpose.shards import read_manifest
 
 
@@ -276,7 +276,7 @@ def amp_dtype(cfg: TrainConfig, world: World) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
 
-def build(cfg: TrainConfig, world: World) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
+def build(cfg: TrainConfig, world: World) -> tuple[PoseModel, nn.Module, torch.optim.Optimizer, Any]:
     """Model (bare and wrapped for training: channels_last, DDP, compile), optimizer, grad scaler."""
     raw = model_from_config(to_dict(cfg)).to(world.device)
     cuda = world.device.type == "cuda"
@@ -357,7 +357,7 @@ def make_loader(cfg: TrainConfig, world: World, split: str, *, only: int | None 
 
 def train_step(
     model: nn.Module,
-    raw: nn.Module,
+    raw: PoseModel,
     batch: dict[str, Any],
     opt: torch.optim.Optimizer,
     scaler: Any,
@@ -384,7 +384,7 @@ def train_step(
 
 
 @torch.no_grad()
-def validate(raw: nn.Module, loaders: list[Any], cfg: TrainConfig, world: World) -> dict[str, Any]:
+def validate(raw: PoseModel, loaders: list[Any], cfg: TrainConfig, world: World) -> dict[str, Any]:
     """Every folder's val split apart; the first folder's figures are also the plain `val_*` keys
     (the ones `monitor`, best.pt and early stopping use)."""
     sync_buffers(raw, world)  # every rank evaluates (and rank 0 saves) the same BN statistics
@@ -400,7 +400,7 @@ def validate(raw: nn.Module, loaders: list[Any], cfg: TrainConfig, world: World)
     return out
 
 
-def evaluate(raw: nn.Module, loader: Any, cfg: TrainConfig, world: World, mean_uv: Any) -> dict[str, float]:
+def evaluate(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World, mean_uv: Any) -> dict[str, float]:
     """Validation loss and mean keypoint error over visible joints (px at model size, % of the
     input side and, for box crops, % of the box's longer side), PCK@0.2 of the box, and the same
     error for always predicting the mean training pose; summed over ranks."""
