@@ -20,10 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> None:
+    """Print a handpose command, run it, time it; stop with its exit code if it fails (the
+    command has already said why in one line)."""
     cmd = [sys.executable, "-m", "handpose", *args]
     print(f"\n$ handpose {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:
+        sys.exit(code)
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +25,23 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo import run  # noqa: E402  (tools/demo.py: print each CLI command, run it, time it)
+
 from handpose.geometry import apply_affine, box_region, crop_matrix, image_region, invert  # noqa: E402
 from handpose.report import box_side, spill_rows, summarise  # noqa: E402
 from handpose.shards import decode_annotation, read_manifest, read_samples  # noqa: E402
 
 
-def run(*args: str) -> None:
-    cmd = [sys.executable, "-m", "handpose", *args]
-    print(f"\n$ handpose {shlex.join(args)}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+def row(model: str, label: str, rep: dict) -> dict:
+    """One table row from a report (report.json's headline keys)."""
+    return {
+        "model": model,
+        "input": label,
+        "mean_px": rep["mean_error_px"],
+        "pct_box": rep["mean_error_pct_box"],
+        "pct_image": rep["mean_error_pct"],
+        "pck_0.2_box": rep["pck_0.2_box"],
+    }
 
 
 def predict_rows(name: str, model: Path, shards: Path, out: Path, refine: int) -> list[dict]:
@@ -52,17 +55,7 @@ def predict_rows(name: str, model: Path, shards: Path, out: Path, refine: int) -
         dest = out / f"{name.split()[0]}-{slug}"
         if not (dest / "report.json").exists():
             run("predict", str(model), str(shards), "--split", "val", "--out", str(dest), *extra)
-        rep = json.loads((dest / "report.json").read_text())
-        rows.append(
-            {
-                "model": name,
-                "input": label,
-                "mean_px": rep["mean_error_px"],
-                "pct_box": rep["mean_error_pct_box"],
-                "pct_image": rep["mean_error_pct"],
-                "pck_0.2_box": rep["pck_0.2_box"],
-            }
-        )
+        rows.append(row(name, label, json.loads((dest / "report.json").read_text())))
     return rows
 
 
@@ -95,17 +88,8 @@ def mean_pose_rows(shards: Path, pad: float) -> list[dict]:
             [box_side(b) for b in boxes],
             [box_region(b, pad)[2] if where == "box" else s for b, s in zip(boxes, sides, strict=True)],
         )
-        rep = summarise(lambda spill=spill: [spill], 1)  # the report predict writes, same figures
-        rows.append(
-            {
-                "model": "mean training pose",
-                "input": label,
-                "mean_px": rep["mean_error_px"],
-                "pct_box": rep["mean_error_pct_box"],
-                "pct_image": rep["mean_error_pct"],
-                "pck_0.2_box": rep["pck_0.2_box"],
-            }
-        )
+        # the figures predict's report computes, from the same per-joint rows
+        rows.append(row("mean training pose", label, summarise(lambda spill=spill: [spill], 1)))
     return rows
 
 
