@@ -402,7 +402,7 @@ def bench_loader(
 
 @bench_app.command("train", epilog=EXAMPLES["bench train"])
 def bench_train(
-    shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
+    shards: Annotated[Path, typer.Argument(help="A packed shards folder, or several: a,b (as train).")],
     config: Annotated[Optional[Path], typer.Option(help="Recipe TOML.")] = None,
     loader: Annotated[str, typer.Option(help="wds | dali.")] = "wds",
     steps: Annotated[int, typer.Option(help="Train steps to time.")] = 30,

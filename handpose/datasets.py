@@ -89,7 +89,7 @@ def open_sets(
     if not pad >= 1.0:
         raise HandposeError(f"box_pad must be >= 1 (the box fills the input at 1), got {pad}")
     sets = []
-    names = set_names(roots)
+    names = set_names(roots, crops)
     for root, crop, weight, name in zip(roots, crops, weights, names, strict=True):
         if crop not in CROPS:
             raise HandposeError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
@@ -133,10 +133,16 @@ def share_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
     return owner
 
 
-def set_names(roots: Iterable[str | Path]) -> list[str]:
-    """Short unique names for reports: the folder names, numbered when two are the same."""
+def set_names(roots: Iterable[str | Path], crops: Sequence[str] = ()) -> list[str]:
+    """Short unique names for reports: the folder names; a folder given twice is told apart by
+    its crop mode (`hands-box`, `hands-image`), else by its position."""
     base = [Path(r).resolve().name or "shards" for r in roots]
-    return [b if base.count(b) == 1 else f"{b}-{i}" for i, b in enumerate(base)]
+    modes = list(crops) or [""] * len(base)
+    pairs = list(zip(base, modes, strict=True))
+    return [
+        b if base.count(b) == 1 else f"{b}-{m}" if m and pairs.count((b, m)) == 1 else f"{b}-{i}"
+        for i, (b, m) in enumerate(pairs)
+    ]
 
 
 def apportion(batch_size: int, weights: Sequence[float]) -> list[int]:

@@ -237,7 +237,7 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
             if n % cfg.log_every == 0:
                 log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
         seconds = time.perf_counter() - t0
-        val = validate(raw, val_loaders, cfg, world)
+        val = validate(raw, val_loaders, cfg, world, [s.name for s in train_loader.sets])
         skipped = float(train_loader.stats.skipped + sum(v.stats.skipped for v in val_loaders))
         sums = reduce_sums({"loss": loss_sum, "batches": float(n), "skipped": skipped}, world)
         metrics = {
@@ -384,19 +384,22 @@ def train_step(
 
 
 @torch.no_grad()
-def validate(raw: PoseModel, loaders: list[Any], cfg: TrainConfig, world: World) -> dict[str, Any]:
-    """Every folder's val split apart; the first folder's figures are also the plain `val_*` keys
-    (the ones `monitor`, best.pt and early stopping use)."""
+def validate(
+    raw: PoseModel, loaders: list[Any], cfg: TrainConfig, world: World, names: list[str]
+) -> dict[str, Any]:
+    """Every folder's val split apart, keyed `NAME/val_*` (`names`: the training sets' names);
+    the first folder's figures are also the plain `val_*` keys (the ones `monitor`, best.pt and
+    early stopping use)."""
     sync_buffers(raw, world)  # every rank evaluates (and rank 0 saves) the same BN statistics
     raw.eval()
     out: dict[str, Any] = {}
-    for i, loader in enumerate(loaders):
+    for i, (loader, name) in enumerate(zip(loaders, names, strict=True)):
         s = loader.sets[0]
         figures = evaluate(raw, loader, cfg, world, s.manifest.mean_pose(s.crop, cfg.image_size, s.pad))
         if i == 0:
             out.update(figures)
         if len(loaders) > 1:
-            out.update({f"{s.name}/{k}": v for k, v in figures.items()})
+            out.update({f"{name}/{k}": v for k, v in figures.items()})
     return out
 
 

@@ -556,3 +556,15 @@ def test_blur_and_occlusion_change_only_pixels(box_dots: Path) -> None:
     assert not torch.equal(a["image"], b["image"])
     # the parameters are drawn from one array per sample: the geometry draws do not move
     torch.testing.assert_close(a["uv"], b["uv"])
+
+
+def test_set_names_tell_a_folder_given_twice_apart(tmp_path: Path) -> None:
+    """Reports key each training set by name: a folder given twice is named by its crop, or by
+    its position when the crop is the same too."""
+    from handpose.datasets import set_names
+
+    a, b = tmp_path / "hands", tmp_path / "x" / "synth"
+    assert set_names([a, b], ["box", "box"]) == ["hands", "synth"]
+    assert set_names([a, a, b], ["box", "image", "box"]) == ["hands-box", "hands-image", "synth"]
+    assert set_names([a, a], ["box", "box"]) == ["hands-0", "hands-1"]
+    assert set_names([a, tmp_path / "y" / "hands"]) == ["hands-0", "hands-1"]

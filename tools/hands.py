@@ -120,7 +120,12 @@ def main() -> None:
 
     if not (shards / "manifest.json").exists():
         run("pack", str(args.data), str(shards), "--format", "yolo", "--overwrite")
-    train_shards = [str(shards)]
+    # the recipe's crop list names one mode per shards folder: the photos once per photo crop
+    # (e.g. box + whole image), the generated hands last
+    recipe = Path(args.recipe) if Path(args.recipe).exists() else ROOT / args.recipe
+    crops = tomllib.loads(recipe.read_text()).get("crop", ["box"])
+    crops = [crops] if isinstance(crops, str) else crops
+    train_shards = [str(shards)] * max(1, len(crops) - (1 if args.synth else 0))
     if args.synth:
         synth, synth_shards = out / "synth", out / "synth-shards"
         if not (synth / "training_K.json").exists():
@@ -129,7 +134,7 @@ def main() -> None:
             run("pack", str(synth), str(synth_shards), "--split", "0.95,0.05,0", "--overwrite")
         train_shards.append(str(synth_shards))
     if not (run_dir / "summary.json").exists():
-        run("train", "--config", args.recipe, "--shards", ",".join(train_shards), "--out", str(run_dir))
+        run("train", "--config", str(recipe), "--shards", ",".join(train_shards), "--out", str(run_dir))
 
     best = run_dir / "checkpoints" / "best.pt"
     rows = predict_rows("trained (hands_cpu)", best, shards, evals, args.refine)

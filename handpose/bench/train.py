@@ -47,7 +47,7 @@ def bench_train(
     shards: str | Path, *, config: str | Path | None = None, loader: str = "wds", steps: int = 30
 ) -> dict[str, Any]:
     """Print a table and one JSON line: samples_per_s, in_memory_samples_per_s, loader_overhead_pct."""
-    cfg = load_config(TrainConfig, config, {"shards": str(shards), "loader": loader})  # one folder
+    cfg = load_config(TrainConfig, config, {"shards": str(shards), "loader": loader})  # "a,b": two folders
     # Resampled training stream of exactly the batches needed, whatever the split's size.
     cfg = dataclasses.replace(cfg, batches_per_epoch=2 * WARMUP + steps)
     world = setup_world(None if cfg.device == "auto" else cfg.device)
