@@ -104,7 +104,7 @@ from handpose.skeleton import NUM_JOINTS
 
 __all__ = ["IMAGE_SUFFIXES", "ModelSpec", "load_model", "predict", "prepare"]
 
-DEFAULT_REFINE = 1  # --refine for models trained on box crops (issue: choose by measurement)
+DEFAULT_REFINE = 1  # --refine for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
 BOX_TO_KEYPOINTS = 1.2  # box side / keypoint-extent side when a checkpoint does not record it
 BOX_PAD = 1.25  # box_pad of checkpoints that do not record one
 MIN_SIDE_PX = 8  # smaller images cannot show a hand; they go to errors.jsonl

@@ -290,3 +290,15 @@ def test_changed_label_repacks_on_resume(
     pack(src, tmp_path / "fresh", fmt="yolo", shard_size_mb=TINY, workers=1)
     assert digests(tmp_path / "out") == digests(tmp_path / "fresh")
     assert decode_visibility(read_pack(tmp_path / "out")[sample_key(0)]["vis.u8"])[0] == 0
+
+
+def test_bench_pack_a_real_data_set(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`bench pack --src ROOT --format yolo` into a work folder that does not exist yet: it packs
+    every image and hand of the data set and reports them."""
+    from handpose.bench.pack import bench_pack
+
+    result = bench_pack(workdir=tmp_path / "new" / "work", workers=1, src=dataset, fmt="yolo")
+    manifest = read_manifest(tmp_path / "new" / "work" / "shards")
+    assert result["images"] == len([p for p in dataset.rglob("*.jpg")])
+    assert result["hands"] == sum(manifest.data["counts"].values()) > result["images"] // 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

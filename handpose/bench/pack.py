@@ -39,6 +39,7 @@ def bench_pack(
     """Time pack vs `tar cf` vs decode-all of `n` generated images (or every image of `src`, a
     data set in format `fmt`); print a table and a JSON line."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     workers = workers or _cores()
     out = workdir / "shards"
     console = make_console()
