@@ -539,7 +539,15 @@ def test_two_node_launch(ddp_run: tuple[Path, Path], packed: Path, tmp_path: Pat
         )
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=120)[0] for p in nodes]
+    try:
+        # torchrun's agents meet at an exit barrier after the workers finish (up to 300 s when one
+        # agent is slow to get there): give them that before calling it a hang
+        outs = [p.communicate(timeout=330)[0] for p in nodes]
+    finally:
+        for p in nodes:  # never leave a launcher (and its workers) behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert sum("2 process(es)" in o for o in outs) == 1  # only global rank 0 prints
     ref, got = _weights(ddp_run[0]), _weights(tmp_path)
