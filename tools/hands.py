@@ -137,7 +137,7 @@ def main() -> None:
         run("train", "--config", str(recipe), "--shards", ",".join(train_shards), "--out", str(run_dir))
 
     best = run_dir / "checkpoints" / "best.pt"
-    rows = predict_rows("trained (hands_cpu)", best, shards, evals, args.refine)
+    rows = predict_rows(f"trained ({recipe.stem})", best, shards, evals, args.refine)
     if args.tutorial:
         rows += predict_rows("tutorial weights", args.tutorial, shards, evals, args.refine)
     config = tomllib.loads((run_dir / "config.toml").read_text())
