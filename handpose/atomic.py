@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +18,16 @@ from handpose.errors import HandposeError
 def tmp_name(path: Path) -> Path:
     """The temporary sibling a file is written under before it is renamed into place."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp\d+$")  # what `tmp_name` makes
+
+
+def tmp_target(name: str) -> str | None:
+    """The file name a temporary name of `tmp_name` stands for (`.a.json.tmp12` -> `a.json`),
+    or None when `name` is not one: how a crashed run's leftovers are recognised as ours."""
+    m = _TMP_NAME.match(name)
+    return m.group("target") if m else None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from handpose.errors import HandposeError
-from handpose.geometry import Region, box_region, image_region
+from handpose.geometry import BOX_PAD, Region, box_region, image_region
 from handpose.shards import (
     Manifest,
     hash_problems,
@@ -43,7 +43,7 @@ class ShardSet:
     shards: tuple[str, ...]  # the split's tar paths, in manifest order
     counts: tuple[int, ...]  # samples per shard
     crop: str = "image"
-    pad: float = 1.25
+    pad: float = BOX_PAD
     weight: float = 1.0
     name: str = ""
 

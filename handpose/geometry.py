@@ -70,6 +70,7 @@ def apply_affine(M: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 Region = tuple[float, float, float]  # (cx, cy, side): the square of source pixels that fills the input
+BOX_PAD = 1.25  # a box crop's side x this fills the input: about what top-down pose estimators use
 
 
 def image_region(src_w: float, src_h: float) -> Region:
@@ -79,7 +80,7 @@ def image_region(src_w: float, src_h: float) -> Region:
 
 def box_region(box: np.ndarray, pad: float) -> Region:
     """A hand box (x0, y0, x1, y1), made square on its longer side and padded by `pad`
-    (`crop = "box"`; top-down pose estimators use about 1.25)."""
+    (`crop = "box"`; the default pad is BOX_PAD)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     return ((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1e-6) * pad)
 

@@ -23,6 +23,7 @@ import torch
 from handpose.config import AugmentConfig
 from handpose.datasets import open_sets
 from handpose.errors import HandposeError
+from handpose.geometry import BOX_PAD
 from handpose.shards import SPLITS, Manifest
 
 KINDS = ("wds", "dali")
@@ -37,7 +38,7 @@ def make_loader(
     image_size: int = 128,
     augment: AugmentConfig | None = None,
     crop: str | Sequence[str] = "image",
-    box_pad: float = 1.25,
+    box_pad: float = BOX_PAD,
     weights: Sequence[float] | None = None,
     rank: int = 0,
     world_size: int = 1,

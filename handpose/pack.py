@@ -37,8 +37,9 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from handpose import __version__
-from handpose.atomic import tmp_name, write_json
+from handpose.atomic import tmp_name, tmp_target, write_json
 from handpose.console import make_console
+from handpose.cpu import cores
 from handpose.errors import HandposeError
 from handpose.geometry import keypoints_box
 from handpose.imageio import decode_jpeg, image_format, image_size
@@ -49,6 +50,7 @@ from handpose.shards import (
     SPLITS,
     ShardWriter,
     index_name,
+    is_shard_file,
     sample_key,
     sample_members,
     sha256_file,
@@ -63,11 +65,7 @@ DEFAULT_SPLIT = "0.8,0.15,0.05"
 # Estimated tar bytes per sample besides the image: 6 member headers plus padded json, kp, vis,
 # box and sid members. Only used to plan shard boundaries, so it must depend on nothing but the input.
 _SAMPLE_OVERHEAD = 7168
-_OURS = re.compile(
-    r"^(?:(?:train|val|test|eval)-\d{6}\.(?:tar|idx)|manifest\.json|inspect-\w+\.png|\.pack"
-    r"|\.(?:(?:train|val|test|eval)-\d{6}\.(?:tar|idx)|manifest\.json)\.tmp\d+)$"
-)
-_TMP = re.compile(r"^\..+\.tmp\d+$")
+_INSPECT_SHEET = re.compile(r"^inspect-\w+\.png$")  # `handpose inspect`'s default contact sheets
 console = make_console(stderr=True)
 
 
@@ -149,7 +147,7 @@ def pack(
 
     state = _prepare_out(out, overwrite)
     write_json(state / "plan.json", _plan_summary(plan, options, data.source))
-    results = _write_all(plan, out, on_error, workers or _cores())
+    results = _write_all(plan, out, on_error, workers or cores())
     _remove_stale(out, {p.name for p in plan if results[p.name]["samples"]})
     manifest = build_manifest(plan, results, problems, data.source, options, background=data.background)
     write_json(out / MANIFEST, manifest)  # last: its presence means the pack is complete
@@ -267,8 +265,8 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         raise HandposeError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in out.iterdir())
-    ours = [n for n in names if _OURS.match(n)]
-    foreign = [n for n in names if not _OURS.match(n)]
+    ours = [n for n in names if _ours(n)]
+    foreign = [n for n in names if not _ours(n)]
     if foreign and not overwrite:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise HandposeError(f"{out}: not empty and not a handpose pack ({shown}); choose an empty folder")
@@ -277,7 +275,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         raise HandposeError(f"{out}: holds an earlier pack; pass --overwrite to replace it")
     # An unfinished pack of ours (OUT/.pack) is resumed: its shards are reused only if verified.
     for name in ours:
-        if name == STATE_DIR or (state.is_dir() and not _TMP.match(name) and name.endswith((".tar", ".idx"))):
+        if name == STATE_DIR or (state.is_dir() and is_shard_file(name)):
             continue
         (out / name).unlink()
     state.mkdir(exist_ok=True)
@@ -288,14 +286,23 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
     """Delete our shard files that are not part of this pack (an earlier, different plan's)."""
     keep |= {index_name(n) for n in keep}
     for p in out.iterdir():
-        if _OURS.match(p.name) and p.name.endswith((".tar", ".idx")) and p.name not in keep:
+        if is_shard_file(p.name) and p.name not in keep:
             p.unlink()
 
 
 def _clean_tmp(out: Path) -> None:
     for p in out.iterdir():
-        if _TMP.match(p.name) and _OURS.match(p.name):
+        if tmp_target(p.name) is not None and _ours(p.name):
             p.unlink(missing_ok=True)
+
+
+def _ours(name: str) -> bool:
+    """What pack writes in OUT: shards, indexes, the manifest, OUT/.pack, and the temporaries of
+    the files (`atomic.tmp_name`); also `handpose inspect`'s default sheets, which live there."""
+    target = tmp_target(name)
+    if target is not None:
+        return target == MANIFEST or is_shard_file(target)
+    return name in (MANIFEST, STATE_DIR) or is_shard_file(name) or _INSPECT_SHEET.match(name) is not None
 
 
 # ---- writing shards -----------------------------------------------------------------------------
@@ -754,10 +761,3 @@ def skip_message(e: dict[str, Any]) -> str:
     """A manifest 'skipped' entry as the one line pack would have failed with."""
     where = e["file"] if e.get("id") is None else f"id {e['id']} ({e['file']})"
     return f"{where}: {e['reason']}"
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -52,6 +52,7 @@ from handpose import checkpoint, report
 from handpose import model as models
 from handpose.atomic import check_output_dir, inside
 from handpose.console import make_console
+from handpose.cpu import cores
 from handpose.distributed import World, barrier, broadcast_object, setup_world, teardown
 from handpose.errors import HandposeError
 from handpose.geometry import (
@@ -262,14 +263,7 @@ def default_batch_size(device: torch.device) -> int:
 def default_workers(device: torch.device) -> int:
     """Decode threads: cores - 1 beside a GPU; none on a CPU, where the model already uses every
     core and decoding elsewhere only competes with it (see BENCHMARKS.md)."""
-    return max(0, _cores() - 1) if device.type == "cuda" else 0
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(0, cores() - 1) if device.type == "cuda" else 0
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -760,7 +754,7 @@ def _join_world(dev: torch.device) -> World:
     if world.device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size) or 1)
         # torchrun sets OMP_NUM_THREADS=1 for every rank; give each rank its share of the cores.
-        torch.set_num_threads(max(1, _cores() // local))
+        torch.set_num_threads(max(1, cores() // local))
     return world
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from handpose.atomic import write_json
+from handpose.atomic import tmp_target, write_json
 from handpose.errors import HandposeError
 
 STAGING = ".predict-partial"
@@ -45,7 +44,6 @@ PART_FILES = ("predictions.jsonl", "errors.jsonl", "coco.jsonl", "spill.f32")
 CHUNKS = "chunks.i64"
 PROGRESS = "progress.json"
 OUR_STAGING_NAMES = (*PART_FILES, CHUNKS, PROGRESS, "job.json", "commit.json")
-_TMP = re.compile(r"^\..+\.tmp\d+$")  # atomic.tmp_name's temporaries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +264,8 @@ class Staging:
         record = {"format": RUN_FORMAT, "status": "complete", "files": files, **record}
         write_json(self.out / RUN_JSON, record)
         for leftover in self.out.glob(f".{RUN_JSON}.tmp*"):  # a killed earlier write of run.json
-            leftover.unlink(missing_ok=True)
+            if tmp_target(leftover.name) == RUN_JSON:
+                leftover.unlink(missing_ok=True)
         self.clear()
         return record
 
@@ -276,7 +275,7 @@ def _remove_ours(folder: Path) -> None:
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if p.is_file() and (p.name in OUR_STAGING_NAMES or _TMP.match(p.name)):
+        if p.is_file() and (p.name in OUR_STAGING_NAMES or tmp_target(p.name) is not None):
             p.unlink()
 
 

@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -67,11 +68,21 @@ def sample_key(sid: int) -> str:
 
 
 def shard_name(split: str, index: int) -> str:
+    """The file name of shard `index` of `split` (`train-000003.tar`)."""
     return f"{split}-{index:06d}.tar"
 
 
 def index_name(tar_name: str) -> str:
+    """The DALI index beside a shard (`train-000003.idx`)."""
     return tar_name[: -len(".tar")] + ".idx"
+
+
+_SHARD_FILE = re.compile(rf"^(?:{'|'.join(SPLITS)})-\d{{6}}\.(?:tar|idx)$")
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether `name` is a shard or an index as `shard_name` and `index_name` name them."""
+    return _SHARD_FILE.match(name) is not None
 
 
 def encode_keypoints(uv: np.ndarray) -> bytes:

@@ -35,8 +35,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from handpose.atomic import write_bytes, write_text
+from handpose.atomic import tmp_target, write_bytes, write_text
 from handpose.console import make_console
+from handpose.cpu import cores
 from handpose.errors import HandposeError
 from handpose.geometry import project_points
 from handpose.skeleton import FINGER_JOINTS, FINGERS, NUM_JOINTS
@@ -515,9 +516,8 @@ def _write_chunk(task: Task) -> list[tuple[int, list, list]]:
     return out
 
 
-# Ours: numbered images, and the temp names handpose.atomic gives them while they are written.
+# Ours: numbered images (and the temp names handpose.atomic gives them while they are written).
 _IMAGE_NAME = re.compile(r"^(\d{8})\.jpg$")
-_TEMP_NAME = re.compile(r"^\.\d{8}\.jpg\.tmp\d+$")
 # Files a real FreiHAND download has and synth never writes: their presence means "not ours".
 _FREIHAND_ONLY = ("training_mano.json", "training_verts.json", "training_scale.json", "evaluation_mano.json")
 
@@ -526,7 +526,8 @@ def _remove_stale(rgb_dir: Path, keep: int) -> None:
     """Delete numbered images (and crashed temp files) an earlier, larger run left behind."""
     for entry in os.scandir(rgb_dir):
         m = _IMAGE_NAME.match(entry.name)
-        if (m and int(m.group(1)) >= keep) or _TEMP_NAME.match(entry.name):
+        temp = _IMAGE_NAME.match(tmp_target(entry.name) or "")
+        if (m and int(m.group(1)) >= keep) or temp:
             os.unlink(entry.path)
 
 
@@ -599,7 +600,7 @@ def synth(
             (out / f"{split}_{suffix}.json").unlink(missing_ok=True)
         _remove_stale(rgb_dir, splits[split] * versions)
 
-    workers = max(1, min(workers or os.cpu_count() or 1, sum(splits.values())))
+    workers = max(1, min(workers or cores(), sum(splits.values())))
     tasks = list(_chunks(splits, dirs, seed, size, versions, workers))
     labels: dict[str, list] = {s: [None] * c for s, c in splits.items()}
     total = sum(splits.values()) * versions

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from handpose.console import make_console
+from handpose.cpu import cores
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg
 
@@ -40,7 +40,7 @@ def bench_pack(
     data set in format `fmt`); print a table and a JSON line."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    workers = workers or _cores()
+    workers = workers or cores()
     out = workdir / "shards"
     console = make_console()
     if src is None:  # generated FreiHAND-format hands
@@ -137,10 +137,3 @@ def _decode_all(files: list[Path]) -> int:
     for f in files:
         decode_jpeg(f.read_bytes())
     return len(files)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
