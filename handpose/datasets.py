@@ -112,9 +112,9 @@ def verify_sets(
     damaged file. Rank 0 shows a progress bar for long work."""
     files = {f[0]: f for s in sets for f in hashed_files(s.manifest.root, s.entries)}  # once each
     work = sorted(files.values())
-    owner = share_by_size([size for _, _, size in work], world_size)
+    owner = share_by_size([size or 0 for _, _, size in work], world_size)
     mine = [f for f, r in zip(work, owner, strict=True) if r == rank]
-    with hash_progress(sum(size for _, _, size in mine), show=rank == 0) as advance:
+    with hash_progress(sum(size or 0 for _, _, size in mine), show=rank == 0) as advance:
         problems = hash_problems(mine, advance)
     everyone = gather(problems) if gather is not None else [problems]
     found = sorted(p for rank_problems in everyone for p in rank_problems)

@@ -49,6 +49,7 @@ from handpose.shards import (
     MANIFEST,
     SPLITS,
     ShardWriter,
+    file_problem,
     index_name,
     is_shard_file,
     sample_key,
@@ -611,15 +612,14 @@ def _verified_done(out: Path, plan: ShardPlan) -> dict[str, Any] | None:
         return None
     if not done["samples"]:
         return done
-    tar_path, idx_path = out / plan.name, out / index_name(plan.name)
     try:
-        if tar_path.stat().st_size != done["bytes"] or idx_path.stat().st_size != done.get("idx_bytes"):
-            return None
-        if sha256_file(tar_path) != done["sha256"] or sha256_file(idx_path) != done["idx_sha256"]:
-            return None
-    except OSError:
+        files = [
+            (out / plan.name, done["bytes"], done["sha256"]),
+            (out / index_name(plan.name), done["idx_bytes"], done["idx_sha256"]),
+        ]
+    except KeyError:  # not a done-record this version wrote
         return None
-    return done
+    return done if all(file_problem(*f) is None for f in files) else None
 
 
 # ---- the manifest ------------------------------------------------------------------------------

@@ -572,16 +572,23 @@ def split_shards(root: str | Path, split: str) -> tuple[Manifest, list[Path]]:
 REPACK = "re-run handpose pack"
 
 
-def size_problem(path: Path, expected: int) -> str | None:
-    """None when `path` has `expected` bytes, else what is wrong (missing, truncated, changed)."""
+def file_problem(
+    path: Path, size: int | None, sha256: str | None = None, on_bytes: Callable[[int], None] | None = None
+) -> str | None:
+    """THE integrity check of a packed file, in its one wording: None when `path` has `size` bytes
+    (None: not checked) and, when `sha256` is given, bytes that hash to it; else what is wrong
+    (missing, unreadable, truncated or changed, damaged). The size comes first: one stat, and a
+    file of the wrong size is not worth hashing. `on_bytes` as in `sha256_file`."""
     try:
-        size = path.stat().st_size
+        actual = path.stat().st_size
+        if size is not None and actual != size:
+            return f"{actual} bytes, the manifest says {size} (truncated or changed since packing)"
+        if sha256 is not None and sha256_file(path, on_bytes) != sha256:
+            return "sha256 differs from the manifest (damaged or changed since packing)"
     except FileNotFoundError:
         return "missing"
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    if size != expected:
-        return f"{size} bytes, the manifest says {expected} (truncated or changed since packing)"
     return None
 
 
@@ -589,44 +596,33 @@ def size_problems(root: Path, entries: Sequence[dict[str, Any]]) -> list[str]:
     """Each shard's size, and its index's where the manifest records it, against the manifest.
 
     A missing index is not a problem here: the reader then streams the tar (`read_samples`)."""
-    problems = []
-    for e in entries:
-        tar, idx = root / e["name"], root / e["index"]
-        if (p := size_problem(tar, e["bytes"])) is not None:
-            problems.append(f"{tar}: {p}; {REPACK}")
-        if "index_bytes" in e and idx.exists() and (p := size_problem(idx, e["index_bytes"])) is not None:
-            problems.append(f"{idx}: {p}; {REPACK}")
-    return problems
-
-
-def hashed_files(root: Path, entries: Sequence[dict[str, Any]]) -> list[tuple[Path, str, int]]:
-    """(path, recorded sha256, bytes) of every file of `entries` the manifest has a digest for:
-    each shard, and its index when recorded and present."""
     files = []
+    for e in entries:
+        files.append((root / e["name"], e["bytes"]))
+        if "index_bytes" in e and (root / e["index"]).exists():
+            files.append((root / e["index"], e["index_bytes"]))
+    problems = ((path, file_problem(path, size)) for path, size in files)
+    return [f"{path}: {p}; {REPACK}" for path, p in problems if p is not None]
+
+
+def hashed_files(root: Path, entries: Sequence[dict[str, Any]]) -> list[tuple[Path, str, int | None]]:
+    """(path, recorded sha256, bytes or None) of every file of `entries` the manifest has a
+    digest for: each shard, and its index when recorded and present."""
+    files: list[tuple[Path, str, int | None]] = []
     for e in entries:
         files.append((root / e["name"], e["sha256"], e["bytes"]))
         idx = root / e["index"]
         if "index_sha256" in e and idx.exists():
-            files.append((idx, e["index_sha256"], e.get("index_bytes", 0)))
+            files.append((idx, e["index_sha256"], e.get("index_bytes")))
     return files
 
 
 def hash_problems(
-    files: Sequence[tuple[Path, str, int]], on_bytes: Callable[[int], None] | None = None
+    files: Sequence[tuple[Path, str, int | None]], on_bytes: Callable[[int], None] | None = None
 ) -> list[str]:
-    """One line per file of `hashed_files` whose bytes do not hash to the recorded sha256."""
-    problems = []
-    for path, expected, _ in files:
-        try:
-            digest = sha256_file(path, on_bytes)
-        except OSError as e:
-            problems.append(f"{path}: unreadable ({e.strerror}); {REPACK}")
-            continue
-        if digest != expected:
-            problems.append(
-                f"{path}: sha256 differs from the manifest (damaged or changed since packing); {REPACK}"
-            )
-    return problems
+    """One line per file of `hashed_files` that fails `file_problem`."""
+    problems = ((path, file_problem(path, size, sha256, on_bytes)) for path, sha256, size in files)
+    return [f"{path}: {p}; {REPACK}" for path, p in problems if p is not None]
 
 
 @contextlib.contextmanager
@@ -651,7 +647,7 @@ def verify_shards(manifest: Manifest, entries: Sequence[dict[str, Any]], *, prog
     in this process; raise one line per damaged file. What predict and inspect call before reading
     (train spreads the same work over its ranks: `datasets.verify_sets`)."""
     files = hashed_files(manifest.root, entries)
-    with hash_progress(sum(f[2] for f in files), show=progress) as advance:
+    with hash_progress(sum(f[2] or 0 for f in files), show=progress) as advance:
         problems = hash_problems(files, advance)
     if problems:
         raise problems_error(problems)

@@ -37,11 +37,10 @@ from handpose.shards import (
     SPLITS,
     IndexEntry,
     decode_annotation,
+    file_problem,
     hash_progress,
     read_index,
     read_manifest,
-    sha256_file,
-    size_problem,
 )
 
 MAX_SAMPLE_PROBLEMS = 3  # per shard: the first few bad samples are named, the rest counted
@@ -77,13 +76,13 @@ def verify(root: str | Path) -> dict[str, Any]:
 def shard_problems(root: Path, entry: dict[str, Any], on_bytes: Callable[[int], None]) -> list[str]:
     """Everything wrong with one shard and its index, one line each (empty: intact)."""
     tar, idx = root / entry["name"], root / entry["index"]
-    problems = file_problems(tar, entry["bytes"], entry["sha256"], on_bytes)
+    problems = named(tar, file_problem(tar, entry["bytes"], entry["sha256"], on_bytes))
     if not tar.is_file():
         return problems
     if not idx.is_file():
         return [*problems, f"{idx.name}: missing (DALI and predict read by it)"]
     if "index_bytes" in entry:
-        problems += file_problems(idx, entry["index_bytes"], entry.get("index_sha256"), on_bytes)
+        problems += named(idx, file_problem(idx, entry["index_bytes"], entry.get("index_sha256"), on_bytes))
     try:
         index = read_index(idx)
     except HandposeError as e:
@@ -97,14 +96,9 @@ def shard_problems(root: Path, entry: dict[str, Any], on_bytes: Callable[[int], 
     return problems
 
 
-def file_problems(path: Path, size: int, sha256: str | None, on_bytes: Callable[[int], None]) -> list[str]:
-    """The file's size, then (if the size is right) its sha256, against the manifest's."""
-    problem = size_problem(path, size)
-    if problem is not None:
-        return [f"{path.name}: {problem}"]
-    if sha256 is not None and sha256_file(path, on_bytes) != sha256:
-        return [f"{path.name}: sha256 differs from the manifest (damaged or changed since packing)"]
-    return []
+def named(path: Path, problem: str | None) -> list[str]:
+    """A `shards.file_problem` as a table row naming the file (the table names the folder)."""
+    return [] if problem is None else [f"{path.name}: {problem}"]
 
 
 def _sample_problems(tar: Path, index: list[IndexEntry]) -> Iterator[str]:
