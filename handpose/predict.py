@@ -67,14 +67,13 @@ from handpose.geometry import (
 from handpose.heatmaps import TUTORIAL_INDEX_OFFSET
 from handpose.imageio import decode_image, image_size, warp_to_input
 from handpose.predict_inputs import (
-    IMAGE_SUFFIXES,
+    BadInput,
     BoxSource,
     BoxTask,
     CocoLabels,
-    Hand,
     Input,
     LabelledBoxes,
-    Problem,
+    LabelledHand,
     Scan,
     Source,
     Unit,
@@ -89,6 +88,7 @@ from handpose.predict_inputs import (
     read_bytes,
     scan,
     stamp_of,
+    suffix_list,
     verify_shard_inputs,
 )
 from handpose.predict_staging import (
@@ -103,7 +103,7 @@ from handpose.predict_staging import (
 from handpose.shards import sha256_file
 from handpose.skeleton import NUM_JOINTS
 
-__all__ = ["IMAGE_SUFFIXES", "ModelSpec", "load_model", "predict", "prepare"]
+__all__ = ["ModelSpec", "load_model", "predict", "prepare"]
 
 DEFAULT_REFINE = 1  # --refine for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
 BOX_TO_KEYPOINTS = 1.2  # box side / keypoint-extent side when a checkpoint does not record it
@@ -403,19 +403,19 @@ class _Image:
     src: Source
     width: int
     height: int
-    hands: tuple[Hand, ...] | None
+    hands: tuple[LabelledHand, ...] | None
     tasks: list[BoxTask]
     regions: list[Region]
     inputs: list[np.ndarray]
-    problems: list[Problem]
+    problems: list[BadInput]
     uv: list[np.ndarray] = field(default_factory=list)  # per task, original px
     score: list[np.ndarray] = field(default_factory=list)
     boxes: list[np.ndarray | None] = field(default_factory=list)  # the final box of each task
 
 
-def _open_image(unit: Unit, ctx: _Context) -> _Image | Problem:
-    """Read one input and prepare its crops; a data error makes it a Problem."""
-    if isinstance(unit, Problem):
+def _open_image(unit: Unit, ctx: _Context) -> _Image | BadInput:
+    """Read one input and prepare its crops; a data error makes it a BadInput."""
+    if isinstance(unit, BadInput):
         return unit
     try:
         data = read_bytes(unit)
@@ -429,7 +429,7 @@ def _open_image(unit: Unit, ctx: _Context) -> _Image | Problem:
         regions = [_region(t.box, ctx.spec, width, height) for t in tasks]
         inputs = [preprocess(data, crop_matrix(r, ctx.spec.size), ctx.spec) for r in regions]
     except DATA_ERRORS as e:
-        return Problem(unit.ordinal, unit.path, _reason(e))
+        return BadInput(unit.ordinal, unit.path, _reason(e))
     return _Image(unit, width, height, hands, tasks, regions, inputs, problems, boxes=[t.box for t in tasks])
 
 
@@ -569,7 +569,7 @@ def _chunk_outputs(cid: int, opened: list[Any], ctx: _Context, state: _State) ->
     preds, errors, coco, spill = [], [], [], []
     position = 0
     for x in opened:
-        if isinstance(x, Problem):
+        if isinstance(x, BadInput):
             errors.append(_error_line(x))
             state.counts["errors"] += 1
             continue
@@ -604,7 +604,7 @@ def _chunk_outputs(cid: int, opened: list[Any], ctx: _Context, state: _State) ->
 
 
 def _score(
-    img: _Image, k: int, hand: Hand | None, order: list[int]
+    img: _Image, k: int, hand: LabelledHand | None, order: list[int]
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The report row of prediction k (None without a labelled hand) and its entry: what the
     overlays and the worst/best tables need to find and draw it again."""
@@ -637,7 +637,7 @@ def _score(
     return row, entry
 
 
-def _error_line(p: Problem) -> str:
+def _error_line(p: BadInput) -> str:
     return json.dumps({"path": p.path, "reason": p.reason}) + "\n"
 
 
@@ -896,7 +896,7 @@ def _plan_job(
     if not found.units:
         raise HandposeError(
             f"no images found in {', '.join(str(p) for p in inputs) or '(no inputs)'} "
-            f"(looked for {', '.join(IMAGE_SUFFIXES)})"
+            f"(looked for {suffix_list()})"
         )
     if labels is not None and found.plain and not found.plain_labelled:
         raise HandposeError(

@@ -12,13 +12,14 @@ INPUT kinds, detected in this order:
                                       [default test]; labels by `sources.yolo`'s rules
   any other folder                    every image below it, recursively, in path order
   an image file                       that file
+(Images: the files `sources.files` calls images, in every kind of input alike.)
 
 Everything is a generator: folders are listed one directory at a time, shards read one shard at
 a time, label files read when their image is, so memory does not grow with the number of images.
 (Labels that come as one json, a FreiHAND root or `--labels` COCO file, and a `--boxes` COCO
 file, are held as the json is.)
 
-A unit of the stream is a `Source` (one image) or a `Problem` (an input that cannot be used,
+A unit of the stream is a `Source` (one image) or a `BadInput` (an input that cannot be used,
 reported in errors.jsonl at its place). Every rank of a torchrun job enumerates the same stream;
 `ordinal` numbers its units.
 """
@@ -46,11 +47,10 @@ from handpose.shards import (
     split_shards,
     verify_shards,
 )
-from handpose.skeleton import NUM_JOINTS
 from handpose.sources import load_json, numeric_array
 from handpose.sources import yolo as yolo_source
+from handpose.sources.files import IMAGE_SUFFIXES, is_image, walk
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_SPLIT = "test"
 FREIHAND_SPLITS = ("train", "training", "eval", "evaluation", "test")
 KINDS = ("shards", "freihand", "yolo", "folder", "image")
@@ -58,7 +58,7 @@ SPLIT_KINDS = ("shards", "freihand", "yolo")  # kinds that --split applies to
 
 
 @dataclass(frozen=True)
-class Hand:
+class LabelledHand:
     """One labelled hand in pixels of the image as displayed."""
 
     hand: int  # index within its image (the label line / annotation order)
@@ -72,6 +72,9 @@ class Hand:
         return (self.visibility > 0) & np.isfinite(self.uv).all(axis=1)
 
 
+Hands = tuple[LabelledHand, ...]  # an image's labelled hands, in label order
+
+
 @dataclass(frozen=True)
 class Source:
     """One input image: where its bytes are, how it is named, and its labels if any."""
@@ -82,7 +85,7 @@ class Source:
     name: str  # relative name (to its input folder or dataset root): what --boxes file_name matches
     sample: int = -1  # shards: position of the image's first sample in `file`; -1: a plain file
     image_id: int | None = None  # from the labels (COCO, FreiHAND, shards), else a digits-only stem
-    hands: tuple[Hand, ...] | None = None  # labels in pixels; None: unlabelled (or see yolo_label)
+    hands: Hands | None = None  # labels in pixels; None: unlabelled (or see yolo_label)
     yolo_label: str | None = None  # YOLO: the label file (normalised), read with the image
     yolo_name: str = ""  # the label file as errors.jsonl names it
     yolo_dims: int | None = None  # the dataset's kpt_shape[1], if given
@@ -91,7 +94,7 @@ class Source:
 
 
 @dataclass(frozen=True)
-class Problem:
+class BadInput:
     """An input that cannot be used: one errors.jsonl line at its place in the stream."""
 
     ordinal: int
@@ -99,7 +102,7 @@ class Problem:
     reason: str
 
 
-Unit = Source | Problem
+Unit = Source | BadInput
 
 
 def read_bytes(src: Source) -> bytes:
@@ -113,7 +116,7 @@ def read_bytes(src: Source) -> bytes:
     raise ValueError("missing member jpg")
 
 
-def labels_of(src: Source, width: int, height: int) -> tuple[tuple[Hand, ...] | None, list[Problem]]:
+def labels_of(src: Source, width: int, height: int) -> tuple[Hands | None, list[BadInput]]:
     """The image's labelled hands in pixels (None: unlabelled) and any problems of its label file
     (a bad line is reported by file and line; the image's other hands still count)."""
     if src.yolo_label is None:
@@ -123,9 +126,10 @@ def labels_of(src: Source, width: int, height: int) -> tuple[tuple[Hand, ...] | 
     found, problems = yolo_source.read_label(src.yolo_label, src.yolo_name, src.yolo_dims)
     scale = np.array([width, height], np.float64)
     hands = tuple(
-        Hand(k, h.uv * scale, h.visibility, h.box * np.tile(scale, 2)) for k, (_, h) in sorted(found.items())
+        LabelledHand(k, h.uv * scale, h.visibility, h.box * np.tile(scale, 2))
+        for k, (_, h) in sorted(found.items())
     )
-    return hands, [Problem(src.ordinal, p.file, p.reason) for p in problems]
+    return hands, [BadInput(src.ordinal, p.file, p.reason) for p in problems]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,24 +151,15 @@ def classify(path: Path) -> Input:
             return Input(path, "shards")
         if (path / "training_xyz.json").is_file():
             return Input(path, "freihand")
-        if is_yolo_root(path):
+        if yolo_source.is_dataset_folder(path):
             return Input(path, "yolo")
         return Input(path, "folder")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".yaml", ".yml"):
             return Input(path, "yolo")
-        return Input(path, "image" if suffix in IMAGE_SUFFIXES else "unsupported")
+        return Input(path, "image" if is_image(path.name) else "unsupported")
     return Input(path, "missing")
-
-
-def is_yolo_root(path: Path) -> bool:
-    """A folder with YOLO split folders, or with both images/ and labels/."""
-    for names in yolo_source.SPLIT_FOLDERS.values():
-        for n in names:
-            if (path / n / "images").is_dir() or (path / "images" / n).is_dir():
-                return True
-    return (path / "images").is_dir() and (path / "labels").is_dir()
 
 
 def plan_inputs(inputs: Sequence[str | os.PathLike], out: Path) -> list[Input]:
@@ -215,10 +210,10 @@ class CocoLabels:
     file_name, under the json's folder, is the image, else by a base name that occurs once."""
 
     path: Path
-    by_file: dict[str, tuple[int, tuple[Hand, ...]]]  # real path -> (image_id, hands)
-    by_base: dict[str, tuple[int, tuple[Hand, ...]]] = field(default_factory=dict)
+    by_file: dict[str, tuple[int, Hands]]  # real path -> (image_id, hands)
+    by_base: dict[str, tuple[int, Hands]] = field(default_factory=dict)
 
-    def find(self, file: str) -> tuple[int, tuple[Hand, ...]] | None:
+    def find(self, file: str) -> tuple[int, Hands] | None:
         return self.by_file.get(os.path.realpath(file)) or self.by_base.get(os.path.basename(file))
 
 
@@ -236,9 +231,11 @@ def load_coco_labels(path: str | os.PathLike) -> CocoLabels:
     grouped: dict[str, list[Any]] = {}
     for r in data.records:
         grouped.setdefault(str(r.path), []).append(r)
-    by_file: dict[str, tuple[int, tuple[Hand, ...]]] = {}
+    by_file: dict[str, tuple[int, Hands]] = {}
     for file, records in grouped.items():
-        hands = tuple(Hand(r.hand, r.uv, r.visibility, r.box) for r in sorted(records, key=lambda r: r.hand))
+        hands = tuple(
+            LabelledHand(r.hand, r.uv, r.visibility, r.box) for r in sorted(records, key=lambda r: r.hand)
+        )
         by_file[os.path.realpath(file)] = (int(records[0].image_id), hands)
     bases = Counter(os.path.basename(f) for f in by_file)
     by_base = {os.path.basename(f): v for f, v in by_file.items() if bases[os.path.basename(f)] == 1}
@@ -258,14 +255,14 @@ def iter_units(
 
 def _units(i: Input, out: Path, split: str | None, labels: CocoLabels | None) -> Iterator[Unit]:
     if i.kind == "missing":
-        yield Problem(0, str(i.path), "no such file or folder")
+        yield BadInput(0, str(i.path), "no such file or folder")
     elif i.kind == "unsupported":
-        reason = f"unsupported file type {i.path.suffix or '(none)'!r} (expected {', '.join(IMAGE_SUFFIXES)})"
-        yield Problem(0, str(i.path), reason)
+        reason = f"unsupported file type {i.path.suffix or '(none)'!r} (expected {suffix_list()})"
+        yield BadInput(0, str(i.path), reason)
     elif i.kind == "image":
         yield _plain(i.path, i.path.name, labels)
     elif i.kind == "folder":
-        for p in walk(i.path, IMAGE_SUFFIXES, skip=out):
+        for p in map(Path, walk(i.path, is_image, skip=out)):
             yield _plain(p, p.relative_to(i.path).as_posix(), labels)
     elif i.kind == "shards":
         yield from _shard_units(i.path, split or DEFAULT_SPLIT)
@@ -289,36 +286,6 @@ def _plain(path: Path, name: str, labels: CocoLabels | None) -> Source:
         stamp=f"{st.st_size}:{st.st_mtime_ns}",
         plain=True,
     )
-
-
-def walk(
-    folder: Path, suffixes: Sequence[str] | frozenset[str], *, skip: Path | None = None
-) -> Iterator[Path]:
-    """Files under `folder` with one of `suffixes` (lower case, with or without the dot), in the
-    order of their relative paths, one directory listed at a time; hidden names, symlinked
-    folders and `skip` (the output folder: a re-run must not predict its own overlays) left out."""
-    want = {s.lower().lstrip(".") for s in suffixes}
-    skip_real = os.path.realpath(skip) if skip is not None else None
-
-    def visit(d: str) -> Iterator[Path]:
-        # Only the names are held while the folder is walked (not DirEntry objects); a folder
-        # sorts as "name/", which gives the order of the files' relative paths.
-        with os.scandir(d) as it:
-            keys = sorted(
-                e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
-                for e in it
-                if not e.name.startswith(".")
-                and (e.name.rpartition(".")[2].lower() in want or e.is_dir(follow_symlinks=False))
-            )
-        for key in keys:
-            path = os.path.join(d, key.rstrip("/"))
-            if key.endswith("/"):
-                if os.path.realpath(path) != skip_real:
-                    yield from visit(path)
-            elif "." in key and os.path.isfile(path):
-                yield Path(path)
-
-    yield from visit(str(folder))
 
 
 def _shard_set(root: Path, split: str) -> list[Path]:
@@ -351,7 +318,7 @@ def _shard_units(root: Path, split: str) -> Iterator[Unit]:
             except ValueError as e:
                 yield from _shard_group(tar, group, stamp)
                 group = []
-                yield Problem(0, path, str(e))
+                yield BadInput(0, path, str(e))
                 continue
             meta = _sample_meta(sample)
             if group and (meta.get("source") is None or meta.get("source") != group[0][1].get("source")):
@@ -375,7 +342,7 @@ def _shard_group(tar: Path, group: list[tuple[int, dict[str, Any], Any]], stamp:
         return
     first, meta, (key, _) = group[0]
     hands = tuple(
-        Hand(
+        LabelledHand(
             int(m["hand"]) if isinstance(m.get("hand"), int) else n,
             ann.uv.astype(np.float64),
             ann.visibility,
@@ -412,7 +379,7 @@ def _freihand_units(root: Path, split: str | None) -> Iterator[Unit]:
     stamp = _stamp(root / f"{name}_xyz.json", root / f"{name}_K.json")
     for p in data.problems:
         if p.file.startswith(f"{name}/"):
-            yield Problem(0, str(root / p.file), p.reason)
+            yield BadInput(0, str(root / p.file), p.reason)
     for r in records:
         yield Source(
             ordinal=0,
@@ -420,7 +387,7 @@ def _freihand_units(root: Path, split: str | None) -> Iterator[Unit]:
             file=str(r.path),
             name=r.file,
             image_id=r.sid,
-            hands=(Hand(0, r.uv, r.visibility, r.box),),
+            hands=(LabelledHand(0, r.uv, r.visibility, r.box),),
             stamp=f"{stamp}:{_stamp(r.path)}",
         )
 
@@ -453,7 +420,7 @@ def _yolo_folders(src: Path, split: str | None) -> tuple[Path, list[Any], int | 
 def _yolo_units(src: Path, split: str | None, out: Path) -> Iterator[Unit]:
     root, folders, dims = _yolo_folders(src, split)
     for folder in folders:
-        for image in walk(folder.images, yolo_source.IMAGE_SUFFIXES, skip=out):
+        for image in map(Path, walk(folder.images, is_image, skip=out)):
             label = yolo_source.label_path(image)
             stamp = _stamp(image) + (f",{_stamp(label)}" if label.is_file() else ",-")
             yield Source(
@@ -476,6 +443,11 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+def suffix_list() -> str:
+    """The image suffixes, as a message lists them (".jpg, .png, ...")."""
+    return ", ".join(f".{s}" for s in IMAGE_SUFFIXES)
+
+
 def labelled_kinds(plan: Sequence[Input], labels: CocoLabels | None) -> bool:
     """Whether any input can carry labels (shards, FreiHAND, YOLO, or --labels for images)."""
     return labels is not None or any(i.kind in SPLIT_KINDS for i in plan)
@@ -483,7 +455,7 @@ def labelled_kinds(plan: Sequence[Input], labels: CocoLabels | None) -> bool:
 
 def unit_descriptor(unit: Unit) -> str:
     """What identifies a unit for the resume fingerprint: where it is and its files' stamps."""
-    if isinstance(unit, Problem):
+    if isinstance(unit, BadInput):
         return f"P|{unit.path}|{unit.reason}"
     return f"S|{unit.path}|{unit.file}|{unit.sample}|{unit.stamp}"
 
@@ -533,7 +505,7 @@ class WholeImage:
 
     spec = "whole image"
 
-    def boxes(self, src: Source, width: int, height: int, hands: tuple[Hand, ...] | None) -> list[BoxTask]:
+    def boxes(self, src: Source, width: int, height: int, hands: Hands | None) -> list[BoxTask]:
         return [BoxTask(0, None)]
 
 
@@ -542,7 +514,7 @@ class LabelledBoxes:
 
     spec = "gt"
 
-    def boxes(self, src: Source, width: int, height: int, hands: tuple[Hand, ...] | None) -> list[BoxTask]:
+    def boxes(self, src: Source, width: int, height: int, hands: Hands | None) -> list[BoxTask]:
         if hands is None:
             raise ValueError("--boxes gt: this image has no labels")
         return [BoxTask(h.hand, h.box, None, k) for k, h in enumerate(hands)]
@@ -573,7 +545,7 @@ class CocoDetections:
             os.path.basename(n): v for n, v in self.by_name.items() if bases[os.path.basename(n)] == 1
         }
 
-    def boxes(self, src: Source, width: int, height: int, hands: tuple[Hand, ...] | None) -> list[BoxTask]:
+    def boxes(self, src: Source, width: int, height: int, hands: Hands | None) -> list[BoxTask]:
         found = self.by_id.get(src.image_id, []) if src.image_id is not None else []
         if not found:
             found = self.by_name.get(src.name) or self.by_name.get(src.path) or []
@@ -616,7 +588,7 @@ class YoloBoxes:
     def __init__(self, folder: Path):
         self.folder, self.spec = folder, str(folder)
 
-    def boxes(self, src: Source, width: int, height: int, hands: tuple[Hand, ...] | None) -> list[BoxTask]:
+    def boxes(self, src: Source, width: int, height: int, hands: Hands | None) -> list[BoxTask]:
         stem = os.path.splitext(src.name)[0]
         label = self.folder / f"{stem}.txt"
         if not label.is_file():
@@ -629,57 +601,13 @@ class YoloBoxes:
             raise ValueError(f"--boxes {label}: unreadable ({e})") from None
         scale = np.array([width, height, width, height], np.float64)
         tasks = []
-        lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        for hand, (n, fields) in enumerate(lines):
+        for hand, (n, fields) in enumerate(yolo_source.label_lines(text)):
             try:
-                box, score = parse_box_line(fields)
+                box, score = yolo_source.parse_box_line(fields)
             except ValueError as e:
                 raise ValueError(f"--boxes {label}:{n}: {e}") from None
             tasks.append(BoxTask(hand, box * scale, score))
         return tasks
-
-
-def parse_box_line(fields: list[str]) -> tuple[np.ndarray, float | None]:
-    """A YOLO label line -> (normalised box x0, y0, x1, y1, confidence or None): `class cx cy w h`,
-    with a confidence after it, or a pose line (`sources.yolo.parse_line`'s rules) with or
-    without a trailing confidence."""
-    n = len(fields)
-    score = None
-    pose_lengths = {5 + NUM_JOINTS * d for d in (2, 3)}
-    if n in pose_lengths or n - 1 in pose_lengths:
-        if n - 1 in pose_lengths:
-            fields, score = fields[:-1], _unit_number(fields[-1], n)
-        return yolo_source.parse_line(fields, None).box, score
-    if n not in (5, 6):
-        raise ValueError(f"{n} fields, expected class cx cy w h [conf] or a pose line")
-    if n == 6:
-        score = _unit_number(fields[5], 6)
-    values = []
-    for k, f in enumerate(fields[:5], 1):
-        try:
-            values.append(float(f))
-        except ValueError:
-            raise ValueError(f"field {k} {f!r} is not a number") from None
-    cls, cx, cy, w, h = values
-    if not all(np.isfinite(values)) or cls < 0 or cls != int(cls):
-        raise ValueError(f"class {fields[0]!r} is not a whole number >= 0 (or a field is not finite)")
-    tol = yolo_source.TOLERANCE
-    for name, v in (("cx", cx), ("cy", cy), ("w", w), ("h", h)):
-        if not -tol <= v <= 1 + tol:
-            raise ValueError(f"box {name} = {v:g} is outside [0, 1] (tolerance {tol})")
-    if not (w > 0 and h > 0):
-        raise ValueError(f"box w = {w:g}, h = {h:g}: an empty box")
-    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), score
-
-
-def _unit_number(text: str, k: int) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ValueError(f"field {k} {text!r} (the confidence) is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"field {k} = {v:g}: a confidence must be in [0, 1]")
-    return v
 
 
 BoxSource = WholeImage | LabelledBoxes | CocoDetections | YoloBoxes
@@ -706,8 +634,8 @@ def stamp_of(path: str | os.PathLike | None) -> str:
     p = Path(path)
     if p.is_dir():
         h = hashlib.sha256()
-        for f in walk(p, ("txt",)):
-            st = f.stat()
+        for f in walk(p, lambda n: n.endswith(".txt")):
+            st = os.stat(f)
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return f"{p.resolve()}|{h.hexdigest()}"
     st = p.stat()

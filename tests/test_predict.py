@@ -40,7 +40,7 @@ from handpose.predict import (
     prepare,
     refine_box,
 )
-from handpose.predict_inputs import parse_box_line
+from handpose.sources.yolo import parse_box_line
 from handpose.report import (
     PCK_THRESHOLDS_PX,
     SPILL_COLUMNS,
@@ -663,6 +663,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (src / "tiny.png").write_bytes(encode(np.zeros((1, 1, 3), np.uint8)))
     deep = (np.arange(40 * 56, dtype=np.uint16).reshape(40, 56) * 29).astype(np.uint16)
     Image.fromarray(deep).save(src / "deep16.png")  # 16-bit greyscale
+    Image.fromarray(noise_image(64, 48, 1)).save(src / "good.tif")  # an image in a folder as in YOLO
+    (src / "raw.dng").write_bytes(b"raw sensor data")  # an image suffix: reported, not passed over
     (src / "notes.txt").write_text("ignored inside a folder\n")
     summary = predict(
         (IntensityModel(), PLAIN),
@@ -671,11 +673,12 @@ def test_bad_inputs(tmp_path: Path) -> None:
         workers=0,
         quiet=True,
     )
-    assert summary["images"] == 2 and summary["errors"] == 5
+    assert summary["images"] == 3 and summary["errors"] == 6
     preds = [Path(r["path"]).name for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")]
-    assert preds == ["deep16.png", "good.jpg"]
+    assert preds == ["deep16.png", "good.jpg", "good.tif"]
     errors = {Path(e["path"]).name: e["reason"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
-    assert list(errors) == ["corrupt.jpg", "text.jpg", "tiny.png", "missing.png", "notes.txt"]  # input order
+    assert list(errors) == ["corrupt.jpg", "raw.dng", "text.jpg", "tiny.png", "missing.png", "notes.txt"]
+    assert "cannot decode image" in errors["raw.dng"]
     assert "too small" in errors["tiny.png"] and "1x1" in errors["tiny.png"]
     assert "unsupported" in errors["notes.txt"] and "no such" in errors["missing.png"]
     assert all(errors.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,14 +17,14 @@ from handpose.shards import EVAL_SID_OFFSET, sample_key
 from handpose.sources import read_source
 from handpose.sources.coco import check_coco_keypoints, read_coco
 from handpose.sources.freihand import check_K, check_xyz, parse_versions, read_freihand
+from handpose.sources.files import walk
 from handpose.sources.yolo import (
-    _items,
-    _scalar,
     find_folders,
+    is_dataset_folder,
     label_path,
+    parse_box_line,
     parse_line,
     read_yolo,
-    yaml_entries,
 )
 
 MMPOSE = "freihand-mmpose"
@@ -378,6 +379,48 @@ def test_find_folders_layouts(tmp_path: Path) -> None:
         find_folders(tmp_path)
 
 
+def test_walk_is_the_one_folder_walk(tmp_path: Path) -> None:
+    """Every folder of images (a plain folder for predict, a YOLO split for pack and predict) is
+    walked alike: image suffixes of any case (Ultralytics' list, .tif included), relative-path
+    order, hidden names, symlinked folders and the skipped output folder left out."""
+    for rel in ("b.JPG", "a.png", "a/x.tif", "a-b/y.webp", ".hidden.jpg", "notes.txt", "a/.git/z.jpg"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / rel).write_bytes(b"")
+    (tmp_path / "in" / "out").mkdir()
+    (tmp_path / "in" / "out" / "o.png").write_bytes(b"")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "in" / "a", target_is_directory=True)
+    found = [
+        Path(p).relative_to(tmp_path / "in").as_posix()
+        for p in walk(tmp_path / "in", skip=tmp_path / "in" / "out")
+    ]
+    assert found == ["a-b/y.webp", "a.png", "a/x.tif", "b.JPG"]
+    assert [Path(p).name for p in walk(tmp_path / "in", lambda n: n.endswith(".txt"))] == ["notes.txt"]
+    (tmp_path / "in" / "images").mkdir()
+    assert not is_dataset_folder(tmp_path / "in")  # images/ alone: a folder of photos
+    (tmp_path / "in" / "labels").mkdir()
+    assert is_dataset_folder(tmp_path / "in") and is_dataset_folder(tmp_path / "in" / "a" / "..")
+
+
+def test_parse_box_line_shares_the_pose_rules() -> None:
+    """A --boxes label line: `class cx cy w h [conf]` or a pose line, its class and box checked by
+    the pose labels' rules."""
+    box, score = parse_box_line("0 0.5 0.5 0.2 0.4 0.7".split())
+    assert np.allclose(box, [0.4, 0.3, 0.6, 0.7]) and score == 0.7
+    assert parse_box_line("0 0.5 0.5 0.2 0.4".split())[1] is None
+    pose = _fields()
+    assert np.allclose(parse_box_line(pose)[0], parse_line(pose, 3).box)
+    assert parse_box_line([*pose, "0.25"])[1] == 0.25
+    for fields, message in (
+        ("0 0.5 0.5 1.5 0.4", "box w = 1.5 is outside [0, 1]"),
+        ("1.5 0.5 0.5 0.2 0.4", "class '1.5' is not a whole number >= 0"),
+        ("0 0.5 x 0.2 0.4", "field 3 'x' is not a number"),
+        ("0 0.5 0.5 0.2 0.4 1.7", "field 6 = 1.7: a confidence must be in [0, 1]"),
+        ("0 0.5 0.5", "3 fields, expected class cx cy w h [conf] or a pose line"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_box_line(fields.split())
+
+
 def test_read_yolo_problems_and_background(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     spec = yolokit.Spec(
@@ -433,30 +476,6 @@ download: |
 """
 
 
-def test_yaml_entries_agree_with_pyyaml(tmp_path: Path) -> None:
-    yaml = pytest.importorskip("yaml")
-    texts = [
-        YAML.format(path="../datasets/hand-keypoints", train="train", val="'val'", dims=3),
-        'path: "/data/a b"\ntrain:\n  - images/one  # first\n  - "images/two#x"\n'
-        "val: images/val\nkpt_shape:\n- 21\n- 2\n",
-        "train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\nnc: 1\nnames: ['hand']\n",
-        "path: it's # a comment\ntrain: a#b\nval: ~\n",
-    ]
-    for text in texts:
-        ours = yaml_entries(text, tmp_path / "d.yaml")
-        theirs = yaml.safe_load(text)
-        for key in ("path", "train", "val", "test", "kpt_shape"):
-            if key not in theirs:
-                assert key not in ours
-                continue
-            items = _items(ours[key], tmp_path / "d.yaml", key)
-            mine = items if items is not None else _scalar(ours[key][1], key)
-            want = theirs[key]
-            if isinstance(want, list):
-                want = [str(v) for v in want]
-            assert mine == want, (key, text)
-
-
 def test_read_yolo_from_yaml(tmp_path: Path) -> None:
     spec = yolokit.default_spec(dims=2)
     root = yolokit.write_dataset(tmp_path / "datasets" / "hands", spec, layout="images/{split}")
@@ -491,11 +510,13 @@ def test_yaml_roboflow_paths_and_errors(tmp_path: Path) -> None:
         ("train: train/images\nval: train/images\n", "overlap: an image would be packed twice"),
         ("train: train/images\nkpt_shape: [17, 3]\n", "kpt_shape [17, 3]: handpose reads 21 keypoints"),
         ("train: train.txt\n", "train.txt is an image list file"),
-        ("train: nowhere\n", "data.yaml:1: train: folder 'nowhere' not found"),
-        ("path: /no/such/root\ntrain: a\n", "data.yaml:1: path '/no/such/root': folder not found"),
-        ("train: [a, b\n", "a flow list must close on its line"),
-        ("train: *anchor\n", "is a YAML form handpose does not read"),
-        ("  train: a\n", "data.yaml:1: unexpected indented line"),
+        ("train: nowhere\n", "data.yaml: train: folder 'nowhere' not found"),
+        ("path: /no/such/root\ntrain: a\n", "data.yaml: path '/no/such/root': folder not found"),
+        ("train: [a, b\n", "data.yaml: invalid YAML: expected ',' or ']', but got '<stream end>' (line 2)"),
+        ("train: *anchor\n", "data.yaml: invalid YAML: found undefined alias 'anchor' (line 1)"),
+        ("- train\n- val\n", "data.yaml: expected 'key: value' entries"),
+        ("train: {a: b}\n", "data.yaml: train: expected a folder or a list of folders"),
+        ("kpt_shape: [21, '3']\ntrain: train/images\n", "kpt_shape [21, '3']: expected [21, 3] or [21, 2]"),
         ("names: x\n", "no train, val or test folder"),
     ):
         cfg.write_text(text)

@@ -26,6 +26,7 @@ from handpose.console import make_console
 from handpose.cpu import cores
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg
+from handpose.sources.files import is_image, walk
 
 
 def bench_pack(
@@ -51,8 +52,9 @@ def bench_pack(
         src = Path(src)
         if not src.is_dir():
             raise HandposeError(f"--src {src}: not a folder")
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".txt", ".json"))
-    images = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]
+        # what pack reads: the images and the label files
+        files = [Path(p) for p in walk(src, lambda n: is_image(n) or n.endswith((".txt", ".json")))]
+    images = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]  # the decode floor: JPEG
     n = len(images)
     mb = sum(f.stat().st_size for f in files) / 1e6
 

@@ -17,6 +17,7 @@ tutorial_loop_images_per_s.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,6 @@ from rich.table import Table
 from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.predict import (
-    IMAGE_SUFFIXES,
     ModelSpec,
     default_batch_size,
     load_model,
@@ -41,6 +41,8 @@ from handpose.predict import (
     predict,
     prepare,
 )
+from handpose.predict_inputs import suffix_list
+from handpose.sources.files import is_image, walk
 
 TUTORIAL = "tutorial loop (batch 1, NCHW, PIL, numpy)"
 MODEL_ONLY = "model only (channels_last)"
@@ -129,9 +131,9 @@ def bench_predict(
 def _images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise HandposeError(f"{folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
+    files = [Path(p) for p in itertools.islice(walk(folder, is_image), limit)]
     if not files:
-        raise HandposeError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise HandposeError(f"{folder}: no images ({suffix_list()})")
     return files
 
 

@@ -8,7 +8,7 @@ Where the data is (SRC):
   `test` (an image folder or a list of them, relative to the root; a `../x` that does not
   exist is read as `x`, as Ultralytics does for Roboflow exports) and `kpt_shape` ([21, 3] or
   [21, 2]; without it, each line's field count says which).
-Images are the files with a suffix Ultralytics reads, found recursively. The label of
+Images are the files with a suffix Ultralytics reads (`sources.files`), found recursively. The label of
 `.../images/.../NAME.EXT` is `.../labels/.../NAME.txt` (Ultralytics' rule: the last `images`
 folder in the path becomes `labels`; a path without one has its labels beside the images).
 
@@ -32,21 +32,20 @@ is re-split by `--split`, by image.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from handpose.errors import HandposeError
 from handpose.shards import SPLITS
 from handpose.skeleton import NUM_JOINTS
 from handpose.sources import Dataset, Problem, Record, check_visibility
+from handpose.sources.files import is_image, walk
 
-# The suffixes Ultralytics reads as images (ultralytics.data.utils.IMG_FORMATS).
-IMAGE_SUFFIXES = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm", "heic"})
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
 TOLERANCE = 0.02  # how far past [0, 1] a normalised coordinate may be (kept as given)
 MAX_HANDS = 1000  # hands per image: sid = ordinal * MAX_HANDS + hand
@@ -62,8 +61,8 @@ class Folder:
 
 
 @dataclass(frozen=True)
-class Hand:
-    """One parsed label line, normalised coordinates."""
+class LabelLine:
+    """One parsed label line (one hand), coordinates normalised to the image's displayed size."""
 
     cls: int
     box: np.ndarray  # (4,) x0, y0, x1, y1
@@ -85,7 +84,7 @@ def read_yolo(src: str | Path) -> Dataset:
     data = _read(root, folders, dims, layout, yaml=src if layout == "yaml" else None)
     if layout == "images/{split}":
         with os.scandir(src / "images") as it:
-            loose = sum(1 for e in it if e.is_file() and e.name.rpartition(".")[2].lower() in IMAGE_SUFFIXES)
+            loose = sum(1 for e in it if e.is_file() and is_image(e.name))
         if loose:
             data.notes.append(f"images/: {loose} images outside the split folders: not packed")
     return data
@@ -107,17 +106,31 @@ def _label_dir(images: Path) -> Path:
     return label_path(images / "x.jpg").parent
 
 
+def _split_layouts(src: Path) -> dict[str, list[tuple[str, Path]]]:
+    """The image folders each split-folder layout would have under `src`: {layout: [(split, folder)]}."""
+    return {
+        "{split}/images": [(s, src / n / "images") for s, names in SPLIT_FOLDERS.items() for n in names],
+        "images/{split}": [(s, src / "images" / n) for s, names in SPLIT_FOLDERS.items() for n in names],
+    }
+
+
+def is_dataset_folder(src: Path) -> bool:
+    """Whether a folder is laid out as a YOLO dataset: a split folder of either layout, or images/
+    beside labels/ (a folder with only images/ is a plain folder of photos to predict on)."""
+    if any(p.is_dir() for cands in _split_layouts(src).values() for _, p in cands):
+        return True
+    return (src / "images").is_dir() and (src / "labels").is_dir()
+
+
 def find_folders(src: Path, *, resplit: bool = True) -> tuple[list[Folder], str]:
     """The image folders of a dataset root and its layout name; HandposeError if none is found.
 
     `resplit`: a dataset in one split folder is re-split by pack's --split, so its folder fixes
     no split; False keeps the folder's own split name (predict's --split picks folders by it).
     """
-    layouts = {
-        "{split}/images": [(s, src / n / "images") for s, names in SPLIT_FOLDERS.items() for n in names],
-        "images/{split}": [(s, src / "images" / n) for s, names in SPLIT_FOLDERS.items() for n in names],
+    found = {
+        name: [Folder(s, p) for s, p in cands if p.is_dir()] for name, cands in _split_layouts(src).items()
     }
-    found = {name: [Folder(s, p) for s, p in cands if p.is_dir()] for name, cands in layouts.items()}
     if found["{split}/images"] and found["images/{split}"]:
         raise HandposeError(
             f"{src}: both SRC/{{split}}/images and SRC/images/{{split}} folders; give a dataset yaml"
@@ -169,7 +182,7 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
         images += [(folder, p) for p in found]
         label_dir = _label_dir(folder.images)
         if label_dir.is_dir():
-            labels |= set(_walk(label_dir, lambda n: n.endswith(".txt")))
+            labels |= set(walk(label_dir, lambda n: n.endswith(".txt")))
         elif found:
             notes.append(f"{_rel(label_dir, root)}: no labels folder; its {len(found)} images hold no hands")
     order = {s: k for k, s in enumerate(SPLITS)}
@@ -246,26 +259,14 @@ def _read(root: Path, folders: list[Folder], dims: int | None, layout: str, yaml
 
 
 def list_images(folder: Path) -> list[str]:
-    """Image files under `folder` (recursive, hidden names skipped), by relative path."""
-    return _walk(folder, lambda n: "." in n and n.rpartition(".")[2].lower() in IMAGE_SUFFIXES)
-
-
-def _walk(folder: Path, keep: Any) -> list[str]:
-    """Paths (str) of the files under `folder` whose name passes `keep`, by relative path."""
-    out: list[tuple[str, str]] = []
-    start = len(str(folder)) + 1
-    for d, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        prefix = d[start:].replace(os.sep, "/")
-        prefix = prefix + "/" if prefix else ""
-        out += [(prefix + n, os.path.join(d, n)) for n in filenames if not n.startswith(".") and keep(n)]
-    return [path for _, path in sorted(out)]
+    """Image files under `folder` (`sources.files.walk`: recursive, by relative path)."""
+    return list(walk(folder, is_image))
 
 
 def read_label(
     path: str | Path, rel: str, dims: int | None
-) -> tuple[dict[int, tuple[int, Hand]], list[Problem]]:
-    """A label file -> ({hand: (line number, Hand)}, problems naming `rel`:line)."""
+) -> tuple[dict[int, tuple[int, LabelLine]], list[Problem]]:
+    """A label file -> ({hand: (line number, LabelLine)}, problems naming `rel`:line)."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -273,10 +274,10 @@ def read_label(
         return {}, [Problem(None, rel, f"unreadable label file ({e.strerror})")]
     except UnicodeDecodeError:
         return {}, [Problem(None, rel, "not a text file (not UTF-8)")]
-    lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = label_lines(text)
     if len(lines) > MAX_HANDS:
         return {}, [Problem(None, rel, f"{len(lines)} hands; at most {MAX_HANDS} per image")]
-    hands: dict[int, tuple[int, Hand]] = {}
+    hands: dict[int, tuple[int, LabelLine]] = {}
     problems: list[Problem] = []
     for hand, (n, fields) in enumerate(lines):
         try:
@@ -286,29 +287,20 @@ def read_label(
     return hands, problems
 
 
-def parse_line(fields: list[str], dims: int | None) -> Hand:
-    """One label line's fields -> Hand; ValueError says what is wrong (see the module doc)."""
+def label_lines(text: str) -> list[tuple[int, list[str]]]:
+    """The non-blank lines of a label file as (line number, fields): hand k is the k-th."""
+    return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def parse_line(fields: list[str], dims: int | None) -> LabelLine:
+    """One label line's fields -> LabelLine; ValueError says what is wrong (see the module doc)."""
     n = len(fields)
     allowed = (dims,) if dims else (3, 2)
     d = next((k for k in allowed if n == 5 + NUM_JOINTS * k), None)
     if d is None:
         raise ValueError(_count_message(n, allowed))
-    try:
-        a = np.array(fields, dtype=np.float64)
-    except ValueError:  # name the first field that is no number
-        k, f = next((k, f) for k, f in enumerate(fields, 1) if not _is_number(f))
-        raise ValueError(f"field {k} {f!r} is not a number") from None
-    if not np.isfinite(a).all():
-        k = int(np.argmax(~np.isfinite(a)))
-        raise ValueError(f"field {k + 1} is {fields[k]} (not a finite number)")
-    if a[0] < 0 or a[0] != int(a[0]):
-        raise ValueError(f"class {fields[0]!r} is not a whole number >= 0")
-    cx, cy, w, h = a[1:5]
-    for name, v in (("cx", cx), ("cy", cy), ("w", w), ("h", h)):
-        if not -TOLERANCE <= v <= 1 + TOLERANCE:
-            raise ValueError(f"box {name} = {v:g} is outside [0, 1] (tolerance {TOLERANCE})")
-    if not (w > 0 and h > 0):
-        raise ValueError(f"box w = {w:g}, h = {h:g}: an empty box")
+    a = _numbers(fields)
+    cls, box = _class_and_box(a, fields)
     kp = a[5:].reshape(NUM_JOINTS, d)
     uv = kp[:, :2].copy()
     if d == 3:
@@ -319,8 +311,60 @@ def parse_line(fields: list[str], dims: int | None) -> Hand:
     if outside.any():
         j, c = (int(v) for v in np.argwhere(outside)[0])
         raise ValueError(f"keypoint {j} {'xy'[c]} = {uv[j, c]:g} is outside [0, 1] (tolerance {TOLERANCE})")
-    box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-    return Hand(int(a[0]), box, uv, vis)
+    return LabelLine(cls, box, uv, vis)
+
+
+def parse_box_line(fields: list[str]) -> tuple[np.ndarray, float | None]:
+    """A detection's label line (predict's --boxes FOLDER) -> (normalised box x0, y0, x1, y1,
+    confidence or None): `class cx cy w h` with or without a confidence after it (what
+    Ultralytics' save_txt writes), or a pose line (`parse_line`'s rules: its box is used), with or
+    without one. The class and box obey the same rules as in a pose label."""
+    n = len(fields)
+    pose = {5 + NUM_JOINTS * d for d in (2, 3)}
+    score = None
+    if n == 6 or n - 1 in pose:  # a trailing confidence
+        fields, score = fields[:-1], _confidence(fields[-1], n)
+    if len(fields) in pose:
+        return parse_line(fields, None).box, score
+    if len(fields) != 5:
+        raise ValueError(f"{n} fields, expected class cx cy w h [conf] or a pose line")
+    return _class_and_box(_numbers(fields), fields)[1], score
+
+
+def _numbers(fields: list[str]) -> np.ndarray:
+    """The fields as float64, all finite; ValueError names the first that is not."""
+    try:
+        a = np.array(fields, dtype=np.float64)
+    except ValueError:  # name the first field that is no number
+        k, f = next((k, f) for k, f in enumerate(fields, 1) if not _is_number(f))
+        raise ValueError(f"field {k} {f!r} is not a number") from None
+    if not np.isfinite(a).all():
+        k = int(np.argmax(~np.isfinite(a)))
+        raise ValueError(f"field {k + 1} is {fields[k]} (not a finite number)")
+    return a
+
+
+def _class_and_box(a: np.ndarray, fields: list[str]) -> tuple[int, np.ndarray]:
+    """(class, box x0, y0, x1, y1) from a line's first five numbers `class cx cy w h`."""
+    if a[0] < 0 or a[0] != int(a[0]):
+        raise ValueError(f"class {fields[0]!r} is not a whole number >= 0")
+    cx, cy, w, h = a[1:5]
+    for name, v in (("cx", cx), ("cy", cy), ("w", w), ("h", h)):
+        if not -TOLERANCE <= v <= 1 + TOLERANCE:
+            raise ValueError(f"box {name} = {v:g} is outside [0, 1] (tolerance {TOLERANCE})")
+    if not (w > 0 and h > 0):
+        raise ValueError(f"box w = {w:g}, h = {h:g}: an empty box")
+    return int(a[0]), np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+def _confidence(text: str, k: int) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"field {k} {text!r} (the confidence) is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"field {k} = {v:g}: a confidence must be in [0, 1]")
+    return v
 
 
 def _is_number(text: str) -> bool:
@@ -358,145 +402,43 @@ def _rel_str(path: str, root: str) -> str:
 # ---- the dataset yaml -------------------------------------------------------------------------------
 
 
-Entry = tuple[int, str, list[tuple[int, str]]]  # line number, inline value, the block lines below
-
-
 def read_dataset_yaml(path: Path, *, resplit: bool = True) -> tuple[Path, list[Folder], int | None]:
     """A dataset yaml -> (root, image folders with their splits, keypoint dims or None);
-    `resplit` as in `find_folders`."""
+    `resplit` as in `find_folders`. Read with `yaml.safe_load` (plain data, never objects)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise HandposeError(f"{path}: unreadable yaml: {e}") from None
-    entries = yaml_entries(text, path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise HandposeError(f"{path}: invalid YAML: {problem}{where}") from None
+    if not isinstance(entries, dict):
+        raise HandposeError(f"{path}: expected 'key: value' entries (path, train, val, test, kpt_shape)")
     root = _yaml_root(path, entries.get("path"))
     folders: list[Folder] = []
     for split in ("train", "val", "test"):
-        if split in entries:
-            for value in _strings(entries[split], path, split):
-                folders.append(Folder(split, _yaml_folder(path, root, split, value, entries[split][0])))
+        for value in _folder_values(entries.get(split), path, split):
+            folders.append(Folder(split, _yaml_folder(path, root, split, value)))
     if not folders:
         raise HandposeError(f"{path}: no train, val or test folder")
-    dims = _kpt_dims(entries["kpt_shape"], path) if "kpt_shape" in entries else None
+    dims = _kpt_dims(entries["kpt_shape"], path) if entries.get("kpt_shape") is not None else None
     return root, (_one_split_resplits(folders) if resplit else folders), dims
 
 
-def yaml_entries(text: str, path: Path) -> dict[str, Entry]:
-    """The top-level `key: value` entries of a yaml file, with the indented block under each.
-
-    Enough YAML for a dataset yaml: Ultralytics writes flat `key: value` pairs, flow lists
-    (`[21, 3]`), block lists (`- a`) and nested blocks (`names:`, `download: |`) that handpose
-    never reads; those are kept as raw lines and only interpreted if a needed key holds one.
-    """
-    entries: dict[str, Entry] = {}
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = _uncomment(lines[i])
-        if not line.strip() or line.strip() in ("---", "..."):
-            i += 1
-            continue
-        if line[0] in " \t-":
-            raise HandposeError(f"{path}:{i + 1}: unexpected indented line {line.strip()!r}")
-        key, colon, value = line.partition(":")
-        if not colon or not key or key != key.strip() or (value and value[0] not in " \t"):
-            raise HandposeError(f"{path}:{i + 1}: cannot read {line.strip()!r} (expected 'key: value')")
-        block = []
-        j = i + 1
-        while j < len(lines) and (not lines[j].strip() or lines[j][0] in " \t#" or lines[j].startswith("- ")):
-            if _uncomment(lines[j]).strip():
-                block.append((j + 1, _uncomment(lines[j])))
-            j += 1
-        entries[key.strip("'\"")] = (i + 1, value.strip(), block)
-        i = j
-    return entries
+def _folder_values(value: Any, path: Path, key: str) -> list[str]:
+    """A split's entry: a folder or a list of folders (Ultralytics' forms); none when empty."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    if any(isinstance(v, (dict, list)) for v in items):
+        raise HandposeError(f"{path}: {key}: expected a folder or a list of folders")
+    return [str(v) for v in items if v is not None]
 
 
-def _uncomment(line: str) -> str:
-    """The line without its comment: a `#` at the start or after a space, outside quotes."""
-    quote = None
-    k = 0
-    while k < len(line):
-        c = line[k]
-        if quote:
-            if c == "\\" and quote == '"':
-                k += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"" and (k == 0 or line[k - 1] in " \t[,:-"):
-            quote = c
-        elif c == "#" and (k == 0 or line[k - 1] in " \t"):
-            return line[:k].rstrip()
-        k += 1
-    return line.rstrip()
-
-
-def _scalar(text: str, where: str) -> str | None:
-    t = text.strip()
-    if t in ("", "~", "null", "Null", "NULL"):
-        return None
-    if t[0] == "'" and t.endswith("'") and len(t) > 1:
-        return t[1:-1].replace("''", "'")
-    if t[0] == '"':
-        try:
-            value = json.loads(t)  # JSON strings are YAML's double-quoted scalars (common escapes)
-        except ValueError:
-            value = None
-        if not isinstance(value, str):
-            raise HandposeError(f"{where}: cannot read the quoted value {t}")
-        return value
-    if t[0] in "[]{}&*!|>%@`'\"":
-        raise HandposeError(f"{where}: {t!r} is a YAML form handpose does not read here")
-    return t
-
-
-def _items(entry: Entry, path: Path, key: str) -> list[str | None] | None:
-    """A list value (flow `[a, b]` or a block of `- a` lines), or None for a scalar."""
-    n, value, block = entry
-    if value.startswith("["):
-        if not value.endswith("]"):
-            raise HandposeError(f"{path}:{n}: {key}: a flow list must close on its line")
-        return [_scalar(item, f"{path}:{n}: {key}") for item in _split_flow(value[1:-1])]
-    if not value and block:
-        items = []
-        for m, line in block:
-            s = line.strip()
-            if not s.startswith("- ") and s != "-":
-                raise HandposeError(f"{path}:{m}: {key}: expected a list item '- value', got {s!r}")
-            items.append(_scalar(s[1:], f"{path}:{m}: {key}"))
-        return items
-    return None
-
-
-def _split_flow(inner: str) -> list[str]:
-    """'a, "b, c", d' -> ['a', '"b, c"', 'd'] (commas inside quotes kept)."""
-    items, quote, start = [], None, 0
-    for k, c in enumerate(inner):
-        if quote:
-            quote = None if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c == ",":
-            items.append(inner[start:k])
-            start = k + 1
-    items.append(inner[start:])
-    return [s for s in items if s.strip()] if len(items) > 1 or inner.strip() else []
-
-
-def _strings(entry: Entry, path: Path, key: str) -> list[str]:
-    items = _items(entry, path, key)
-    if items is None:
-        if entry[2] and not entry[1]:
-            raise HandposeError(f"{path}:{entry[0]}: {key}: expected a folder or a list of folders")
-        value = _scalar(entry[1], f"{path}:{entry[0]}: {key}")
-        items = [value] if value is not None else []
-    return [s for s in items if s is not None]
-
-
-def _yaml_root(path: Path, entry: Entry | None) -> Path:
-    if entry is None or (value := _scalar(entry[1], f"{path}:{entry[0]}: path")) is None:
+def _yaml_root(path: Path, value: Any) -> Path:
+    if value is None or value == "":
         return path.parent
-    p = Path(value).expanduser()
+    p = Path(str(value)).expanduser()
     if p.is_absolute():
         root = p
     else:  # the yaml's folder first; Ultralytics takes it from the working directory
@@ -505,34 +447,30 @@ def _yaml_root(path: Path, entry: Entry | None) -> Path:
             root = Path.cwd() / p
     if not root.is_dir():
         raise HandposeError(
-            f"{path}:{entry[0]}: path {value!r}: folder not found (a relative path is taken from "
-            f"the yaml's folder, then from the working directory)"
+            f"{path}: path {str(value)!r}: folder not found (a relative path is taken from the "
+            f"yaml's folder, then from the working directory)"
         )
     return Path(os.path.abspath(root))
 
 
-def _yaml_folder(path: Path, root: Path, key: str, value: str, n: int) -> Path:
+def _yaml_folder(path: Path, root: Path, key: str, value: str) -> Path:
     folder = Path(value).expanduser()
     folder = folder if folder.is_absolute() else root / folder
     if not folder.exists() and value.startswith("../"):  # Ultralytics' rule for Roboflow's yamls
         folder = root / value[3:]
     if folder.suffix == ".txt":
-        raise HandposeError(f"{path}:{n}: {key}: {value} is an image list file; handpose reads image folders")
+        raise HandposeError(f"{path}: {key}: {value} is an image list file; handpose reads image folders")
     if not folder.is_dir():
-        raise HandposeError(f"{path}:{n}: {key}: folder {value!r} not found under {root}")
+        raise HandposeError(f"{path}: {key}: folder {value!r} not found under {root}")
     return Path(os.path.abspath(folder))
 
 
-def _kpt_dims(entry: Entry, path: Path) -> int:
-    items = _items(entry, path, "kpt_shape")
-    try:
-        shape = [int(s) for s in items] if items is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        shape = None
+def _kpt_dims(value: Any, path: Path) -> int:
+    shape = value if isinstance(value, list) and all(type(v) is int for v in value) else None
     if shape is None or len(shape) != 2:
-        raise HandposeError(f"{path}:{entry[0]}: kpt_shape {entry[1]!r}: expected [21, 3] or [21, 2]")
+        raise HandposeError(f"{path}: kpt_shape {value!r}: expected [21, 3] or [21, 2]")
     if shape[0] != NUM_JOINTS or shape[1] not in (2, 3):
         raise HandposeError(
-            f"{path}:{entry[0]}: kpt_shape {shape}: handpose reads {NUM_JOINTS} keypoints of 2 or 3 values"
+            f"{path}: kpt_shape {shape}: handpose reads {NUM_JOINTS} keypoints of 2 or 3 values"
         )
     return shape[1]
