@@ -4,9 +4,9 @@ The contact sheet is how a user checks that labels survived packing: every sampl
 the shard reader (`shards.read_samples`; only the .jpg, .json and label members are decoded,
 nothing is unpickled), letterboxed into a CELL x CELL tile by THE preprocessing
 (`imageio.warp_to_input` with `geometry.fit_matrix`), and its keypoints and hand box moved by
-the same matrix and drawn: bones and joints in finger colours (joints that are not labelled are
-left out), the box in white. Sheet size: ceil(sqrt(k)) columns x ceil(k / columns) rows of CELL
-pixels, k = min(n, samples in the split).
+the same matrix and drawn (`skeleton.draw_skeleton`: bones and joints in finger colours, joints
+that are not labelled left out), the box in white. Sheet size: ceil(sqrt(k)) columns x
+ceil(k / columns) rows of CELL pixels, k = min(n, samples in the split).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 from rich.table import Table
 
@@ -38,10 +37,9 @@ from handpose.shards import (
     split_shards,
     verify_shards,
 )
-from handpose.skeleton import BONES, FINGER_COLORS, NUM_JOINTS, joint_finger
+from handpose.skeleton import draw_skeleton
 
 CELL = 224  # tile side in pixels
-WRIST_COLOR = (255, 255, 255)
 BOX_COLOR = (255, 255, 255)
 
 
@@ -215,26 +213,3 @@ def contact_sheet(samples: list[Drawable]) -> Image.Image:
         draw.text((3, 2), s.key, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
         sheet.paste(tile, ((k % cols) * CELL, (k // cols) * CELL))
     return sheet
-
-
-def draw_skeleton(
-    draw: ImageDraw.ImageDraw,
-    uv: np.ndarray,
-    labelled: np.ndarray | None = None,
-    *,
-    radius: int = 3,
-    width: int = 2,
-) -> None:
-    """Bones and joints in finger colours; joints not `labelled` (and their bones) are left out.
-    uv puts pixel i's centre at i + 0.5, while Pillow puts it at integer i: hence the -0.5.
-    Pillow truncates float boxes, so each dot is drawn around the nearest whole pixel, keeping it
-    symmetric about the keypoint (within 0.5 px)."""
-    p = np.asarray(uv, np.float64).reshape(NUM_JOINTS, 2) - 0.5
-    show = np.ones(NUM_JOINTS, bool) if labelled is None else np.asarray(labelled, bool)
-    for a, b in BONES:
-        if show[a] and show[b]:
-            draw.line([tuple(p[a]), tuple(p[b])], fill=FINGER_COLORS[joint_finger(b)], width=width)
-    for j in np.flatnonzero(show):
-        colour = WRIST_COLOR if j == 0 else FINGER_COLORS[joint_finger(int(j))]
-        x, y = round(p[j, 0]), round(p[j, 1])
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))

@@ -42,7 +42,7 @@ from rich.table import Table
 
 from handpose.atomic import write_bytes, write_json, write_text
 from handpose.console import make_console
-from handpose.skeleton import BONES, FINGER_COLORS, FINGERS, JOINT_NAMES, NUM_JOINTS, joint_finger
+from handpose.skeleton import FINGERS, JOINT_NAMES, NUM_JOINTS, draw_skeleton, joint_finger
 
 OUTPUTS = ("report.json", "report.md", "error_hist.png", "pck.png", "gallery.png")
 PCK_MAX_PX = 30.0
@@ -543,32 +543,30 @@ def _plots(out: Path, hist: tuple[np.ndarray, np.ndarray], rep: dict[str, Any]) 
 
 
 def draw_hand(
-    image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, *, caption: str | None = None
+    image: np.ndarray,
+    pred: np.ndarray,
+    gt: np.ndarray | None = None,
+    labelled: np.ndarray | None = None,
+    *,
+    caption: str | None = None,
 ) -> Image.Image:
     """The image (longer side scaled into 256..512 px) with the predicted skeleton in finger
-    colours and, when given, the ground truth in white beneath it."""
+    colours and, when given, the ground truth's `labelled` joints in white beneath it
+    (`skeleton.draw_skeleton`, in geometry.py's pixel convention)."""
     h, w = image.shape[:2]
     side = max(w, h)
     f = min(max(side, 256), 512) / side
     canvas = Image.fromarray(image).resize(
         (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR
     )
+    scale = np.array([canvas.width / w, canvas.height / h])  # resize maps corner to corner
     draw = ImageDraw.Draw(canvas)
     lw = max(1, round(min(canvas.size) / 160))
-    for uv, colours in ((gt, None), (pred, FINGER_COLORS)):
-        if uv is None:
-            continue
-        p = np.asarray(uv, np.float64) * f
-        for a, b in BONES:
-            colour = GT_COLOR if colours is None else colours[joint_finger(b)]
-            draw.line([tuple(p[a]), tuple(p[b])], fill=colour, width=lw)
-        r = lw + 1
-        for j, (x, y) in enumerate(p):
-            if colours is None:  # ground truth: white rings
-                draw.ellipse([x - r, y - r, x + r, y + r], outline=GT_COLOR)
-            else:  # prediction: filled, black-edged dots (the wrist grey)
-                fill = (160, 160, 160) if j == 0 else colours[joint_finger(j)]
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(0, 0, 0))
+    if gt is not None:
+        draw_skeleton(
+            draw, np.asarray(gt, np.float64) * scale, labelled, radius=lw + 1, width=lw, colour=GT_COLOR
+        )
+    draw_skeleton(draw, np.asarray(pred, np.float64) * scale, radius=lw + 1, width=lw)
     return _caption(canvas, caption) if caption else canvas
 
 
@@ -577,8 +575,7 @@ def draw_entry(image: np.ndarray, entry: dict[str, Any], *, caption: str | None 
     square around the box (`entry["region"]` = cx, cy, side, clipped to the image)."""
     pred = np.asarray(entry["pred"], np.float64)
     gt = np.asarray(entry["gt"], np.float64) if entry.get("gt") is not None else None
-    if gt is not None and entry.get("labelled") is not None:  # draw only labelled joints' truth
-        gt = np.where(np.asarray(entry["labelled"], bool)[:, None], gt, pred)
+    labelled = np.asarray(entry["labelled"], bool) if entry.get("labelled") is not None else None
     region = entry.get("region")
     if entry.get("box") is not None and region is not None:
         cx, cy, side = region
@@ -589,7 +586,7 @@ def draw_entry(image: np.ndarray, entry: dict[str, Any], *, caption: str | None 
             image = image[y0:y1, x0:x1]
             pred = pred - [x0, y0]
             gt = gt - [x0, y0] if gt is not None else None
-    return draw_hand(image, pred, gt, caption=caption)
+    return draw_hand(image, pred, gt, labelled, caption=caption)
 
 
 def _caption(image: Image.Image, text: str) -> Image.Image:

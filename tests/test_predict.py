@@ -40,7 +40,6 @@ from handpose.predict import (
     prepare,
     refine_box,
 )
-from handpose.sources.yolo import parse_box_line
 from handpose.report import (
     PCK_THRESHOLDS_PX,
     SPILL_COLUMNS,
@@ -51,6 +50,7 @@ from handpose.report import (
     write_report,
 )
 from handpose.skeleton import NUM_JOINTS
+from handpose.sources.yolo import parse_box_line
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -810,6 +810,34 @@ def test_streamed_statistics_equal_numpy(tmp_path: Path) -> None:
             assert parts[key][stat] == whole[key][stat], (key, stat)
         assert parts[key]["mean"] == pytest.approx(whole[key]["mean"], rel=1e-12)
     assert parts["pck"] == whole["pck"] and parts["pck_box"] == whole["pck_box"]
+
+
+def test_overlays_are_drawn_in_the_pixel_convention() -> None:
+    """predict's overlays and gallery draw hands as inspect does (`skeleton.draw_skeleton`): uv
+    (100.5, 50.5) is the centre of pixel (100, 50); the wrist is WRIST_COLOR; ground truth rings
+    are drawn for labelled joints only."""
+    from handpose.report import GT_COLOR, draw_hand
+    from handpose.skeleton import FINGER_COLORS, WRIST_COLOR
+
+    uv = np.tile([[100.5, 50.5]], (NUM_JOINTS, 1))
+    black = np.zeros((256, 256, 3), np.uint8)  # 256 px: drawn at scale 1
+    ys, xs = np.nonzero(np.all(np.asarray(draw_hand(black, uv)) == FINGER_COLORS["little"], axis=2))
+    assert abs(xs.mean() - 100) < 0.5 and abs(ys.mean() - 50) < 0.5  # little4, drawn last
+    uv[0] = [30.5, 200.5]
+    ys, xs = np.nonzero(np.all(np.asarray(draw_hand(black, uv)) == WRIST_COLOR, axis=2))
+    assert abs(xs.mean() - 30) < 0.5 and abs(ys.mean() - 200) < 0.5
+    gt = np.tile([[180.5, 120.5]], (NUM_JOINTS, 1))
+    gt[0] = [180.5, 230.5]
+    labelled = np.zeros(NUM_JOINTS, bool)
+    labelled[0] = True  # only the wrist's truth is labelled: one ring, no bones
+    out = np.asarray(draw_hand(black, uv, gt, labelled))
+    ys, xs = np.nonzero(np.all(out == GT_COLOR, axis=2) & (np.arange(256) > 150)[None, :])
+    assert abs(ys.mean() - 230) < 0.5 and abs(xs.mean() - 180) < 0.5 and ys.min() > 200
+    for y in (50.2, 50.5, 50.9):  # a bone along y lies on the pixel row that holds y: row 50
+        uv = np.tile([[200.5, y]], (NUM_JOINTS, 1))
+        uv[0] = [30.5, y]
+        column = np.asarray(draw_hand(np.zeros((100, 256, 3), np.uint8), uv))[:, 100]  # 1 px lines
+        assert np.nonzero(np.all(column == FINGER_COLORS["little"], axis=1))[0].tolist() == [50], y
 
 
 def test_pck_auc_of_a_perfect_curve() -> None:

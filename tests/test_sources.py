@@ -16,8 +16,8 @@ from handpose.geometry import keypoints_box, project_points
 from handpose.shards import EVAL_SID_OFFSET, sample_key
 from handpose.sources import read_source
 from handpose.sources.coco import check_coco_keypoints, read_coco
-from handpose.sources.freihand import check_K, check_xyz, parse_versions, read_freihand
 from handpose.sources.files import walk
+from handpose.sources.freihand import check_K, check_xyz, parse_versions, read_freihand
 from handpose.sources.yolo import (
     find_folders,
     is_dataset_folder,
