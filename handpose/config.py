@@ -3,20 +3,20 @@
 One home for config parsing: `load_config` reads a recipe (tables become nested dataclasses,
 `[augment]` -> `cfg.augment`), applies dotted overrides (`augment.rotate_deg=20`), rejects unknown
 keys by name, and `to_toml` writes the resolved config back out. An error names where the value
-came from: `--sigma` for a command-line value, `RECIPE: sigma` for the recipe's. `describe_toml`
-lists every key with its value, default and meaning, taken from the dataclass fields and their
-`# comments` (what `handpose train --show-config` prints).
+came from: `--sigma` for a command-line value, `RECIPE: sigma` for the recipe's.
+
+Each field declares itself once, with `setting(default, doc, ...)`: its meaning, simple bounds
+(checked by `check_bounds` in `__post_init__`), and what a resumed training run may do with a
+change (`resume=` how it takes effect, or `fixed=` what it would break). `--show-config`
+(`describe_toml`), the resume rules (`resume.py`) and docs/train.md's table of keys
+(`markdown_table`) are all read from these declarations.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import io
-import textwrap
-import tokenize
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +30,63 @@ from handpose.errors import ConfigError, HandposeError
 T = TypeVar("T")
 
 
+# What a refused resume change would break (a field's `fixed=`), as docs/train.md says it.
+MODEL, DATA, STATE = "the model", "the data", "the saved optimizer, scheduler or loop state"
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    resume: str | None = None,
+    fixed: str | None = None,
+    fixed_values: tuple[Any, ...] = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field that declares itself: its default and meaning (`doc`); what a resumed
+    training run does when it changes (`resume`: how the change takes effect; `fixed`: why it is
+    refused, MODEL / DATA / STATE; `fixed_values`: values it may not change to or from, where the
+    rest may change); and simple bounds on a number, or on every item of a tuple of numbers
+    (`ge` >=, `gt` >, `le` <=, `lt` <). Cross-field rules stay in the class's `__post_init__`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"doc": doc, "resume": resume, "fixed": fixed, "fixed_values": fixed_values, "bounds": bounds}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def bounds_text(bounds: Mapping[str, float]) -> str:
+    """`>= 0`, `> 0`, `in (0, 1)`, `in [0, 1)`: a field's bounds as its error and the docs say them."""
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    return f"{'<=' if hi and hi[0] == ']' else '<'} {hi[1]:g}" if hi else ""
+
+
+def _within(value: float, bounds: Mapping[str, float]) -> bool:
+    """Whether `value` keeps `bounds`; NaN never does (every comparison with it is false)."""
+    checks = {"ge": value >= bounds.get("ge", -math.inf), "gt": value > bounds.get("gt", -math.inf)}
+    checks |= {"le": value <= bounds.get("le", math.inf), "lt": value < bounds.get("lt", math.inf)}
+    return all(checks[k] for k in bounds)
+
+
+def check_bounds(obj: Any) -> None:
+    """Every declared bound of a config dataclass instance; ConfigError names the first field out
+    of bounds (what each class's `__post_init__` calls first)."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("bounds")
+        if not bounds:
+            continue
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not _within(v, bounds):
+                raise ConfigError(f.name, f"must be {bounds_text(bounds)}, got {v}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training-split augmentation; the same distributions drive the WDS and DALI loaders.
@@ -39,40 +96,30 @@ class AugmentConfig:
     flipped right hand becomes a left hand: turn it on to train one model for both hands.
     """
 
-    enabled: bool = True  # augment the training split at all
-    rotate_deg: float = 30.0  # uniform in [-r, r], clockwise on screen
-    scale_min: float = 0.8  # uniform zoom factor on top of the letterbox fit
-    scale_max: float = 1.2  # upper end of the zoom factor
-    translate: float = 0.1  # shift, uniform in [-t, t] x the model size, per axis
-    flip: bool = False  # mirror with probability 0.5
-    brightness: float = 0.2  # factor uniform in [1 - b, 1 + b]
-    contrast: float = 0.2  # factor uniform in [1 - c, 1 + c] about mid-grey
-    saturation: float = 0.2  # factor uniform in [1 - s, 1 + s]
-    hue_deg: float = 10.0  # rotation uniform in [-h, h] degrees
-    blur: float = 0.0  # probability of a Gaussian blur after the warp
-    blur_sigma: float = 1.5  # its sigma, uniform in [0.3, blur_sigma] model-input px
-    occlude: float = 0.0  # probability of one occluding rectangle of a random grey
-    occlude_size: float = 0.4  # its sides, uniform in [0.1, occlude_size] x the model input size
+    enabled: bool = setting(True, "augment the training split at all")
+    rotate_deg: float = setting(30.0, "uniform in [-r, r], clockwise on screen", ge=0)
+    scale_min: float = setting(0.8, "uniform zoom factor on top of the letterbox fit", gt=0)
+    scale_max: float = setting(1.2, "upper end of the zoom factor", gt=0)
+    translate: float = setting(0.1, "shift, uniform in [-t, t] x the model size, per axis", ge=0)
+    flip: bool = setting(False, "mirror with probability 0.5")
+    brightness: float = setting(0.2, "factor uniform in [1 - b, 1 + b]", ge=0, lt=1)
+    contrast: float = setting(0.2, "factor uniform in [1 - c, 1 + c] about mid-grey", ge=0, lt=1)
+    saturation: float = setting(0.2, "factor uniform in [1 - s, 1 + s]", ge=0, lt=1)
+    hue_deg: float = setting(10.0, "rotation uniform in [-h, h] degrees", ge=0)
+    blur: float = setting(0.0, "probability of a Gaussian blur after the warp", ge=0, le=1)
+    blur_sigma: float = setting(1.5, "its sigma, uniform in [0.3, blur_sigma] model-input px", ge=0.3)
+    occlude: float = setting(0.0, "probability of one occluding rectangle of a random grey", ge=0, le=1)
+    occlude_size: float = setting(
+        0.4, "its sides, uniform in [0.1, occlude_size] x the model input size", ge=0.1, le=1
+    )
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale_min <= self.scale_max:
+        check_bounds(self)
+        if not self.scale_min <= self.scale_max:
             raise ConfigError(
                 ("scale_min", "scale_max"),
                 f"must satisfy 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}",
             )
-        for name in ("rotate_deg", "translate", "hue_deg"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("blur", "occlude"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(name, f"is a probability in [0, 1], got {getattr(self, name)}")
-        if not self.blur_sigma >= 0.3:
-            raise ConfigError("blur_sigma", f"must be >= 0.3 px, got {self.blur_sigma}")
-        if not 0.1 <= self.occlude_size <= 1:
-            raise ConfigError("occlude_size", f"must be in [0.1, 1], got {self.occlude_size}")
 
 
 _TRUE = ("true", "1", "yes", "on")
@@ -263,27 +310,14 @@ def to_toml(cfg: Any) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's description: the `# comment` on its line in the class source, else a Literal
-    field's choices. Read from the source so the comments the code is maintained with are the
-    only copy (a field without either has an empty description; tests require one)."""
+    """Each field's meaning, from its declaration (`setting`'s `doc`), a Literal field's choices
+    in front ("unet | strided; ..."); empty for a field declared without one."""
     hints = _hints(cls)
-    docs = {f.name: "" for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source shipped: choices only
-        source = ""
-    lines = source.splitlines(keepends=True)
-    body = ast.parse(source).body[0].body if source else []  # type: ignore[attr-defined]
-    for node in body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in docs:
-            text = "".join(lines[node.lineno - 1 : node.end_lineno])
-            tokens = tokenize.generate_tokens(io.StringIO(text).readline)
-            comments = [t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT]
-            docs[node.target.id] = " ".join(comments)
-    for name, tp in hints.items():
-        choices = typing.get_origin(tp) is typing.Literal and _type_name(tp)
-        if name in docs and choices and choices not in docs[name]:
-            docs[name] = f"{choices}; {docs[name]}" if docs[name] else str(choices)
+    docs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        doc = f.metadata.get("doc", "")
+        choices = typing.get_origin(hints[f.name]) is typing.Literal and _type_name(hints[f.name])
+        docs[f.name] = f"{choices}; {doc}" if choices and doc else choices or doc
     return docs
 
 
@@ -329,3 +363,53 @@ def describe_toml(cfg: Any, title: str = "") -> str:
         sub_rows, _ = block(sub, sub_defaults)
         out += ["", f"[{name}]", *render(sub_rows)]
     return "\n".join(out) + "\n"
+
+
+def resume_rule(f: dataclasses.Field) -> str:
+    """What a resumed training run does when the field `f` changes, as its declaration says:
+    "may change: how the change takes effect", or "refused: it would not fit what it breaks"."""
+    if f.metadata.get("fixed"):
+        return f"refused: it would not fit {f.metadata['fixed']}"
+    if not f.metadata.get("resume"):
+        return ""
+    rule = f"may change: {f.metadata['resume']}"
+    values = f.metadata.get("fixed_values")
+    if values:
+        rule += f"; not to or from {' or '.join(str(v) for v in values)}"
+    return rule
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table(cls: type) -> str:
+    """Every key of the config dataclass `cls` as a Markdown table (key, default, meaning with its
+    bounds, what a resumed run does with a change), read from the fields' declarations; a table
+    field (`augment`) gives one row per key of its own, with the table's resume rule. docs/train.md
+    holds this text for TrainConfig (tools/config_table.py writes it; a test keeps it equal)."""
+    rows = ["| key | default | meaning | on resume |", "|---|---|---|---|"]
+    defaults = _defaults(cls)
+
+    def add(prefix: str, owner: type, values: Mapping[str, Any], rule: str | None) -> None:
+        docs = field_docs(owner)
+        for f in dataclasses.fields(owner):  # type: ignore[arg-type]
+            value = values[f.name]
+            if dataclasses.is_dataclass(value):
+                add(f"{prefix}{f.name}.", type(value), to_dict(value), resume_rule(f))
+                continue
+            meaning = docs[f.name]
+            bounds = bounds_text(f.metadata.get("bounds", {}))
+            if bounds:
+                meaning += f" ({'each ' if isinstance(value, tuple) else ''}{bounds})"
+            shown = "(unset)" if value is None else _toml_value(value)
+            cells = (
+                f"`{prefix}{f.name}`",
+                f"`{shown}`",
+                meaning,
+                rule if rule is not None else resume_rule(f),
+            )
+            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+
+    add("", cls, defaults, None)
+    return "\n".join(rows) + "\n"

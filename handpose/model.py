@@ -1,4 +1,5 @@
-"""The pose architectures, selected by name: `build_model(arch, ...)` (or `model_from_config`).
+"""The pose architectures, selected by name (`ModelConfig`, `build_model`, `model_from_config`),
+and a loaded model's input contract (`ModelSpec`; the tutorial's weights: `tutorial_model`).
 
 Every model is a `PoseModel`: an `nn.Module` whose `forward` returns its raw output, with
 `decode(out)` -> (uv (B, 21, 2) in model-input pixels, score (B, 21) in [0, 1]) and
@@ -14,31 +15,39 @@ strided  a residual encoder to stride 16, an FPN top-down path back to stride 4,
          soft-argmax coordinates (units of the input side) plus `reg` x the Jensen-Shannon
          divergence between each softmax map and a Gaussian of `sigma` input px (DSNT).
 
-Every hyper-parameter is a plain value (int, float, str) that lives in a TOML recipe and in a
-checkpoint's config dict; `model_from_config` rebuilds a model from such a dict.
+Every hyper-parameter is a plain value (int, float, str), declared once in `ModelConfig`, that
+lives in a TOML recipe and in a checkpoint's config dict; `model_from_config` rebuilds a model
+from such a dict.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handpose.errors import HandposeError
-from handpose.heatmaps import INDEX_OFFSET, LOSSES, heatmaps_to_keypoints, keypoints_to_heatmaps
+from handpose.config import MODEL, check_bounds, from_dict, setting
+from handpose.errors import ConfigError
+from handpose.geometry import BOX_PAD
+from handpose.heatmaps import (
+    INDEX_OFFSET,
+    LOSSES,
+    TUTORIAL_INDEX_OFFSET,
+    heatmaps_to_keypoints,
+    keypoints_to_heatmaps,
+)
 from handpose.skeleton import NUM_JOINTS
 
 ARCHS = ("unet", "strided")
 ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",)}
-# The keys of a config dict that build a model (the rest of a training config is ignored here).
-MODEL_KEYS = ("arch", "width", "depth", "image_size", "sigma", "loss", "index_offset", "reg")
-STRIDED_REG = (
-    1.0  # strided: JS regulariser weight; 1 beat 0 (6.7% vs 9.0% of the box) and 0.1 (8.4%) on short runs
-)
+# strided: JS regulariser weight; 1 beat 0 (6.7% vs 9.0% of the box) and 0.1 (8.4%) on short runs
+STRIDED_REG = 1.0
 
 
 class PoseModel(nn.Module):
@@ -304,18 +313,56 @@ def input_multiple(arch: str, depth: int) -> int:
     return 2**depth if arch == "unet" else 16
 
 
-def build_model(
-    arch: str,
-    *,
-    width: int,
-    depth: int,
-    image_size: int,
-    sigma: float,
-    loss: str,
-    index_offset: float,
-    reg: float = STRIDED_REG,
-) -> PoseModel:
-    """The model `arch` with these hyper-parameters (see the module docstring for each).
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hyper-parameters that build a model, each declared once (TrainConfig inherits them,
+    so a recipe, a checkpoint's config and `build_model` obey the same rules). A resumed run may
+    change none of them: the saved weights would not fit."""
+
+    arch: Literal["unet", "strided"] = setting(
+        "unet", "the architecture (ARCHS); unet with width 16, depth 3 is the tutorial's model", fixed=MODEL
+    )
+    width: int = setting(16, "channels of the first stage (strided: stages 2w, 4w, 8w)", fixed=MODEL, gt=0)
+    depth: int = setting(3, "unet: down/up levels; strided: blocks per stage", fixed=MODEL, gt=0)
+    image_size: int = setting(128, "model input side, px (a multiple of input_multiple)", fixed=MODEL, gt=0)
+    sigma: float = setting(
+        3.0, "target Gaussian, px at model size (the tutorial blurred with sigma 3)", fixed=MODEL, gt=0
+    )
+    loss: Literal["iou", "mse", "l1"] = setting(
+        "iou", "unet trains with iou or mse (heatmap losses), strided with l1", fixed=MODEL
+    )
+    index_offset: float = setting(
+        INDEX_OFFSET, "unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)", fixed=MODEL
+    )
+    reg: float = setting(
+        STRIDED_REG, "strided: weight of the Jensen-Shannon regulariser (DSNT)", fixed=MODEL, ge=0
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)  # a subclass's fields too: TrainConfig checks every bound here
+        if self.loss not in ARCH_LOSSES[self.arch]:
+            raise ConfigError(
+                ("loss", "arch"),
+                f"loss {self.loss!r}: arch {self.arch!r} trains with {' | '.join(ARCH_LOSSES[self.arch])}",
+            )
+        multiple = input_multiple(self.arch, self.depth)
+        if self.image_size % multiple:
+            raise ConfigError(
+                ("image_size", "depth"),
+                f"image_size {self.image_size} must be a multiple of {multiple} for arch {self.arch!r}"
+                + (" (2**depth)" if self.arch == "unet" else ""),
+            )
+        if self.arch == "strided" and self.index_offset != INDEX_OFFSET:
+            raise ConfigError(
+                "index_offset", f"must be {INDEX_OFFSET} for arch 'strided' (its cells sit at pixel centres)"
+            )
+
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))  # a config dict's keys that build a model
+
+
+def build_model(arch: str, **hparams: Any) -> PoseModel:
+    """The model `arch` with these hyper-parameters (ModelConfig's fields; the rest default).
 
     width, depth  unet: first level's channels, down/up levels; strided: stem width w (stages
                   2w, 4w, 8w), basic blocks per stage
@@ -327,44 +374,81 @@ def build_model(
     reg           strided: weight of the Jensen-Shannon regulariser (0 = L1 only); unet ignores it
     Raises HandposeError naming the field for a value that cannot build a model.
     """
-    if arch not in ARCHS:
-        raise HandposeError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
-    if loss not in ARCH_LOSSES[arch]:
-        raise HandposeError(f"loss {loss!r} is not one of {', '.join(ARCH_LOSSES[arch])} for arch {arch!r}")
-    for name, value in (("width", width), ("depth", depth), ("image_size", image_size)):
-        if value < 1:
-            raise HandposeError(f"{name} must be positive, got {value}")
-    if sigma <= 0:
-        raise HandposeError(f"sigma must be > 0, got {sigma}")
-    multiple = input_multiple(arch, depth)
-    if image_size % multiple:
-        raise HandposeError(f"image_size {image_size} must be divisible by {multiple} for arch {arch!r}")
-    if arch == "unet":
-        return ShallowUNet(width, depth, sigma=sigma, loss=loss, index_offset=index_offset)
-    if index_offset != INDEX_OFFSET:
-        raise HandposeError(f"index_offset must be {INDEX_OFFSET} for arch 'strided', got {index_offset}")
-    if reg < 0:
-        raise HandposeError(f"reg must be >= 0, got {reg}")
-    return StridedPose(width, depth, sigma=sigma, reg=reg)
+    return model_from_config({"arch": arch, **hparams})
 
 
 def model_from_config(config: Mapping[str, Any]) -> PoseModel:
-    """`build_model` from a config dict (a checkpoint's or a recipe's); keys other than
-    MODEL_KEYS are ignored, and a config without "arch" (written before there was a choice) is a
-    unet."""
-    try:
-        return build_model(
-            str(config.get("arch", "unet")),
-            width=int(config["width"]),
-            depth=int(config["depth"]),
-            image_size=int(config["image_size"]),
-            sigma=float(config["sigma"]),
-            loss=str(config["loss"]),
-            index_offset=float(config.get("index_offset", INDEX_OFFSET)),
-            reg=float(config.get("reg", STRIDED_REG)),
+    """The model of a config dict (a recipe's, a checkpoint's): its MODEL_KEYS, checked by
+    ModelConfig's rules (a missing key takes ModelConfig's default; other keys are ignored).
+    Raises HandposeError naming the field at fault."""
+    c = from_dict(ModelConfig, {k: v for k, v in config.items() if k in MODEL_KEYS})
+    if c.arch == "unet":
+        return ShallowUNet(c.width, c.depth, sigma=c.sigma, loss=c.loss, index_offset=c.index_offset)
+    return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg)
+
+
+# ---------------------------------------------------------------------------------------------
+# A loaded model and how to feed it; the tutorial's weights
+
+
+BOX_TO_KEYPOINTS = 1.2  # box side / keypoint-extent side, for a model whose data did not record it
+TUTORIAL_SIZE = 128
+TUTORIAL_MEAN = (0.3950, 0.4323, 0.2954)
+TUTORIAL_STD = (0.1966, 0.1734, 0.1836)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to feed a model and where its crops come from (a checkpoint's, `checkpoint.model_spec`;
+    the tutorial's, `tutorial_model`)."""
+
+    size: int  # model input side, px
+    mean: tuple[float, float, float]  # RGB normalisation of [0, 1] pixels
+    std: tuple[float, float, float]
+    kind: str = "handpose checkpoint"  # | "tutorial state_dict"
+    preprocess: str = "warp"  # "warp": imageio.warp_to_input; "tutorial": Pillow antialiased resize
+    crop: str = "image"  # what the model was trained on: "image" | "box" (the checkpoint's sets[0])
+    pad: float = BOX_PAD  # the square box's side x pad fills the input (the checkpoint's box_pad)
+    box_to_keypoints: float = BOX_TO_KEYPOINTS  # refinement: labelled box side / keypoint extent
+    digest: str = ""  # identifies the weights (a resumed predict run must use the same)
+
+
+def tutorial_model(weights: Mapping[str, torch.Tensor]) -> tuple[ShallowUNet, ModelSpec]:
+    """The tutorial's `model_final` (a bare ShallowUNet state_dict, any width and depth): the
+    network, strictly loaded, and how the tutorial fed it (128 px, its normalisation, its own
+    Pillow resize, never a DCT-scaled decode). Its decoder reads heatmap cell i as coordinate i
+    (handpose's: i + 0.5). ValueError when the weights are another architecture's."""
+    width, depth = _unet_shape(weights)
+    net = ShallowUNet(width=width, depth=depth, index_offset=TUTORIAL_INDEX_OFFSET)
+    load_weights(net, weights, "a ShallowUNet state_dict")
+    spec = ModelSpec(TUTORIAL_SIZE, TUTORIAL_MEAN, TUTORIAL_STD, "tutorial state_dict", "tutorial")
+    return net, spec
+
+
+def load_weights(net: nn.Module, weights: Mapping[str, Any], what: str) -> None:
+    """Strict load; weights of another architecture are a ValueError of one line (key counts,
+    not 43 key names), `what` saying what was expected."""
+    expected, given = set(net.state_dict()), set(weights)
+    if expected != given:
+        raise ValueError(
+            f"weights are for another architecture ({len(expected - given)} missing, "
+            f"{len(given - expected)} unexpected keys); expected {what}"
         )
-    except KeyError as e:
-        raise HandposeError(f"model config lacks {e.args[0]!r}") from None
+    for name, t in net.state_dict().items():
+        if tuple(weights[name].shape) != tuple(t.shape):
+            raise ValueError(
+                f"weights are for another architecture ({name} is "
+                f"{tuple(weights[name].shape)}, not {tuple(t.shape)}); expected {what}"
+            )
+    net.load_state_dict(weights, strict=True)
+
+
+def _unet_shape(weights: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(width, depth) of a ShallowUNet state_dict: first block's channels, number of down blocks.
+    Unknown layouts get the tutorial's (16, 3) and fail the strict load with key counts."""
+    first = weights.get("conv_down1.double_conv.1.weight")
+    depth = sum(1 for k in weights if re.fullmatch(r"conv_down\d+\.double_conv\.1\.weight", k))
+    return (int(first.shape[0]), depth) if first is not None and first.ndim == 4 else (16, 3)
 
 
 def model_summary(model: nn.Module, image_size: int) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """`handpose train`: the trainer, one process or many under torchrun (DDP).
 
-Read `fit` top to bottom: build everything, maybe resume, then the epoch loop. The model
-(`model.build_model`, chosen by `arch`) owns its loss and its decoder, which `predict` uses too.
+Read `fit` top to bottom: build everything, maybe resume (resume.py), then the epoch loop. The
+model (`model.build_model`, chosen by `arch`) owns its loss and its decoder, which `predict` uses
+too; checkpoint.py owns what a checkpoint holds.
 Training reads one packed folder or a weighted mix of several (`shards`, `weights`, `crop`);
 validation reports every folder's val split apart, and the FIRST folder's numbers choose best.pt.
 Only the global rank 0 prints and writes.
@@ -21,7 +22,6 @@ import os
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -33,119 +33,142 @@ from torch import nn
 
 from handpose import checkpoint
 from handpose.atomic import check_output_dir, write_json, write_text
-from handpose.config import AugmentConfig, Sources, read_config, to_dict, to_toml
+from handpose.config import DATA, STATE, AugmentConfig, Sources, read_config, setting, to_dict, to_toml
 from handpose.datasets import ShardSet, apportion, verify_sets
 from handpose.distributed import (
     World,
     all_gather_objects,
     all_reduce_sum,
-    broadcast_object,
     reduce_sums,
     setup_world,
     teardown,
 )
 from handpose.errors import ConfigError, HandposeError
-from handpose.model import ARCH_LOSSES, PoseModel, input_multiple, model_from_config
+from handpose.geometry import BOX_PAD
+from handpose.loader import make_loader
+from handpose.model import ModelConfig, PoseModel, model_from_config
+from handpose.resume import resume as resume_run
+from handpose.resume import run_recipe
 from handpose.shards import read_manifest
+
+HOW = "at once (how the run is executed)"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ModelConfig):
     """Everything a run depends on; written to RUN/config.toml and into every checkpoint.
 
-    Defaults are the tutorial's recipe (pipelines/freihand_tutorial.toml) except the pixel
-    convention (index_offset 0.5) and bf16 on CUDA. Batch sizes are PER PROCESS: under torchrun
-    one optimizer step consumes batch_size x world_size samples.
+    The model's hyper-parameters are ModelConfig's (inherited: declared once). Defaults are the
+    tutorial's recipe (pipelines/freihand_tutorial.toml) except the pixel convention
+    (index_offset 0.5) and bf16 on CUDA. Batch sizes are PER PROCESS: under torchrun one
+    optimizer step consumes batch_size x world_size samples. Each field's declaration says what
+    a resumed run may do with a change (resume.py; docs/train.md's table of keys).
     """
 
-    shards: tuple[str, ...] = ()  # packed folder(s) (handpose pack); several = a weighted mix
-    weights: tuple[float, ...] = ()  # share of each folder in every training batch [default: equal]
-    crop: tuple[Literal["image", "box"], ...] = ("image",)  # per folder, or one for all
-    box_pad: float = 1.25  # crop = "box": the square box's side x this fills the input
-    out: str = ""  # run folder
-    loader: Literal["wds", "dali"] = "wds"
-    workers: int = 2  # loader worker processes per rank
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    image_size: int = 128  # model input side, px
-    augment: AugmentConfig = AugmentConfig(enabled=False)
-    arch: Literal["unet", "strided"] = "unet"  # model.ARCHS; unet 16/3 is the tutorial's model
-    width: int = 16  # channels of the first stage
-    depth: int = 3  # unet: down/up levels; strided: blocks per stage
-    sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
-    loss: Literal["iou", "mse", "l1"] = "iou"  # unet: iou | mse heatmap loss; strided: l1
-    index_offset: float = 0.5  # unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
-    reg: float = 1.0  # strided: weight of the Jensen-Shannon heatmap regulariser (DSNT)
-    epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
-    batch_size: int = 48  # samples per step PER PROCESS
-    batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
-    val_batches: int = 20  # per rank; 0 = the whole validation split
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0  # L2 (SGD) or decoupled (AdamW) weight decay
-    schedule: Literal["plateau", "cosine", "constant"] = "plateau"
-    plateau_factor: float = 0.5  # plateau: multiply the rate by this when the loss stalls
-    plateau_patience: int = 20  # epochs
-    plateau_on: Literal["train_loss", "val_loss"] = "train_loss"  # the tutorial stepped on train loss
-    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over this many epochs
-    min_lr: float = 0.0  # cosine: final learning rate
-    grad_clip: float = 0.0  # max gradient L2 norm; 0 = off
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # torch.compile the model
-    monitor: Literal["val_loss", "val_error_px"] = "val_loss"  # best.pt and early stopping
-    patience: int = 0  # early stopping: epochs without improvement; 0 = off
-    min_delta: float = 0.0  # an improvement must beat the best by more than this
-    seed: int = 0  # process seed = seed + rank; the loader derives its order from (seed, epoch, rank)
-    log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
-    verify: bool = True  # check the shards' sha256s at start (--no-verify); sizes are always checked
+    shards: tuple[str, ...] = setting(
+        (), "packed folder(s) (handpose pack); several = a weighted mix; one for several crops", fixed=DATA
+    )
+    weights: tuple[float, ...] = setting(
+        (), "share of each folder in every training batch [default: equal]", fixed=DATA
+    )
+    crop: tuple[Literal["image", "box"], ...] = setting(("image",), "per folder, or one for all", fixed=DATA)
+    box_pad: float = setting(
+        BOX_PAD, 'crop = "box": the square box\'s side x this fills the input', fixed=DATA, ge=1
+    )
+    out: str = setting("", "run folder", resume="a run folder may be moved")
+    loader: Literal["wds", "dali"] = setting("wds", "the loader kind (loader.py)", resume=HOW)
+    workers: int = setting(2, "loader worker processes per rank", resume=HOW, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train", resume=HOW)
+    augment: AugmentConfig = setting(
+        AugmentConfig(enabled=False), "training augmentation", resume="the coming epochs use the new values"
+    )
+    epochs: int = setting(
+        1000,
+        "epochs to train (a resumed run continues up to this many)",
+        resume="extends a finished run or shortens one; cosine spans the new length",
+        gt=0,
+    )
+    batch_size: int = setting(48, "samples per step PER PROCESS", fixed=DATA, gt=0)
+    batches_per_epoch: int = setting(
+        50, 'the tutorial\'s "epoch"; 0 = one full pass over the train split', fixed=DATA, ge=0
+    )
+    val_batches: int = setting(20, "per rank; 0 = the whole validation split", resume=HOW, ge=0)
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", "the optimizer", fixed=STATE)
+    lr: float = setting(
+        0.1,
+        "peak learning rate",
+        resume="cosine/constant: the curve's new peak from the saved step on (it still ends at "
+        "min_lr); plateau: the current rate",
+        ge=0,
+    )
+    momentum: float = setting(0.0, "SGD only", resume="set in the optimizer's param groups", ge=0)
+    weight_decay: float = setting(
+        0.0, "L2 (SGD) or decoupled (AdamW) weight decay", resume="set in the optimizer's param groups", ge=0
+    )
+    schedule: Literal["plateau", "cosine", "constant"] = setting(
+        "plateau", "the learning-rate schedule", fixed=STATE
+    )
+    plateau_factor: float = setting(
+        0.5,
+        "plateau: multiply the rate by this when the loss stalls",
+        resume="set on the restored scheduler",
+        gt=0,
+        lt=1,
+    )
+    plateau_patience: int = setting(20, "epochs", resume="set on the restored scheduler", ge=0)
+    plateau_on: Literal["train_loss", "val_loss"] = setting(
+        "train_loss", "the tutorial stepped on train loss", fixed=STATE
+    )
+    warmup_epochs: float = setting(
+        0.0,
+        "cosine: linear warm-up from 0 over this many epochs",
+        resume="the curve from the saved step on",
+        ge=0,
+    )
+    min_lr: float = setting(
+        0.0, "cosine: final learning rate", resume="the curve from the saved step on", ge=0
+    )
+    grad_clip: float = setting(0.0, "max gradient L2 norm; 0 = off", resume="from the next step", ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "bf16",
+        "autocast dtype on CUDA; the CPU runs fp32",
+        resume=HOW,
+        fixed_values=("fp16",),  # only fp16 has a grad scaler, and its state
+    )
+    channels_last: bool = setting(True, "CUDA only", resume=HOW)
+    compile: bool = setting(False, "torch.compile the model", resume=HOW)
+    monitor: Literal["val_loss", "val_error_px"] = setting(
+        "val_loss", "best.pt and early stopping (the first folder's figure)", fixed=STATE
+    )
+    patience: int = setting(
+        0,
+        "early stopping: epochs without improvement; 0 = off",
+        resume="a run stopped early continues if the new patience allows",
+        ge=0,
+    )
+    min_delta: float = setting(
+        0.0, "an improvement must beat the best by more than this", resume="from the next epoch", ge=0
+    )
+    seed: int = setting(
+        0, "process seed = seed + rank; the loader derives its order from (seed, epoch, rank)", fixed=DATA
+    )
+    log_every: int = setting(
+        10, "progress-bar refresh, in steps (each refresh is a host sync)", resume=HOW, gt=0
+    )
+    verify: bool = setting(
+        True, "check the shards' sha256s at start (--no-verify); sizes are always checked", resume=HOW
+    )
 
     def __post_init__(self) -> None:
-        for name in ("width", "depth", "image_size", "sigma", "epochs", "batch_size", "log_every"):
-            if not getattr(self, name) > 0:  # `not >` also refuses NaN
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in (
-            *("workers", "batches_per_epoch", "val_batches", "patience", "plateau_patience"),
-            *("warmup_epochs", "grad_clip", "lr", "momentum", "weight_decay", "min_lr", "min_delta"),
-        ):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.plateau_factor < 1:
-            raise ConfigError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
-        if self.image_size % input_multiple(self.arch, self.depth):
-            raise ConfigError(
-                ("image_size", "depth"),
-                f"image_size {self.image_size} must be a multiple of {input_multiple(self.arch, self.depth)} "
-                f"for arch {self.arch!r}" + (" (2**depth)" if self.arch == "unet" else ""),
-            )
-        if self.loss not in ARCH_LOSSES[self.arch]:
-            raise ConfigError(
-                ("loss", "arch"), f"arch {self.arch!r} trains with loss {' | '.join(ARCH_LOSSES[self.arch])}"
-            )
+        super().__post_init__()  # every field's bounds, and the model's rules
+        if len(self.shards) == 1 and len(self.crop) > 1:  # one folder in several crops: given once
+            object.__setattr__(self, "shards", self.shards * len(self.crop))
         if self.weights and len(self.weights) != len(self.shards):
             raise ConfigError(
                 ("weights", "shards"), f"{len(self.weights)} given for {len(self.shards)} shards folders"
             )
         if len(self.crop) not in (1, len(self.shards)):
             raise ConfigError("crop", f"give one mode, or one per shards folder ({len(self.shards)})")
-        if not self.box_pad >= 1:
-            raise ConfigError("box_pad", f"must be >= 1, got {self.box_pad}")
-
-
-# What a resumed run may change (docs/train.md has the table); `maybe_resume` makes each change
-# take effect. Everything else is refused: it would change the model (arch, width, depth,
-# image_size, sigma, loss, index_offset), the data (shards, weights, crop, box_pad, batch_size,
-# batches_per_epoch, seed), or what the saved optimizer, scheduler and loop state mean (optimizer,
-# schedule, plateau_on, monitor; precision to or from fp16, whose grad scaler has state).
-RESUMABLE = frozenset(
-    {
-        *("epochs", "lr", "min_lr", "warmup_epochs"),  # the schedule's curve, from the saved step on
-        *("weight_decay", "momentum", "grad_clip", "plateau_factor", "plateau_patience"),
-        *("patience", "min_delta"),  # early stopping
-        *("out", "workers", "loader", "device", "val_batches", "log_every", "verify"),  # how, not what
-        *("precision", "channels_last", "compile"),
-    }
-)
 
 
 def train(
@@ -182,36 +205,16 @@ def check_inputs(cfg: TrainConfig, sources: Sources) -> None:
             raise HandposeError(f"{sources.name('shards')}: {e}") from None
 
 
-def run_recipe(
-    recipe: str | Path | None, overrides: dict[str, str] | None, *, resume: bool
-) -> str | Path | None:
-    """The recipe a run is built from: `--config` when given (a resumed run's differences from
-    its checkpoint then count as overrides); else, when continuing a run (--resume, or RUN holds a
-    checkpoint), the run's own RUN/config.toml; else none (the defaults)."""
-    out = (overrides or {}).get("out")
-    if recipe is not None or not out:
-        return recipe
-    run = Path(out)
-    saved = run / "config.toml"
-    if saved.is_file() and (resume or checkpoint.exists(run / "checkpoints")):
-        return saved
-    if resume and not checkpoint.exists(run / "checkpoints"):
-        raise HandposeError(f"--resume: no checkpoint in {run / 'checkpoints'}")
-    if resume:
-        raise HandposeError(f"--resume: {saved} not found; pass --config with the run's recipe")
-    return None
-
-
 def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     """Build, maybe resume, run the epochs. The loop below is the whole training procedure."""
     run = Path(cfg.out)
     seed_everything(cfg.seed + world.rank)
     raw, model, opt, scaler = build(cfg, world)
-    train_loader = make_loader(cfg, world, "train")
-    val_loaders = [make_loader(cfg, world, "val", only=i) for i in range(len(cfg.shards))]
+    train_loader = loader_for(cfg, world, "train")
+    val_loaders = [loader_for(cfg, world, "val", only=i) for i in range(len(cfg.shards))]
     steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
     sched = make_scheduler(cfg, opt, steps)
-    st = maybe_resume(cfg, world, run, raw, opt, sched, scaler, LoopState(), required=resume)
+    st = LoopState.restored(resume_run(cfg, world, run, raw, opt, sched, scaler, required=resume), cfg)
     if cfg.verify:  # the shards' sha256s, each rank hashing its share (sizes: on opening)
         verify_sets(
             [*train_loader.sets, *(s for v in val_loaders for s in v.sets)],
@@ -322,15 +325,13 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def make_loader(cfg: TrainConfig, world: World, split: str, *, only: int | None = None) -> Any:
-    """The real loader for `split` of every shards folder (or only folder `only`); the GLOBAL
-    rank picks its shard of the data."""
-    from handpose.loader import make_loader as _make
-
+def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None = None) -> Any:
+    """The real loader (`loader.make_loader`) for `split` of every shards folder (or only folder
+    `only`); the GLOBAL rank picks its shard of the data."""
     train = split == "train"
     crops = cfg.crop * len(cfg.shards) if len(cfg.crop) == 1 else cfg.crop
     pick = range(len(cfg.shards)) if only is None else [only]
-    return _make(
+    return make_loader(
         [cfg.shards[i] for i in pick],
         split,
         kind=cfg.loader,
@@ -492,6 +493,17 @@ class LoopState:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def restored(cls, saved: dict[str, Any] | None, cfg: TrainConfig) -> LoopState:
+        """The loop state a checkpoint saved (None: a fresh run), early stopping judged under this
+        run's patience (a resumed run may raise it)."""
+        if saved is None:
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        st = cls(**{k: v for k, v in saved.items() if k in known})
+        st.stopped = bool(cfg.patience) and st.bad_epochs >= cfg.patience
+        return st
+
 
 def save_checkpoints(
     cfg: TrainConfig,
@@ -513,167 +525,23 @@ def save_checkpoints(
     rngs = all_gather_objects(checkpoint.rng_state(world.device), world)
     if not world.is_main:
         return
-    state = {
-        "model": raw.state_dict(),
-        "config": to_dict(cfg),
-        # predict normalises with the FIRST folder's statistics: list the target domain first
-        "norm": {"mean": list(sets[0].mean), "std": list(sets[0].std)},
-        "sets": [
-            {"name": s.name, "crop": s.crop, "pad": s.pad, "mean": list(s.mean), "std": list(s.std)}
-            for s in sets
-        ],
-        "boxes": {"box_to_keypoints": sets[0].manifest.data.get("boxes", {}).get("box_to_keypoints")},
-        "epoch": st.epoch,
-        "step": st.step,
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rngs,
-        "world_size": world.world_size,
-        "state": st.to_dict(),
-    }
+    state = checkpoint.training_state(
+        model=raw,
+        config=to_dict(cfg),
+        sets=sets,  # predict normalises with the FIRST folder's statistics: list the target domain first
+        epoch=st.epoch,
+        step=st.step,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        rng=rngs,
+        world_size=world.world_size,
+        loop=st.to_dict(),
+    )
     folder = run / "checkpoints"
     checkpoint.save(folder / checkpoint.LAST, state, keep_previous=True)
     if best:
         checkpoint.save(folder / checkpoint.BEST, state)
-
-
-def maybe_resume(
-    cfg: TrainConfig,
-    world: World,
-    run: Path,
-    raw: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    scaler: Any,
-    st: LoopState,
-    *,
-    required: bool,
-) -> LoopState:
-    """Continue from RUN/checkpoints/last.pt (or prev.pt if last.pt is damaged) when it exists.
-
-    Rank 0 reads the file and broadcasts it, so nodes need no shared disk. A config that differs
-    from the checkpoint's may change only RESUMABLE keys, which then take effect; anything else,
-    or checkpoints that are all damaged, stops every rank with the same one-line error.
-    """
-    folder = run / "checkpoints"
-    found, refusal = None, None
-    if world.is_main:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            found = checkpoint.load_latest(folder)
-        for w in caught:
-            print(f"warning: {w.message}", flush=True)
-        if found is None and checkpoint.exists(folder, best=True):
-            refusal = no_resume_point(folder)
-    found, refusal = broadcast_object((found, refusal), world)
-    if refusal is not None:
-        raise HandposeError(refusal)
-    if found is None:
-        if required:
-            raise HandposeError(f"--resume: no checkpoint in {folder}")
-        return st
-    ck, path = found
-    changes = config_changes(ck["config"], cfg)
-    refused = [k for k, (old, new) in changes.items() if not may_change(k, old, new)]
-    if refused:
-        raise HandposeError(
-            f"{path}: cannot resume with a different "
-            + ", ".join(f"{k} ({changes[k][0]} -> {changes[k][1]})" for k in refused)
-            + ": it would not fit the saved model, data or optimizer state; train into a new --out instead"
-        )
-    raw.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    scaler.load_state_dict(ck["scaler"])
-    apply_changes(cfg, opt, sched, changes)
-    if ck["world_size"] == world.world_size:
-        checkpoint.set_rng_state(ck["rng"][world.rank], world.device)
-    elif world.is_main:
-        print(
-            f"note: resuming {ck['world_size']} processes' run on {world.world_size}: "
-            "the data order changes from here on",
-            flush=True,
-        )
-    if world.is_main:
-        print(
-            f"resumed from {path} at epoch {ck['epoch']}, step {ck['step']}"
-            + (
-                f" (changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())})"
-                if changes
-                else ""
-            ),
-            flush=True,
-        )
-    known = {f.name for f in dataclasses.fields(LoopState)}
-    st = LoopState(**{k: v for k, v in ck["state"].items() if k in known})
-    st.stopped = bool(cfg.patience) and st.bad_epochs >= cfg.patience  # under this run's patience
-    return st
-
-
-def no_resume_point(folder: Path) -> str:
-    """Why a run whose checkpoints are all damaged (or only best.pt is left) is not started over."""
-    names = [n for n in (checkpoint.LAST, checkpoint.PREV) if (folder / n).exists()]
-    what = (
-        f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} damaged"
-        if names
-        else "no last.pt or prev.pt"
-    )
-    return (
-        f"{folder}: {what}, so there is nothing to resume from; refusing to start over and overwrite "
-        f"{checkpoint.BEST} (to start over on purpose, move {folder} away or train into a new --out)"
-    )
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A config dict with dotted keys (augment.flip) and tuples as lists (as a checkpoint has them)."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (checkpoint's value, this run's)} where they differ. Keys the checkpoint does
-    not have (added to handpose since) are not compared."""
-    old, new = _flat(saved), _flat(to_dict(cfg))
-    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
-
-
-def may_change(key: str, old: Any, new: Any) -> bool:
-    """Whether a resumed run may change `key` from `old` to `new` (see RESUMABLE)."""
-    if key == "precision" and "fp16" in (old, new):
-        return False  # only fp16 has a grad scaler, and its state
-    return key in RESUMABLE or key.startswith("augment.")
-
-
-def apply_changes(
-    cfg: TrainConfig, opt: torch.optim.Optimizer, sched: Any, changes: dict[str, tuple[Any, Any]]
-) -> None:
-    """Make this run's settings hold after `load_state_dict` brought back the checkpoint's.
-
-    Optimizer settings go into every param group. plateau: its factor and patience; a new lr
-    becomes the current rate. cosine/constant: lr is the curve's peak, so the scheduler's base
-    rate and each group's initial_lr become the new lr and the rate is set to the curve (which
-    also follows a new epochs, warmup_epochs or min_lr) at the saved step: it still ends at min_lr.
-    """
-    for group in opt.param_groups:
-        group["weight_decay"] = cfg.weight_decay
-        if "momentum" in group:  # SGD
-            group["momentum"] = cfg.momentum
-    if cfg.schedule == "plateau":
-        sched.factor, sched.patience = cfg.plateau_factor, cfg.plateau_patience
-        if "lr" in changes:
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr
-    elif {"lr", "min_lr", "epochs", "warmup_epochs"} & set(changes):
-        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
-        for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
-            group["initial_lr"] = cfg.lr
-            group["lr"] = cfg.lr * factor(sched.last_epoch)
 
 
 # ----------------------------------------------------------------------------- logging

@@ -27,7 +27,7 @@ from handpose.loader import denormalise
 from handpose.loader import make_loader as make_batches
 from handpose.model import model_from_config
 from handpose.shards import read_manifest
-from handpose.train import TrainConfig, build, make_loader, seed_everything, train, train_step
+from handpose.train import TrainConfig, build, loader_for, seed_everything, train, train_step
 
 TESTS = Path(__file__).resolve().parent
 Record = Callable[[str, object], None]  # pytest's record_property fixture
@@ -105,7 +105,7 @@ def test_train_steps_are_finite_and_lower_the_loss(
     seed_everything(cfg.seed)
     raw, model, opt, scaler = build(cfg, world)
     model.train()
-    batch = next(iter(make_loader(cfg, world, "train")))
+    batch = next(iter(loader_for(cfg, world, "train")))
     dtypes: list[torch.dtype] = []
     raw.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     losses = [float(train_step(model, raw, batch, opt, scaler, cfg, world)) for _ in range(10)]

@@ -7,6 +7,7 @@ seconds. Test-only hooks in handpose.train are driven by environment variables.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -87,9 +88,7 @@ def test_recipes_load(name: str) -> None:
 
     path = RECIPES / f"{name}.toml"
     recipe = tomllib.loads(path.read_text())
-    crops = recipe.get("crop", ["box"])
-    shards = ",".join(["s"] * (len(crops) if isinstance(crops, list) else 1))  # one per crop mode
-    cfg = load_config(TrainConfig, path, {"shards": shards, "out": "o"})
+    cfg = load_config(TrainConfig, path, {"shards": "s", "out": "o"})  # one folder, in every crop mode
     for key, value in recipe.items():
         got = getattr(cfg, key)
         if isinstance(value, dict):
@@ -97,6 +96,43 @@ def test_recipes_load(name: str) -> None:
         if isinstance(got, tuple):  # lists in TOML, frozen tuples in the config
             got = list(got)
         assert got == value and type(got) is type(value), key
+
+
+def test_every_key_declares_itself_and_the_docs_say_so() -> None:
+    """Each TrainConfig field has a meaning and a resume rule in its declaration; docs/train.md's
+    table of keys is generated from them (tools/config_table.py --check fails when it is stale);
+    the resume rules follow the declarations (reg is the model's: refused)."""
+    from handpose.config import field_docs, resume_rule
+    from handpose.resume import may_change
+
+    docs = field_docs(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        assert docs[f.name] and resume_rule(f), f.name
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "config_table.py"), "--check"], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    assert "| `reg` | `1.0` |" in (ROOT / "docs" / "train.md").read_text()
+    assert may_change(TrainConfig, "lr", 0.1, 0.2) and may_change(TrainConfig, "augment.flip", False, True)
+    assert may_change(TrainConfig, "precision", "fp32", "bf16")
+    assert not may_change(TrainConfig, "precision", "bf16", "fp16")
+    assert not may_change(TrainConfig, "reg", 1.0, 0.5) and not may_change(
+        TrainConfig, "shards", ["a"], ["b"]
+    )
+    with pytest.raises(HandposeError, match=r"--plateau_factor: must be in \(0, 1\), got 1.0"):
+        load_config(TrainConfig, None, {"plateau_factor": "1"})
+    with pytest.raises(HandposeError, match=r"--augment.blur: must be in \[0, 1\], got nan"):
+        load_config(TrainConfig, None, {"augment.blur": "nan"})
+
+
+def test_one_folder_in_several_crops_is_given_once() -> None:
+    """--shards S with crop = ["box", "image"]: the folder once, read in each crop (and a list of
+    folders still names one crop each)."""
+    cfg = load_config(TrainConfig, RECIPES / "hands_cpu.toml", {"shards": "s", "out": "o"})
+    assert cfg.shards == ("s", "s") and cfg.crop == ("box", "image") and len(cfg.weights) == 2
+    assert load_config(TrainConfig, RECIPES / "hands_cpu.toml", {"shards": "a,b"}).shards == ("a", "b")
+    with pytest.raises(HandposeError, match="--crop: give one mode, or one per shards folder"):
+        load_config(TrainConfig, None, {"shards": "a,b", "crop": "box,image,box"})
 
 
 def test_tutorial_recipe_is_the_tutorials() -> None:

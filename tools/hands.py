@@ -120,12 +120,13 @@ def main() -> None:
 
     if not (shards / "manifest.json").exists():
         run("pack", str(args.data), str(shards), "--format", "yolo", "--overwrite")
-    # the recipe's crop list names one mode per shards folder: the photos once per photo crop
-    # (e.g. box + whole image), the generated hands last
+    # the recipe's crop list names one mode per shards folder: the photos in every photo crop
+    # (train takes one folder once for all of them), or with --synth once per photo crop and the
+    # generated hands last
     recipe = Path(args.recipe) if Path(args.recipe).exists() else ROOT / args.recipe
     crops = tomllib.loads(recipe.read_text()).get("crop", ["box"])
     crops = [crops] if isinstance(crops, str) else crops
-    train_shards = [str(shards)] * max(1, len(crops) - (1 if args.synth else 0))
+    train_shards = [str(shards)] * (max(1, len(crops) - 1) if args.synth else 1)
     if args.synth:
         synth, synth_shards = out / "synth", out / "synth-shards"
         if not (synth / "training_K.json").exists():

@@ -1,7 +1,7 @@
 """`handpose bench train`: the real train step fed by the real loader vs by in-memory batches.
 
 Same process, same model, same recipe, same batch shape:
-1. `steps` train steps, each taking its batch from the loader (`make_loader` with the recipe's
+1. `steps` train steps, each taking its batch from the loader (`train.loader_for` with the recipe's
    kind, workers and augmentation), timed after a warm-up that covers worker start-up;
 2. `steps` train steps cycling over a few batches already on the device: the step alone.
 The difference is the time the step waits for data: `loader_overhead_pct` of the step time.
@@ -22,7 +22,7 @@ from rich.table import Table
 from handpose.config import load_config
 from handpose.console import make_console
 from handpose.distributed import World, setup_world
-from handpose.train import TrainConfig, build, make_loader, seed_everything, train_step
+from handpose.train import TrainConfig, build, loader_for, seed_everything, train_step
 
 WARMUP = 5  # steps before timing: worker start-up, first-call allocations, (compile)
 
@@ -58,7 +58,7 @@ def bench_train(
     def step(batch: dict[str, Any]) -> torch.Tensor:
         return train_step(model, raw, batch, opt, scaler, cfg, world)
 
-    stream = iter(make_loader(cfg, world, "train"))
+    stream = iter(loader_for(cfg, world, "train"))
     kept = [next(stream) for _ in range(WARMUP)]  # also the in-memory batches
     for batch in kept:
         step(batch)
