@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from handpose.errors import HandposeError
-from handpose.geometry import BOX_PAD, Region, box_region, image_region
+from handpose.geometry import BOX_PAD
 from handpose.shards import (
     Manifest,
     hash_problems,
@@ -159,11 +157,6 @@ def apportion(batch_size: int, weights: Sequence[float]) -> list[int]:
     for i in order[: batch_size - sum(share)]:
         share[i] += 1
     return share
-
-
-def sample_region(crop: str, pad: float, width: int, height: int, box: np.ndarray) -> Region:
-    """The source square a sample's model input shows (see the module docstring)."""
-    return box_region(box, pad) if crop == "box" else image_region(width, height)
 
 
 def train_batches_per_rank(

@@ -85,6 +85,13 @@ def box_region(box: np.ndarray, pad: float) -> Region:
     return ((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0, 1e-6) * pad)
 
 
+def source_region(width: float, height: float, box: np.ndarray | None, pad: float) -> Region:
+    """THE crop of a source image: the whole image letterboxed (`box` None) or the hand `box`
+    squared and padded (`box_region`). The loaders (by their crop mode) and predict's inference
+    path take their regions here."""
+    return image_region(width, height) if box is None else box_region(box, pad)
+
+
 def keypoints_box(uv: np.ndarray, labelled: np.ndarray | None = None) -> np.ndarray:
     """(x0, y0, x1, y1): the extent of the (labelled) keypoints (21, 2); NaN when none is."""
     uv = np.asarray(uv, np.float64)

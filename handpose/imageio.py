@@ -1,7 +1,8 @@
 """Image decode and warp: the fast paths (simplejpeg, Pillow's C affine) in one place.
 
 `warp_to_input` is THE preprocessing from image bytes and a source -> input matrix to the model's
-input: the WDS loader, `predict` (handpose checkpoints) and `inspect` all call it, so the model
+input (`warp_image_to_input` the same for a decoded image): the WDS loader, predict's inference
+path (handpose checkpoints, `inference.preprocess`) and `inspect` all call it, so the model
 sees at predict time exactly what it was trained on (augmentation off). Shrinking is antialiased:
 a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the crop shrinks it at least
 that much (libjpeg averages each 8x8 block: a box filter, and 2-6x less decoding), any other image
@@ -149,18 +150,28 @@ def decode_for_warp(data: bytes, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         f = dct_scale(image.shape[1], w)
     else:
         image, f = decode_image(data)
-    M = compose(M, scaling(1.0 / f)) if f != 1.0 else M
+    return _reduce_for_warp(image, compose(M, scaling(1.0 / f)) if f != 1.0 else M)
+
+
+def _reduce_for_warp(image: np.ndarray, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """warp_affine does not antialias: box-reduce the image by the whole factor M shrinks it by
+    first, and return (image, M') with M' mapping the reduced image to the same destination."""
     r = int(1.0 / matrix_scale(M) + 1e-9)
-    if r >= 2:  # warp_affine does not antialias: box-reduce by the whole factor first
-        image = np.asarray(Image.fromarray(image).reduce(r))
-        M = compose(M, scaling(float(r)))
-    return image, M
+    if r < 2:
+        return image, M
+    return np.asarray(Image.fromarray(image).reduce(r)), compose(M, scaling(float(r)))
 
 
 def warp_to_input(data: bytes, M: np.ndarray, size: int) -> np.ndarray:
     """THE preprocessing: image bytes + source -> input matrix M -> uint8 (size, size, 3)."""
     image, M = decode_for_warp(data, M)
     return warp_affine(image, M, size)
+
+
+def warp_image_to_input(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
+    """The same preprocessing for an image already decoded (RGB uint8 (H, W, 3) as displayed):
+    the box-reduce and warp of `warp_to_input`, without its JPEG DCT-domain shortcut."""
+    return warp_affine(*_reduce_for_warp(np.ascontiguousarray(image), M), size)
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:

@@ -39,11 +39,14 @@ from handpose.errors import HandposeError
 STAGING = ".predict-partial"
 RUN_JSON = "run.json"
 RUN_FORMAT = "handpose-predict-run"
-JOB_FORMAT = "handpose-predict-job"
-PART_FILES = ("predictions.jsonl", "errors.jsonl", "coco.jsonl", "spill.f32")
+JOB_FORMAT = "handpose-predict-job"  # job.json's "format": what a resumed run must match
+# The files a chunk appends to (and rank 0 merges): the first two are committed into OUT as they are.
+PREDICTIONS, ERRORS, COCO_LINES, SPILL = "predictions.jsonl", "errors.jsonl", "coco.jsonl", "spill.f32"
+PART_FILES = (PREDICTIONS, ERRORS, COCO_LINES, SPILL)
 CHUNKS = "chunks.i64"
 PROGRESS = "progress.json"
-OUR_STAGING_NAMES = (*PART_FILES, CHUNKS, PROGRESS, "job.json", "commit.json")
+JOB, COMMIT = "job.json", "commit.json"
+OUR_STAGING_NAMES = (*PART_FILES, CHUNKS, PROGRESS, JOB, COMMIT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +99,13 @@ class Part:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def part_state(folder: Path) -> dict[str, Any]:
+    """The state a part checkpointed with its last chunk (rank 0 reads every rank's: counts and
+    kept hands); {} when it has none."""
+    progress = _read_json(folder / PROGRESS)
+    return progress.get("state", {}) if isinstance(progress, dict) else {}
 
 
 def chunk_table(folder: Path) -> np.ndarray:
@@ -215,13 +225,13 @@ class Staging:
         """Rank 0, before any rank writes: "resume" when the staging holds this same job, "new"
         when it held nothing or another job (then it is cleared), "commit" when only the
         commit of this job is left to do."""
-        old = _read_json(self.root / "job.json")
+        old = _read_json(self.root / JOB)
         if old == job:
-            return "commit" if (self.root / "commit.json").is_file() else "resume"
+            return "commit" if (self.root / COMMIT).is_file() else "resume"
         if self.root.exists():
             self.clear()
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.root / "job.json", job)
+        write_json(self.root / JOB, job)
         return "new"
 
     def clear(self) -> None:
@@ -242,12 +252,12 @@ class Staging:
         """Write the commit plan (its presence means: the result is complete in final/)."""
         check_not_foreign(self.out, files)
         stale = sorted(owned_files(self.out) - {RUN_JSON, *files})
-        write_json(self.root / "commit.json", {"files": files, "stale": stale, "record": record})
+        write_json(self.root / COMMIT, {"files": files, "stale": stale, "record": record})
 
     def commit(self) -> dict[str, Any]:
         """Move final/ into OUT, delete our previous run's stale files, write run.json last, clear
         the staging. Idempotent: a commit interrupted half way is finished by calling it again."""
-        plan = _read_json(self.root / "commit.json")
+        plan = _read_json(self.root / COMMIT)
         assert plan is not None, "commit without a plan"
         files, stale, record = plan["files"], plan["stale"], plan["record"]
         # While files move, run.json says "incomplete" and lists both runs' files as ours.

@@ -51,11 +51,10 @@ from handpose.datasets import (
     ShardSet,
     apportion,
     n_batches,
-    sample_region,
     train_batches_per_rank,
 )
 from handpose.errors import HandposeError
-from handpose.geometry import apply_affine, in_frame
+from handpose.geometry import apply_affine, in_frame, source_region
 from handpose.imageio import image_size, warp_to_input
 from handpose.shards import READ_LABELS, decode_annotation, read_samples
 
@@ -169,7 +168,8 @@ def _decode_warp(
                 raise ValueError("missing member jpg")
             ann = decode_annotation(sample)
             p = sample_params(augment, rng) if augment is not None else IDENTITY
-            M = params_matrix(p, sample_region(crop, pad, *image_size(jpg), ann.box), size)
+            region = source_region(*image_size(jpg), ann.box if crop == "box" else None, pad)
+            M = params_matrix(p, region, size)
             image = warp_to_input(jpg, M, size)
         except ValueError as e:
             log.warning("skipping corrupt sample %s in %s: %s", key, url, e)

@@ -1,9 +1,9 @@
 """Stub models and images for the predict tests: models whose answers are known exactly, so
-predict's geometry (crops, boxes, refinement, mapping back) can be checked to 1e-3 px."""
+predict's geometry (crops, boxes, refinement, mapping back) can be checked to 1e-3 px against
+crops computed here, independently of handpose.geometry (`expected_matrix`)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from handpose.heatmaps import heatmaps_to_keypoints
-from handpose.predict import ModelSpec
+from handpose.model import ModelSpec
 from handpose.skeleton import NUM_JOINTS
 
 PLAIN = ModelSpec(size=128, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="stub", preprocess="tutorial")
@@ -37,23 +37,33 @@ class IntensityModel(_Stub):
 
 
 class LookupModel(_Stub):
-    """A perfect model for known crops: the model input (back to uint8) is hashed and looked up to
-    model-space keypoints, each rendered as a bilinear splat on the 4 nearest cells, which the
-    heatmap-mean decoder reads back exactly."""
+    """A perfect model for known crops: each model input is matched to the known crop it equals
+    (within 1 grey level at every pixel) and answered with that crop's keypoints in model-input
+    pixels, each rendered as a bilinear splat on the 4 nearest cells, which the heatmap-mean
+    decoder reads back exactly. An input that equals no known crop (a crop predict should not
+    have taken) fails the test, unless `default` gives an answer for it."""
 
-    def __init__(self, table: dict[str, np.ndarray], spec: ModelSpec) -> None:
+    def __init__(self, crops: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec) -> None:
         super().__init__()
-        self.table, self.spec = table, spec
+        self.images = np.stack([image for image, _ in crops]).astype(np.int16)
+        self.answers = np.stack([uv for _, uv in crops])
+        self.spec = spec
         self.default: np.ndarray | None = None  # the answer for crops not in the table (None: fail)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        uv = [
-            self.table[d] if self.default is None else self.table.get(d, self.default) for d in self._keys(x)
-        ]
+        uv = []
+        for image in to_uint8(x, self.spec):
+            diff = np.abs(self.images - image.astype(np.int16)).reshape(len(self.images), -1).max(axis=1)
+            k = int(diff.argmin())
+            if diff[k] <= 1:
+                uv.append(self.answers[k])
+            elif self.default is not None:
+                uv.append(self.default)
+            else:
+                raise AssertionError(
+                    f"a crop equals none of the expected crops (closest: {diff[k]} grey levels off)"
+                )
         return torch.from_numpy(splat(np.stack(uv), self.spec.size))
-
-    def _keys(self, x: torch.Tensor) -> list[str]:
-        return [digest(im) for im in to_uint8(x, self.spec)]
 
 
 class FixedPoseModel(_Stub):
@@ -104,19 +114,30 @@ def splat(uv: np.ndarray, size: int) -> np.ndarray:
     return maps
 
 
-def digest(image: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+def expected_matrix(width: int, height: int, box: np.ndarray | None, pad: float, size: int) -> np.ndarray:
+    """The source -> model-input matrix predict must use, written out here: the whole image
+    letterboxed (its longer side fills the input, centred; `box` None), or the hand box squared
+    on its longer side, times `pad`, centred in the input."""
+    if box is None:
+        cx, cy, side = width / 2, height / 2, max(width, height)
+    else:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        side = max(box[2] - box[0], box[3] - box[1]) * pad
+    s = size / side
+    return np.array([[s, 0.0, size / 2 - s * cx], [0.0, s, size / 2 - s * cy]])
 
 
 def lookup_model(crops: list[tuple[bytes, np.ndarray | None, np.ndarray]], spec: ModelSpec) -> LookupModel:
-    """A perfect model for these (image bytes, box or None, keypoints in original px) crops."""
-    from handpose.geometry import apply_affine
-    from handpose.predict import prepare
+    """A perfect model for these (image bytes, box or None, keypoints in original px) crops, each
+    crop's matrix computed by `expected_matrix` (the pixels by the shared preprocessing, which
+    test_predict checks on its own)."""
+    from handpose.inference import preprocess
 
-    table = {}
+    table = []
     for data, box, uv in crops:
-        image, M, _, _ = prepare(data, spec, box)
-        table[digest(image)] = apply_affine(M, uv)
+        width, height = Image.open(io.BytesIO(data)).size
+        M = expected_matrix(width, height, box, spec.pad, spec.size)
+        table.append((preprocess(data, M, spec), np.asarray(uv, np.float64) @ M[:, :2].T + M[:, 2]))
     return LookupModel(table, spec)
 
 

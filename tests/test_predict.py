@@ -28,18 +28,12 @@ from predictkit import (
     smooth_image,
 )
 
+from handpose.checkpoint import load_model
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, box_region, crop_matrix, fit_matrix, invert, keypoints_box
-from handpose.predict import (
-    BOX_TO_KEYPOINTS,
-    DEFAULT_REFINE,
-    ModelSpec,
-    letterbox,
-    load_model,
-    predict,
-    prepare,
-    refine_box,
-)
+from handpose.inference import DEFAULT_REFINE, Predictor, crops_of, image_size_of, letterbox, refine_box
+from handpose.model import BOX_TO_KEYPOINTS, ModelSpec
+from handpose.predict import predict
 from handpose.report import (
     PCK_THRESHOLDS_PX,
     SPILL_COLUMNS,
@@ -151,6 +145,70 @@ def test_known_keypoints_come_back(tmp_path: Path) -> None:
         first = (tmp_path / "out" / "predictions.jsonl").read_bytes()
         predict((model, spec), [tmp_path / "in"], tmp_path / "out", batch_size=64, workers=0, quiet=True)
         assert (tmp_path / "out" / "predictions.jsonl").read_bytes() == first
+
+
+@pytest.mark.parametrize("spec", [WARP, PLAIN], ids=["warp", "tutorial"])
+def test_crops_equal_independently_computed_crops(spec: ModelSpec) -> None:
+    """The model inputs predict feeds, computed here without handpose: a box whose padded square
+    is the input size is the image's own pixels (numpy slicing; black past the image's edge),
+    the whole image letterboxed at scale 1 is the image between two black bars, and at scale 1/2
+    its 2x2 means (handpose checkpoints) or Pillow's resize of it (the tutorial's weights)."""
+    pixels = noise_image(300, 200, 4)
+    data = encode(pixels)
+    side = spec.size / spec.pad  # a square box whose padded square is exactly the input side
+    for cx, cy in ((150.0, 70.0), (40.0, 30.0)):  # inside the image; reaching past its top-left corner
+        box = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+        (crop,) = crops_of(data, 300, 200, [box], spec)
+        x0, y0 = int(cx) - spec.size // 2, int(cy) - spec.size // 2
+        expected = np.zeros((spec.size, spec.size, 3), np.uint8)
+        ys, xs = slice(max(0, y0), y0 + spec.size), slice(max(0, x0), x0 + spec.size)
+        expected[max(0, -y0) :, max(0, -x0) :] = pixels[ys, xs][
+            : spec.size - max(0, -y0), : spec.size - max(0, -x0)
+        ]
+        assert np.array_equal(crop.input, expected), (spec.preprocess, cx, cy)
+    small = noise_image(128, 96, 5)
+    (crop,) = crops_of(encode(small), 128, 96, [None], spec)
+    assert (
+        np.array_equal(crop.input[16:112], small) and not crop.input[:16].any() and not crop.input[112:].any()
+    )
+    big = smooth_image(256, 192, 6)
+    (crop,) = crops_of(encode(big), 256, 192, [None], spec)
+    if spec.preprocess == "warp":  # box-reduced by 2: 2x2 means
+        half = big.reshape(96, 2, 128, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    else:  # the tutorial's Pillow resize of the whole image
+        half = np.asarray(Image.fromarray(big).resize((128, 96), Image.Resampling.BILINEAR), np.float64)
+    assert np.abs(crop.input[16:112].astype(np.float64) - half).max() <= 1.0
+    assert not crop.input[:16].any() and not crop.input[112:].any()
+
+
+def test_one_image_in_memory_gives_predicts_numbers(tmp_path: Path) -> None:
+    """`inference.Predictor` on one image in memory (its bytes, or its decoded pixels) runs the
+    path predict runs: the same keypoints and scores, in a given box and on the whole image with
+    refinement passes alike."""
+    spec = ModelSpec(**{**WARP.__dict__, "crop": "box", "box_to_keypoints": 1.3})
+    pixels = dot_image(320, 240, 201.3, 77.6, 6.0)  # IntensityModel finds the dot: where crops matter
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(pixels))
+    box = np.array([150.0, 30.0, 260.0, 130.0])
+    (tmp_path / "box.json").write_text(json.dumps([{"file_name": "a.png", "bbox": [150, 30, 110, 100]}]))
+    for boxes, refine in ((None, 2), (tmp_path / "box.json", 0)):
+        out = tmp_path / f"out-{refine}"
+        predict((IntensityModel(), spec), [tmp_path / "in"], out, boxes=boxes, refine=refine, quiet=True)
+        (rec,) = read_jsonl(out / "predictions.jsonl")
+        assert np.abs(np.array(rec["keypoints"])[:, :2] - [201.3, 77.6]).max() < 0.5
+        for image in (encode(pixels), pixels):
+            (hand,) = Predictor(IntensityModel(), spec, refine=refine)(
+                image, None if boxes is None else [box]
+            )
+            kp = [
+                [round(float(x), 3), round(float(y), 3), round(float(v), 4)]
+                for (x, y), v in zip(hand.uv, hand.score, strict=True)
+            ]
+            assert kp == rec["keypoints"], (refine, type(image))
+            final = None if hand.final_box is None else np.round(hand.final_box, 3).tolist()
+            assert final == rec["box"] and (final is None) == (boxes is None and refine == 0)
+    with pytest.raises(ValueError, match="too small"):
+        image_size_of(np.zeros((4, 40, 3), np.uint8))
 
 
 def _box_photos(tmp_path: Path) -> tuple[dict[str, list[tuple[np.ndarray, np.ndarray]]], list, Path]:
@@ -498,8 +556,9 @@ def test_preprocessing_equals_the_wds_loader(tmp_path: Path, w: int, h: int) -> 
         loader_u8 = (batch["image"].numpy() * std + mean) * 255
         for k, (_, data, _, extra) in enumerate(samples):
             box = np.frombuffer(extra["box.f32"], "<f4").astype(np.float64) if crop == "box" else None
-            ours = prepare(data, spec, box)[0].transpose(2, 0, 1).astype(np.float64)
-            assert np.abs(ours - loader_u8[k]).max() <= 1.0, (crop, k)
+            (ours,) = crops_of(data, w, h, [box], spec)
+            pixels = np.asarray(ours.input).transpose(2, 0, 1).astype(np.float64)
+            assert np.abs(pixels - loader_u8[k]).max() <= 1.0, (crop, k)
 
 
 def _random_unet(path: Path) -> torch.nn.Module:
@@ -518,7 +577,7 @@ def _random_unet(path: Path) -> torch.nn.Module:
 def _tutorial_keypoints(net: torch.nn.Module, path: Path) -> np.ndarray:
     """The tutorial's per-image pipeline, written out: PIL open, resize to 128 bilinear, to a
     tensor, normalise, model, its decoder (cell i at coordinate i), scaled to the image."""
-    from handpose.predict import TUTORIAL_MEAN, TUTORIAL_STD
+    from handpose.model import TUTORIAL_MEAN, TUTORIAL_STD
 
     image = Image.open(path).convert("RGB")
     w, h = image.size
@@ -552,13 +611,12 @@ def test_tutorial_parity_at_256_and_1024_px(tmp_path: Path) -> None:
     # the test can fail: the DCT fast path (warp_to_input) moves the 1024 px photo's keypoints
     loaded, spec = load_model(tmp_path / "weights.pt", torch.device("cpu"))
     assert spec.preprocess == "tutorial"
-    from handpose.predict import forward
+    from handpose.inference import forward
 
-    fast = prepare((folder / "p1024.jpg").read_bytes(), ModelSpec(**{**spec.__dict__, "preprocess": "warp"}))[
-        0
-    ]
+    data = (folder / "p1024.jpg").read_bytes()
+    (fast,) = crops_of(data, 1024, 1024, [None], ModelSpec(**{**spec.__dict__, "preprocess": "warp"}))
     with torch.inference_mode():
-        uv = forward(loaded, torch.from_numpy(fast[None].copy()), spec)[0][0] * 8
+        uv = forward(loaded, torch.from_numpy(np.asarray(fast.input)[None].copy()), spec)[0][0] * 8
     assert np.abs(uv - recs["p1024.jpg"]).max() > 0.05
 
 
@@ -711,10 +769,11 @@ def test_checkpoint_of_each_architecture_round_trips_through_predict(tmp_path: P
     predict(tmp_path / "m.pt", [tmp_path / "in"], tmp_path / "out", refine=0, quiet=True, device="cpu")
     (rec,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     loaded, spec = load_model(tmp_path / "m.pt", torch.device("cpu"))
-    image, M, _, _ = prepare(data, spec)
-    x = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 255 - torch.tensor(spec.mean).view(
-        1, 3, 1, 1
-    )
+    (crop,) = crops_of(data, 200, 150, [None], spec)
+    M = crop_matrix(crop.region, spec.size)
+    x = torch.from_numpy(np.asarray(crop.input).copy()).permute(2, 0, 1).float()[None] / 255 - torch.tensor(
+        spec.mean
+    ).view(1, 3, 1, 1)
     x = x / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.inference_mode():
         uv = net.eval().decode(net(x))[0][0].numpy()

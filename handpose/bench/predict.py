@@ -31,16 +31,12 @@ import torch
 from PIL import Image
 from rich.table import Table
 
+from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.errors import HandposeError
-from handpose.predict import (
-    ModelSpec,
-    default_batch_size,
-    load_model,
-    pick_device,
-    predict,
-    prepare,
-)
+from handpose.inference import crops_of, default_batch_size, image_size_of
+from handpose.model import ModelSpec
+from handpose.predict import pick_device, predict
 from handpose.predict_inputs import suffix_list
 from handpose.sources.files import is_image, walk
 
@@ -138,8 +134,12 @@ def _images(folder: Path, limit: int) -> list[Path]:
 
 
 def _ready_batch(files: list[Path], spec: ModelSpec, batch_size: int) -> torch.Tensor:
-    """The first `batch_size` images prepared as predict prepares them (repeated if fewer)."""
-    images = [prepare(files[i % len(files)].read_bytes(), spec)[0] for i in range(batch_size)]
+    """The first `batch_size` images' model inputs as predict crops them (repeated if fewer)."""
+    images: list[np.ndarray] = []
+    for i in range(batch_size):
+        data = files[i % len(files)].read_bytes()
+        (crop,) = crops_of(data, *image_size_of(data), [None], spec)
+        images.append(np.asarray(crop.input))
     return torch.from_numpy(np.stack(images))
 
 
