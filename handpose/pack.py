@@ -18,6 +18,7 @@ done-record matches its planned digest and whose bytes still hash to the recorde
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,7 +42,6 @@ from handpose.atomic import tmp_name, tmp_target, write_json
 from handpose.console import make_console
 from handpose.cpu import cores
 from handpose.errors import HandposeError
-from handpose.geometry import keypoints_box
 from handpose.imageio import decode_jpeg, image_format, image_size
 from handpose.shards import (
     FORMAT_NAME,
@@ -62,7 +62,7 @@ from handpose.sources import Problem, Record, read_source
 
 STATE_DIR = ".pack"  # OUT/.pack/: plan.json + one done-record per finished shard; gone when complete
 MB = 1_000_000
-DEFAULT_SPLIT = "0.8,0.15,0.05"
+DEFAULT_FRACTIONS = "0.8,0.15,0.05"  # --split: train, val, test
 # Estimated tar bytes per sample besides the image: 6 member headers plus padded json, kp, vis,
 # box and sid members. Only used to plan shard boundaries, so it must depend on nothing but the input.
 _SAMPLE_OVERHEAD = 7168
@@ -111,7 +111,7 @@ def pack(
     first bad sample, naming its file (and id or line).
     """
     src, out = Path(src), Path(out)
-    fractions = parse_split(split if split is not None else DEFAULT_SPLIT)
+    fractions = parse_split(split if split is not None else DEFAULT_FRACTIONS)
     if on_error not in ("fail", "skip"):
         raise HandposeError(f"--on-error {on_error!r}: expected 'fail' or 'skip'")
     if not shard_size_mb > 0:
@@ -373,9 +373,9 @@ def write_shard(plan: ShardPlan, out: Path, on_error: str) -> dict[str, Any]:
     tar_path, idx_path = out / plan.name, out / index_name(plan.name)
     tmp_tar, tmp_idx = tmp_name(tar_path), tmp_name(idx_path)
     writer = ShardWriter(tmp_tar, tmp_idx)
-    acc = _Accumulator(plan.stats)
+    acc = _ShardStats(plan.stats)
     skipped: list[dict[str, Any]] = []
-    image: _Image | None = None
+    image: _SourceImage | None = None
     try:
         for s in plan.samples:
             if image is None or image.path != s.record.path:  # the hands of an image are adjacent
@@ -402,7 +402,7 @@ def write_shard(plan: ShardPlan, out: Path, on_error: str) -> dict[str, Any]:
         "planned": len(plan.samples),
         "samples": writer.samples,
         "skipped": skipped,
-        **acc.result(),
+        "stats": acc.result().to_json(),
     }
     if writer.samples:
         os.replace(tmp_idx, idx_path)
@@ -427,8 +427,8 @@ class _DataError(Exception):
 
 
 @dataclass
-class _Image:
-    """One image, read and checked once for all its hands."""
+class _SourceImage:
+    """One source image, read and checked once for all its hands."""
 
     path: Path
     data: bytes = b""
@@ -439,28 +439,30 @@ class _Image:
     hands: int = 0  # hands of it packed so far
 
 
-def _read_image(path: Path, *, full: bool) -> _Image:
+def _read_image(path: Path, *, full: bool) -> _SourceImage:
     """Read and strictly decode an image. Decoding is the only reliable corruption check; outside
     the stats split it runs at 1/8 scale, which still reads every entropy-coded byte."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return _Image(path, error=f"unreadable image ({e.strerror})")
+        return _SourceImage(path, error=f"unreadable image ({e.strerror})")
     kind = image_format(data)
     if kind == "unknown":
-        return _Image(path, error="corrupt JPEG (not an image format pack knows; pack stores JPEG only)")
+        return _SourceImage(
+            path, error="corrupt JPEG (not an image format pack knows; pack stores JPEG only)"
+        )
     if kind != "JPEG":
-        return _Image(path, error=f"{kind} image: pack stores JPEG only (convert it to JPEG)")
+        return _SourceImage(path, error=f"{kind} image: pack stores JPEG only (convert it to JPEG)")
     try:
         pixels = decode_jpeg(data) if full else decode_jpeg(data, min_side=1)
         width, height = image_size(data)
     except ValueError as e:
-        return _Image(path, error=f"corrupt JPEG ({e})")
-    return _Image(path, data, width, height, pixels if full else None)
+        return _SourceImage(path, error=f"corrupt JPEG ({e})")
+    return _SourceImage(path, data, width, height, pixels if full else None)
 
 
-def _sample_members(s: Sample, image: _Image, acc: _Accumulator) -> dict[str, bytes]:
+def _sample_members(s: Sample, image: _SourceImage, acc: _ShardStats) -> dict[str, bytes]:
     r = s.record
     if image.error is not None:
         raise _DataError(image.error)
@@ -468,11 +470,11 @@ def _sample_members(s: Sample, image: _Image, acc: _Accumulator) -> dict[str, by
         w, h = r.size
         raise _DataError(f"image is {image.width}x{image.height}, the label file says {w}x{h}")
     uv, box = r.in_pixels(image.width, image.height)
-    # Statistics are taken from what the shard stores (float32), so they equal a read-back.
-    box32 = np.asarray(box, "<f4").astype(np.float64)
+    # What the shard stores (float32): the statistics are taken from it, so they equal a read-back.
+    uv32, box32 = np.asarray(uv, "<f4"), np.asarray(box, "<f4")
     if not (box32[2] > box32[0] and box32[3] > box32[1]):
-        raise _DataError(f"hand box {box32.tolist()} px is empty in float32")
-    acc.add_hand(np.asarray(uv, "<f4").astype(np.float64), r.visibility, box32, image.width, image.height)
+        raise _DataError(f"hand box {box32.astype(np.float64).tolist()} px is empty in float32")
+    acc.add_hand(uv32, r.visibility, box32, image.width, image.height)
     meta: dict[str, Any] = {
         "key": sample_key(r.sid),
         "sid": r.sid,
@@ -493,92 +495,137 @@ def _sample_members(s: Sample, image: _Image, acc: _Accumulator) -> dict[str, by
         meta["image_id"] = r.image_id
     if r.label is not None:
         meta["label"], meta["class"] = r.label, r.cls
-    return sample_members(image.data, meta, uv, r.visibility, box, r.sid)
+    return sample_members(image.data, meta, uv32, r.visibility, box32, r.sid)
 
 
-class _Accumulator:
-    """One shard's statistics, in sample order (so the totals, added in shard order, never depend
-    on the worker count): exact integer pixel sums, keypoint bounds over labelled joints, the
-    mean-pose sums (stats shards), per-hand box figures, images with hands."""
+def _figure(how: str, empty: Any = int) -> Any:
+    """A PackStats field: `how` two shards' values combine ("sum", elementwise for lists;
+    "min"/"max"; "concat"), `empty` makes a shard's value before any hand (a zero-argument
+    callable)."""
+    return dataclasses.field(default_factory=empty, metadata={"merge": how})
+
+
+def _add(a: Any, b: Any) -> Any:
+    """a + b, elementwise through nested lists (exact for ints; floats add as numpy's float64)."""
+    return [_add(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a + b
+
+
+def _zero_pose() -> list[list[float]]:
+    return [[0.0, 0.0] for _ in range(NUM_JOINTS)]
+
+
+@dataclass
+class PackStats:
+    """What pack counts over the hands it writes, each figure declared once with how two shards'
+    figures combine: one shard's (a worker's `_ShardStats.result`, stored in its done-record)
+    and, merged in shard order, the pack's, which `build_manifest` turns into the manifest's
+    stats, mean_pose, boxes, images and keypoint_bounds. Sums are exact or in a fixed order, so
+    the totals never depend on the worker count."""
+
+    pixel_sum: list[int] = _figure("sum", lambda: [0, 0, 0])  # per channel, stats shards (exact ints)
+    pixel_sumsq: list[int] = _figure("sum", lambda: [0, 0, 0])  # squares, likewise
+    pixels: int = _figure("sum")  # pixels summed
+    uv_min: list[float] | None = _figure("min", lambda: None)  # labelled keypoints' lowest x, y (px)
+    uv_max: list[float] | None = _figure("max", lambda: None)  # and highest
+    outside: int = _figure("sum")  # hands with a labelled keypoint outside the image
+    labelled: int = _figure("sum")  # labelled joints
+    joints: int = _figure("sum")  # joints
+    pose_image: list[list[float]] = _figure("sum", _zero_pose)  # labelled joints, letterbox units (stats)
+    pose_box: list[list[float]] = _figure("sum", _zero_pose)  # labelled joints, box units (stats)
+    pose_count: list[int] = _figure("sum", lambda: [0] * NUM_JOINTS)  # labelled hands per joint (stats)
+    box_side: list[float] = _figure("concat", list)  # per hand: the box's longer side, px
+    box_frac: list[float] = _figure("concat", list)  # box side / the image's longer side
+    box_to_kp: list[float] = _figure("concat", list)  # box side / the keypoint extent's longer side
+    boxes_outside: int = _figure("sum")  # boxes reaching past the image
+    images: int = _figure("sum")  # images with at least one packed hand
+    max_hands: int = _figure("max")  # hands of the most crowded image
+
+    def merge(self, other: PackStats) -> None:
+        """Add `other`'s figures to these (the next shard's, in shard order)."""
+        for f in dataclasses.fields(self):
+            a, b, how = getattr(self, f.name), getattr(other, f.name), f.metadata["merge"]
+            if how == "concat":
+                value = a + b
+            elif how == "sum":
+                value = _add(a, b)
+            elif a is None or b is None:
+                value = b if a is None else a
+            else:
+                pick = min if how == "min" else max
+                value = [pick(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else pick(a, b)
+            setattr(self, f.name, value)
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as a dict (plain JSON values already: no deep copy)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class _ShardStats:
+    """One shard's PackStats as its worker writes it: images (and their pixels, once) as they are
+    packed, hands collected and measured in one vectorised pass at the end (numpy calls per hand
+    cost more than the hand's share of decoding)."""
 
     def __init__(self, stats: bool) -> None:
-        self.stats = stats
-        self.sum = [0, 0, 0]
-        self.sumsq = [0, 0, 0]
-        self.pixels = 0
-        self.lo = [math.inf, math.inf]
-        self.hi = [-math.inf, -math.inf]
-        self.outside = 0  # hands with a labelled keypoint outside the image
-        self.labelled = 0  # labelled joints
-        self.joints = 0
-        self.pose_image = np.zeros((NUM_JOINTS, 2))  # sums of labelled joints, letterbox units
-        self.pose_box = np.zeros((NUM_JOINTS, 2))  # sums of labelled joints, box units
-        self.pose_count = np.zeros(NUM_JOINTS, np.int64)
-        self.box_side: list[float] = []  # box longer side, px
-        self.box_frac: list[float] = []  # box longer side / image longer side
-        self.box_to_kp: list[float] = []  # box longer side / keypoint-extent longer side
-        self.boxes_outside = 0
-        self.images = 0  # images with at least one packed hand
-        self.max_hands = 0
-
-    def add_image(self, image: _Image) -> None:
-        """After each packed hand: count its image (and its pixels, once) the first time."""
-        image.hands += 1
-        self.max_hands = max(self.max_hands, image.hands)
-        if image.hands > 1:
-            return
-        self.images += 1
-        if image.pixels is not None:
-            s, q = pixel_sums(image.pixels)
-            self.sum = [a + b for a, b in zip(self.sum, s, strict=True)]
-            self.sumsq = [a + b for a, b in zip(self.sumsq, q, strict=True)]
-            self.pixels += image.pixels.shape[0] * image.pixels.shape[1]
-            image.pixels = None  # counted; free it
+        self.stats = stats  # a stats shard: pixel sums and the mean pose come from its hands
+        self.totals = PackStats()
+        self.uv: list[np.ndarray] = []  # per hand (21, 2) px, as stored (float32)
+        self.visibility: list[np.ndarray] = []
+        self.box: list[np.ndarray] = []  # per hand (4,) px, as stored (float32)
+        self.size: list[tuple[int, int]] = []
 
     def add_hand(
         self, uv: np.ndarray, visibility: np.ndarray, box: np.ndarray, width: int, height: int
     ) -> None:
-        labelled = visibility > 0
-        pts = uv[labelled]
-        self.lo = [min(a, float(b)) for a, b in zip(self.lo, pts.min(0), strict=True)]
-        self.hi = [max(a, float(b)) for a, b in zip(self.hi, pts.max(0), strict=True)]
-        self.outside += int(bool(np.any(pts < 0) or np.any(pts > (width, height))))
-        self.labelled += int(labelled.sum())
-        self.joints += NUM_JOINTS
-        long_side = max(width, height)
-        box_side = max(box[2] - box[0], box[3] - box[1])
-        if self.stats:  # image units: letterboxed square 0..1; box units: box sides about its centre
-            self.pose_image[labelled] += (pts - (width / 2, height / 2)) / long_side + 0.5
-            self.pose_box[labelled] += (pts - (box[:2] + box[2:]) / 2) / box_side
-            self.pose_count[labelled] += 1
-        self.box_side.append(float(box_side))
-        self.box_frac.append(float(box_side / long_side))
-        kx0, ky0, kx1, ky1 = keypoints_box(uv, labelled)
-        if max(kx1 - kx0, ky1 - ky0) > 0:
-            self.box_to_kp.append(float(box_side / max(kx1 - kx0, ky1 - ky0)))
-        self.boxes_outside += int(bool(box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height))
+        self.uv.append(uv)
+        self.visibility.append(visibility)
+        self.box.append(box)
+        self.size.append((width, height))
 
-    def result(self) -> dict[str, Any]:
-        finite = math.isfinite(self.lo[0])
-        return {
-            "pixel_sum": self.sum,
-            "pixel_sumsq": self.sumsq,
-            "pixels": self.pixels,
-            "uv_min": self.lo if finite else None,
-            "uv_max": self.hi if finite else None,
-            "outside": self.outside,
-            "labelled": self.labelled,
-            "joints": self.joints,
-            "pose_image": self.pose_image.tolist(),
-            "pose_box": self.pose_box.tolist(),
-            "pose_count": self.pose_count.tolist(),
-            "box_side": self.box_side,
-            "box_frac": self.box_frac,
-            "box_to_kp": self.box_to_kp,
-            "boxes_outside": self.boxes_outside,
-            "images": self.images,
-            "max_hands": self.max_hands,
-        }
+    def add_image(self, image: _SourceImage) -> None:
+        """After each packed hand: count its image (and its pixels, once) the first time."""
+        t = self.totals
+        image.hands += 1
+        t.max_hands = max(t.max_hands, image.hands)
+        if image.hands > 1:
+            return
+        t.images += 1
+        if image.pixels is not None:
+            s, q = pixel_sums(image.pixels)
+            t.pixel_sum = [a + b for a, b in zip(t.pixel_sum, s, strict=True)]
+            t.pixel_sumsq = [a + b for a, b in zip(t.pixel_sumsq, q, strict=True)]
+            t.pixels += image.pixels.shape[0] * image.pixels.shape[1]
+            image.pixels = None  # counted; free it
+
+    def result(self) -> PackStats:
+        """The shard's figures (see PackStats), computed over all its hands at once."""
+        t = self.totals
+        if not self.uv:
+            return t
+        uv = np.stack(self.uv).astype(np.float64)  # (N, 21, 2): float32 values, computed in float64
+        box = np.stack(self.box).astype(np.float64)  # (N, 4)
+        lab, wh = np.stack(self.visibility) > 0, np.array(self.size, np.float64)  # (N, 21), (N, 2)
+        pts = lab[..., None]
+        t.uv_min = np.where(pts, uv, np.inf).min(axis=(0, 1)).tolist()
+        t.uv_max = np.where(pts, uv, -np.inf).max(axis=(0, 1)).tolist()
+        t.outside = int((((uv < 0) | (uv > wh[:, None, :])) & pts).any(axis=(1, 2)).sum())
+        t.labelled, t.joints = int(lab.sum()), NUM_JOINTS * len(uv)
+        long_side = wh.max(axis=1)
+        side = np.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
+        if self.stats:  # image units: letterboxed square 0..1; box units: box sides about its centre
+            image_units = (uv - wh[:, None, :] / 2) / long_side[:, None, None] + 0.5
+            box_units = (uv - ((box[:, :2] + box[:, 2:]) / 2)[:, None, :]) / side[:, None, None]
+            # Summed over hands in order (numpy adds along the first axis one row at a time)
+            t.pose_image = np.where(pts, image_units, 0.0).sum(axis=0).tolist()
+            t.pose_box = np.where(pts, box_units, 0.0).sum(axis=0).tolist()
+            t.pose_count = lab.sum(axis=0).tolist()
+        t.box_side = side.tolist()
+        t.box_frac = (side / long_side).tolist()
+        lo, hi = np.where(pts, uv, np.inf).min(axis=1), np.where(pts, uv, -np.inf).max(axis=1)
+        extent = (hi - lo).max(axis=1)
+        t.box_to_kp = (side[extent > 0] / extent[extent > 0]).tolist()
+        outside = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > wh[:, 0]) | (box[:, 3] > wh[:, 1])
+        t.boxes_outside = int(outside.sum())
+        return t
 
 
 def pixel_sums(img: np.ndarray) -> tuple[list[int], list[int]]:
@@ -608,7 +655,7 @@ def _verified_done(out: Path, plan: ShardPlan) -> dict[str, Any] | None:
         done = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if done.get("digest") != plan.digest:
+    if done.get("digest") != plan.digest or "stats" not in done:  # another plan's, or an older pack's
         return None
     if not done["samples"]:
         return done
@@ -638,37 +685,12 @@ def build_manifest(
     counts: Counter[str] = Counter({s: 0 for s in ("train", "val", "test")})
     shards = []
     skipped = [p.entry() for p in problems]
-    sums, sumsqs, pixels = [0, 0, 0], [0, 0, 0], 0
-    lo, hi, outside, labelled, joints = [math.inf] * 2, [-math.inf] * 2, 0, 0, 0
-    pose_image, pose_box = np.zeros((NUM_JOINTS, 2)), np.zeros((NUM_JOINTS, 2))
-    pose_count = np.zeros(NUM_JOINTS, np.int64)
-    box_side: list[float] = []
-    box_frac: list[float] = []
-    box_to_kp: list[float] = []
-    boxes_outside = images = max_hands = 0
+    t = PackStats()  # only stats shards have pixel sums and mean-pose sums: the others add zeros
     for p in plan:
         r = results[p.name]
         skipped += r["skipped"]
         counts[p.split] += r["samples"]
-        if p.stats:
-            sums = [a + b for a, b in zip(sums, r["pixel_sum"], strict=True)]
-            sumsqs = [a + b for a, b in zip(sumsqs, r["pixel_sumsq"], strict=True)]
-            pixels += r["pixels"]
-            pose_image += r["pose_image"]
-            pose_box += r["pose_box"]
-            pose_count += r["pose_count"]
-        if r["uv_min"] is not None:
-            lo = [min(a, b) for a, b in zip(lo, r["uv_min"], strict=True)]
-            hi = [max(a, b) for a, b in zip(hi, r["uv_max"], strict=True)]
-        outside += r["outside"]
-        labelled += r["labelled"]
-        joints += r["joints"]
-        box_side += r["box_side"]
-        box_frac += r["box_frac"]
-        box_to_kp += r["box_to_kp"]
-        boxes_outside += r["boxes_outside"]
-        images += r["images"]
-        max_hands = max(max_hands, r["max_hands"])
+        t.merge(PackStats(**r["stats"]))
         if r["samples"]:
             shards.append(
                 {
@@ -686,6 +708,7 @@ def build_manifest(
     total = sum(counts.values())
     # plan_shards falls back to every split when there is no train split
     stats_split = "train" if any(p.split == "train" for p in plan) else "all"
+    pose = mean_pose(np.array(t.pose_image), np.array(t.pose_box), np.array(t.pose_count))
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -694,21 +717,21 @@ def build_manifest(
         "options": options,
         "counts": dict(counts),
         "shards": shards,
-        "stats": {**pixel_stats(sums, sumsqs, pixels), "split": stats_split},
-        "mean_pose": {**mean_pose(pose_image, pose_box, pose_count), "split": stats_split},
+        "stats": {**pixel_stats(t.pixel_sum, t.pixel_sumsq, t.pixels), "split": stats_split},
+        "mean_pose": {**pose, "split": stats_split},
         "boxes": {
-            "side_px": spread(box_side),
-            "side_frac": spread(box_frac),
-            "box_to_keypoints": round(float(np.median(box_to_kp)), 6) if box_to_kp else None,
-            "outside_image": boxes_outside,
-            "hands_per_image": {"mean": round(total / images, 6) if images else None, "max": max_hands},
+            "side_px": spread(t.box_side),
+            "side_frac": spread(t.box_frac),
+            "box_to_keypoints": round(float(np.median(t.box_to_kp)), 6) if t.box_to_kp else None,
+            "outside_image": t.boxes_outside,
+            "hands_per_image": {"mean": round(total / t.images, 6) if t.images else None, "max": t.max_hands},
         },
-        "images": {"with_hands": images, "background": background},
+        "images": {"with_hands": t.images, "background": background},
         "keypoint_bounds": {
-            "min_px": lo if math.isfinite(lo[0]) else None,
-            "max_px": hi if math.isfinite(lo[0]) else None,
-            "samples_outside_image": outside,
-            "labelled_fraction": round(labelled / joints, 6) if joints else None,
+            "min_px": t.uv_min,
+            "max_px": t.uv_max,
+            "samples_outside_image": t.outside,
+            "labelled_fraction": round(t.labelled / t.joints, 6) if t.joints else None,
         },
         "skipped": skipped,
     }

@@ -142,21 +142,43 @@ def sample_members(
     }
 
 
+# The constant fields of the headers ShardWriter writes: mode 0644, uid/gid 0, then (after the
+# size) mtime 0; type '0', empty link name, magic + version, empty owner names, device fields and
+# prefix. Their byte sum, and the checksum field counted as 8 spaces, start every checksum.
+_USTAR_IDS = b"0000644\0" + b"0000000\0" * 2
+_USTAR_MTIME = b"00000000000\0"
+_USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155)
+_USTAR_PAD = b"\0" * (tarfile.BLOCKSIZE - 500)
+_USTAR_SUM = sum(_USTAR_IDS) + sum(_USTAR_MTIME) + sum(_USTAR_TAIL) + 8 * ord(" ")
+
+
 def ustar_header(name: str, size: int) -> bytes:
     """The 512-byte ustar header of a regular file (mode 0644, uid/gid 0, mtime 0, no owner names).
 
-    Byte-identical to what Python 3.11's `tarfile` writes for the same TarInfo, built directly:
-    tarfile's general header code cost more per sample than decoding the JPEG, and its bytes
-    have changed between Python versions (device fields), which shards must not.
+    Byte-identical to what Python 3.11's `tarfile` writes for the same TarInfo, built directly
+    from its constant fields: tarfile's general header code cost more per sample than decoding
+    the JPEG, and its bytes have changed between Python versions (device fields), which shards
+    must not.
     """
     name_b = name.encode("utf-8")
     if len(name_b) > 100 or not 0 <= size < 8**11:
         raise ValueError(f"member {name!r} ({size} bytes) does not fit a ustar header")
-    head = name_b.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"00000000000\0"
-    # type '0', empty link name, magic + version, empty owner names, device fields and prefix
-    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155)
-    checksum = sum(head) + sum(tail) + 8 * ord(" ")  # computed with the checksum field as 8 spaces
-    return (head + b"%06o\0 " % checksum + tail).ljust(tarfile.BLOCKSIZE, b"\0")
+    size_b = b"%011o\0" % size
+    checksum = _USTAR_SUM + sum(name_b) + sum(size_b)
+    return b"".join(
+        (
+            name_b.ljust(100, b"\0"),
+            _USTAR_IDS,
+            size_b,
+            _USTAR_MTIME,
+            b"%06o\0 " % checksum,
+            _USTAR_TAIL,
+            _USTAR_PAD,
+        )
+    )
+
+
+_ZEROS = b"\0" * tarfile.BLOCKSIZE  # a member's padding is a prefix of it
 
 
 class ShardWriter:
@@ -177,16 +199,18 @@ class ShardWriter:
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Append one sample; `members` maps extension (e.g. 'kp.f32') to bytes, in order."""
-        parts = []
+        parts: list[str] = []
+        blocks: list[bytes] = []
+        offset = self._offset
         for ext, data in members.items():
             name = f"{key}.{ext}"
             pad = -len(data) % tarfile.BLOCKSIZE
-            self._f.write(ustar_header(name, len(data)))
-            self._f.write(data)
-            self._f.write(b"\0" * pad)
-            offset = self._offset + tarfile.BLOCKSIZE  # data follows one 512-byte header
-            self._offset = offset + len(data) + pad
+            blocks += (ustar_header(name, len(data)), data, _ZEROS[:pad])
+            offset += tarfile.BLOCKSIZE  # data follows one 512-byte header
             parts.append(f"{ext} {offset} {len(data)} {name}")
+            offset += len(data) + pad
+        self._f.write(b"".join(blocks))  # one write per sample: 18 small ones cost more than the copy
+        self._offset = offset
         self._index.append(" ".join(parts))
         self.samples += 1
 

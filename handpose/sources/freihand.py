@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from handpose.errors import HandposeError
-from handpose.geometry import keypoints_box, project_points
+from handpose.geometry import project_points
 from handpose.shards import EVAL_SID_OFFSET
 from handpose.skeleton import NUM_JOINTS
 from handpose.sources import Dataset, Problem, Record, load_json, numeric_array
@@ -159,6 +159,11 @@ def _read_set(root: Path, name: str, versions: tuple[int, ...] | None, *, strict
             label_errors[i] = xyz if isinstance(xyz, str) else K  # type: ignore[assignment]
         else:
             labels[i] = (xyz, K, project_points(xyz, K))
+    # Every hand's box is its keypoints' extent, found for all ids at once (one keypoints_box
+    # call per id cost more than reading the labels).
+    uvs = np.stack([labels[i][2] for i in labels]) if labels else np.empty((0, NUM_JOINTS, 2))
+    extents = np.concatenate([uvs.min(axis=1), uvs.max(axis=1)], axis=1)
+    boxes = dict(zip(labels, extents, strict=True))
 
     offset = EVAL_SID_OFFSET if name == "evaluation" else 0
     records: list[Record] = []
@@ -182,7 +187,7 @@ def _read_set(root: Path, name: str, versions: tuple[int, ...] | None, *, strict
                         path=root / file,
                         uv=uv,
                         visibility=np.ones(NUM_JOINTS, np.uint8),
-                        box=keypoints_box(uv),
+                        box=boxes[i],
                         split="eval" if offset else None,
                         version=v,
                         xyz=xyz,
