@@ -48,7 +48,8 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="handpose",
     cls=_Group,
-    help="Train and run 21-joint 2D hand-keypoint models (FreiHAND -> shards -> DDP UNet -> predict).",
+    help="Train and run 21-joint 2D hand-keypoint models (labelled photos -> shards -> DDP training of a "
+    "keypoint model -> predict).",
     epilog="Each command's --help lists its options and ends with examples: handpose train --help",
     no_args_is_help=True,
     add_completion=False,
@@ -258,7 +259,7 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train the UNet (one process, or many under torchrun).
+    """Train a keypoint model (arch unet or strided; one process, or many under torchrun).
 
     Every recipe key is also a flag: --key value (e.g. --lr 3e-3, --augment.flip true); a flag
     overrides the recipe. --show-config lists the keys with their defaults.

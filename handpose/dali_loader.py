@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from handpose.config import AugmentConfig
-from handpose.datasets import LoaderStats, ShardSet, apportion, train_batches_per_rank
+from handpose.datasets import LoaderOptions, LoaderStats, ShardSet, apportion, train_batches_per_rank
 from handpose.errors import HandposeError
 from handpose.geometry import in_frame
 from handpose.shards import index_name, sample_key
@@ -218,42 +218,22 @@ def build_pipeline(
 class DaliLoader:
     """Iterable of batch dicts from DALI pipelines; `set_epoch`, `len()`, `stats`, `sets` like WdsLoader."""
 
-    def __init__(
-        self,
-        sets: list[ShardSet],
-        split: str,
-        *,
-        batch_size: int,
-        image_size: int,
-        augment: AugmentConfig | None,
-        rank: int,
-        world_size: int,
-        workers: int,
-        seed: int,
-        epoch: int,
-        device: torch.device,
-        samples_per_epoch: int | None,
-        drop_last: bool,
-    ):
+    def __init__(self, sets: list[ShardSet], split: str, options: LoaderOptions):
+        o = options
         self.sets, self.split, self.train = sets, split, split == "train"
-        self.batch_size, self.image_size, self.augment = batch_size, image_size, augment
-        self.rank, self.world_size, self.workers, self.seed = rank, world_size, workers, seed
-        self.device, self.drop_last = device, drop_last
-        self.shares = apportion(batch_size, [s.weight for s in sets]) if self.train else []
+        self.batch_size, self.image_size, self.augment = o.batch_size, o.image_size, o.augment
+        self.rank, self.world_size, self.workers, self.seed = o.rank, o.world_size, o.workers, o.seed
+        self.device, self.drop_last = o.device, o.drop_last
+        self.shares = apportion(o.batch_size, [s.weight for s in sets]) if self.train else []
         self.batches = (
-            train_batches_per_rank(sets, batch_size, world_size, samples_per_epoch) if self.train else 0
+            train_batches_per_rank(sets, o.batch_size, o.world_size, o.samples_per_epoch) if self.train else 0
         )
-        self.epoch = epoch
+        self.epoch = o.epoch
         self.stats = LoaderStats()  # DALI cannot skip samples: stays at zero
         self._iterators: list[Any] | None = None
-        self._next_epoch = epoch  # the epoch the live iterators are positioned at
+        self._next_epoch = o.epoch  # the epoch the live iterators are positioned at
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HandposeError(f"device {self.device} requested but CUDA is not available")
-        if self.train and self.batches == 0:
-            raise HandposeError(
-                f"{sets[0].manifest.root}: split {split!r} has {sets[0].samples} samples, too few for "
-                f"{world_size} rank(s) x {self.shares[0]} of each batch of {batch_size}"
-            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch. Epochs run in order continue the pipelines; a jump (resume) reseeds them."""

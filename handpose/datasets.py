@@ -17,10 +17,15 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
+
+if TYPE_CHECKING:
+    import torch
+
+    from handpose.config import AugmentConfig
 from handpose.shards import (
     Manifest,
     hash_problems,
@@ -163,25 +168,51 @@ def train_batches_per_rank(
     sets: Sequence[ShardSet], batch_size: int, world_size: int, samples_per_epoch: int | None
 ) -> int:
     """Batches every rank yields per training epoch: `samples_per_epoch` worth, else about one
-    pass over the FIRST set at its share of each batch."""
-    if samples_per_epoch:
-        return samples_per_epoch // world_size // batch_size
+    pass over the FIRST set at its share of each batch. HandposeError when that is none (both
+    loader kinds refuse to train on it)."""
     share = apportion(batch_size, [s.weight for s in sets])[0]
-    return sets[0].samples // world_size // share
+    if samples_per_epoch:
+        batches = samples_per_epoch // world_size // batch_size
+    else:
+        batches = sets[0].samples // world_size // share
+    if batches == 0:
+        raise HandposeError(
+            f"{sets[0].manifest.root}: split 'train' has {sets[0].samples} samples, too few for "
+            f"{world_size} rank(s) x {share} of each batch of {batch_size}"
+        )
+    return batches
 
 
 def n_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader reads its sets: what both kinds take (`loader.make_loader` checks the values
+    and passes augmentation and samples_per_epoch for the train split only)."""
+
+    batch_size: int
+    image_size: int
+    augment: AugmentConfig | None  # None: the plain crop
+    rank: int  # the GLOBAL rank
+    world_size: int
+    workers: int
+    seed: int
+    epoch: int
+    device: torch.device
+    samples_per_epoch: int | None  # train: draw this many per epoch (None: one pass)
+    drop_last: bool  # val/test/eval: drop a partial last batch
+
+
 @dataclass
 class LoaderStats:
-    """Corrupt samples skipped so far (all epochs), each as (shard, key, reason)."""
+    """Corrupt samples skipped so far (all epochs): their count, and each as (shard, key, reason)."""
 
     skipped: int = 0
-    samples: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped_samples: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, records: Iterable[tuple[str, str, str]]) -> None:
         for rec in records:
             self.skipped += 1
-            self.samples.append(tuple(rec))  # type: ignore[arg-type]
+            self.skipped_samples.append(tuple(rec))  # type: ignore[arg-type]

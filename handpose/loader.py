@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from handpose.config import AugmentConfig
-from handpose.datasets import open_sets
+from handpose.datasets import LoaderOptions, open_sets
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
 from handpose.shards import SPLITS, Manifest
@@ -76,7 +76,7 @@ def make_loader(
     crops = [crop] if isinstance(crop, str) else list(crop)
     sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights)
     train = split == "train"
-    common: dict[str, Any] = dict(
+    options = LoaderOptions(
         batch_size=batch_size,
         image_size=image_size,
         augment=augment if train and augment is not None and augment.enabled else None,
@@ -92,10 +92,10 @@ def make_loader(
     if kind == "dali":
         from handpose.dali_loader import DaliLoader
 
-        return DaliLoader(sets, split, **common)
+        return DaliLoader(sets, split, options)
     from handpose.wds_loader import WdsLoader
 
-    return WdsLoader(sets, split, shuffle_buffer=shuffle_buffer, **common)
+    return WdsLoader(sets, split, options, shuffle_buffer=shuffle_buffer)
 
 
 def denormalise(image: torch.Tensor, manifest: Manifest) -> torch.Tensor:

@@ -47,13 +47,13 @@ from handpose.augment import (
 )
 from handpose.config import AugmentConfig
 from handpose.datasets import (
+    LoaderOptions,
     LoaderStats,
     ShardSet,
     apportion,
     n_batches,
     train_batches_per_rank,
 )
-from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, in_frame, source_region
 from handpose.imageio import image_size, warp_to_input
 from handpose.shards import READ_LABELS, decode_annotation, read_samples
@@ -391,54 +391,33 @@ class _ShardStream(IterableDataset):
 class WdsLoader:
     """Iterable of batch dicts; call `set_epoch(epoch)` before each epoch. `len()` = batches per epoch."""
 
-    def __init__(
-        self,
-        sets: list[ShardSet],
-        split: str,
-        *,
-        batch_size: int,
-        image_size: int,
-        augment: AugmentConfig | None,
-        rank: int,
-        world_size: int,
-        workers: int,
-        seed: int,
-        epoch: int,
-        device: torch.device,
-        samples_per_epoch: int | None,
-        drop_last: bool,
-        shuffle_buffer: int,
-    ):
-        train = split == "train"
+    def __init__(self, sets: list[ShardSet], split: str, options: LoaderOptions, *, shuffle_buffer: int):
+        o, train = options, split == "train"
         self.sets = sets
-        batches = train_batches_per_rank(sets, batch_size, world_size, samples_per_epoch) if train else 0
+        batches = (
+            train_batches_per_rank(sets, o.batch_size, o.world_size, o.samples_per_epoch) if train else 0
+        )
         self.spec = _Spec(
             sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad) for s in sets),
-            shares=tuple(apportion(batch_size, [s.weight for s in sets])),
+            shares=tuple(apportion(o.batch_size, [s.weight for s in sets])),
             train=train,
-            augment=augment,
-            image_size=image_size,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            drop_last=drop_last,
+            augment=o.augment,
+            image_size=o.image_size,
+            batch_size=o.batch_size,
+            rank=o.rank,
+            world_size=o.world_size,
+            seed=o.seed,
+            drop_last=o.drop_last,
             shuffle_buffer=shuffle_buffer,
-            resample=bool(samples_per_epoch) and train,
+            resample=bool(o.samples_per_epoch) and train,
             batches_per_rank=batches,
         )
-        self.workers, self.device, self.epoch = workers, device, epoch
+        self.workers, self.device, self.epoch = o.workers, o.device, o.epoch
         self.stats = LoaderStats()
         self._mean = np.array([s.mean for s in sets], np.float64)
         self._std = np.array([s.std for s in sets], np.float64)
         self._outputs = _Recycler()
         self._dataset = _ShardStream(self.spec)
-        if train and batches == 0:
-            first = sets[0]
-            raise HandposeError(
-                f"{first.manifest.root}: split {split!r} has {first.samples} samples, too few for "
-                f"{world_size} rank(s) x {self.spec.shares[0]} of each batch of {batch_size}"
-            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: shard order, shuffle and augmentation seeds depend on it."""

@@ -365,7 +365,7 @@ def test_corrupt_jpeg_is_skipped_counted_and_logged(
         keys = _keys(loader)
     assert sorted(keys) == [sample_key(i) for i in (0, 1, 2, 4)]
     assert loader.stats.skipped == 2
-    assert {(Path(s).name, k) for s, k, _ in loader.stats.samples} == {
+    assert {(Path(s).name, k) for s, k, _ in loader.stats.skipped_samples} == {
         ("val-000000.tar", sample_key(3)),
         ("val-000001.tar", sample_key(5)),
     }
