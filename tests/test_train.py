@@ -27,6 +27,7 @@ from handpose.cli import _pairs
 from handpose.config import load_config, to_toml
 from handpose.errors import HandposeError
 from handpose.model import ShallowUNet
+from handpose.skeleton import NUM_JOINTS
 from handpose.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +264,137 @@ def test_exact_resume(packed: Path, tmp_path: Path) -> None:
     # a checkpoint's model shape cannot change under a resume
     with pytest.raises(HandposeError, match="width"):
         train(None, {**common, "out": str(split), "epochs": "3", "width": "8"})
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, script: dict[str, list[tuple[float, float]]]) -> None:
+    """Replace validation's figures with a script: per crop mode of the folder, per epoch,
+    (val_loss, val_error_px); training itself runs for real."""
+    import handpose.train as T
+
+    calls: dict[str, int] = defaultdict(int)
+
+    def evaluate(raw, loader, cfg, world, mean_uv):  # noqa: ANN001, ANN202 - evaluate's signature
+        crop = loader.sets[0].crop
+        loss, err = script[crop][calls[crop]]
+        calls[crop] += 1
+        return {"val_loss": loss, "val_error_px": err, "val_error_pct": err, "mean_pose_error_px": 9.0}
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+
+
+def _best_epoch(run: Path) -> int:
+    return checkpoint.load(run / "checkpoints" / "best.pt")["epoch"]
+
+
+@pytest.mark.parametrize("monitor, best", [("val_loss", 2), ("val_error_px", 3)])
+def test_monitor_chooses_best_pt(
+    packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, monitor: str, best: int
+) -> None:
+    """best.pt is the epoch whose `monitor` figure is lowest: val_loss is lowest at epoch 2,
+    val_error_px at epoch 3."""
+    _scripted(monkeypatch, {"image": [(1.0, 5.0), (0.5, 6.0), (0.7, 4.0)]})
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(packed), "out": str(run), "epochs": "3", "batches_per_epoch": "1"}
+    summary = train(None, {**args, "monitor": monitor})
+    assert _best_epoch(run) == summary["best_epoch"] == best
+    assert [m["val_loss"] for m in _metrics(run)] == [1.0, 0.5, 0.7]
+
+
+@pytest.mark.parametrize(
+    "patience, min_delta, epochs",
+    [
+        (0, 0.0, 5),  # off: every epoch runs
+        (1, 0.0, 3),  # 1.0, 0.5 better, 0.7 worse: stop
+        (2, 0.0, 4),  # ... 0.6 worse than 0.5 too: stop after two bad epochs
+        (2, 0.55, 3),  # 0.5 is not better than 1.0 by more than 0.55: epochs 2 and 3 are bad
+    ],
+)
+def test_early_stopping_counts_epochs_without_improvement(
+    packed: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    patience: int,
+    min_delta: float,
+    epochs: int,
+) -> None:
+    """patience N stops after N epochs that do not beat the best by more than min_delta; the
+    summary and the log say so, and best.pt stays the best epoch."""
+    _scripted(monkeypatch, {"image": [(1.0, 5.0), (0.5, 5.0), (0.7, 5.0), (0.6, 5.0), (0.55, 5.0)]})
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(packed), "out": str(run), "epochs": "5", "batches_per_epoch": "1"}
+    summary = train(None, {**args, "patience": str(patience), "min_delta": str(min_delta)})
+    assert len(_metrics(run)) == summary["epochs"] == epochs
+    assert summary["early_stopped"] == (epochs < 5)
+    assert _best_epoch(run) == (1 if min_delta else 2)
+
+
+def test_every_folder_is_validated_and_the_first_chooses_best(
+    packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two folders (one folder read as box crops and as whole images): each one's figures are
+    written under its own key; the plain val_* keys, best.pt and early stopping are the first's."""
+    _scripted(monkeypatch, {"box": [(1.0, 5.0), (2.0, 6.0)], "image": [(5.0, 50.0), (0.1, 1.0)]})
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(packed), "out": str(run), "epochs": "2", "batches_per_epoch": "1"}
+    train(None, {**args, "crop": "box,image", "batch_size": "4"})
+    name = packed.name
+    first, second = _metrics(run)
+    assert (first[f"{name}-box/val_loss"], first[f"{name}-image/val_loss"], first["val_loss"]) == (
+        1.0,
+        5.0,
+        1.0,
+    )
+    assert (second[f"{name}-box/val_loss"], second[f"{name}-image/val_loss"]) == (2.0, 0.1)
+    assert second["val_loss"] == 2.0 and _best_epoch(run) == 1  # the second folder's 0.1 chooses nothing
+
+
+def test_grad_scaler_and_grad_clip() -> None:
+    """One step with the fp16 grad scaler on (scaled loss, unscaled before clipping) and
+    grad_clip: the update is the clipped gradient times the rate, exactly as without the scaler."""
+    from handpose.distributed import World
+    from handpose.train import build, train_step
+
+    cfg = TrainConfig(
+        **{**{k: type(getattr(TrainConfig(), k))(v) for k, v in TINY.items()}, "optimizer": "sgd"}
+    )
+    batch = {
+        "image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+        "uv": torch.full((4, NUM_JOINTS, 2), 16.0),
+        "visible": torch.ones(4, NUM_JOINTS, dtype=torch.bool),
+    }
+    updates = []
+    for scaler_on, clip in ((False, 0.0), (True, 0.0), (False, 1e-3), (True, 1e-3)):
+        torch.manual_seed(0)
+        raw, model, opt, _ = build(dataclasses.replace(cfg, grad_clip=clip, lr=1.0), World())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=scaler_on)
+        before = [p.detach().clone() for p in raw.parameters()]
+        loss = train_step(model, raw, batch, opt, scaler, dataclasses.replace(cfg, grad_clip=clip), World())
+        assert torch.isfinite(loss)
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(raw.parameters(), before, strict=True)])
+        updates.append(step)
+        if scaler_on:
+            assert scaler.get_scale() == 2.0**16  # finite gradients: the scale is kept
+    plain, scaled, clipped, both = updates
+    assert torch.allclose(scaled, plain, rtol=1e-4, atol=1e-7)  # the scaler changes nothing but precision
+    assert float(plain.norm()) > 10 * 1e-3  # so the clip below bites
+    assert float(clipped.norm()) == pytest.approx(1e-3, rel=1e-3) and torch.allclose(both, clipped, atol=1e-8)
+
+
+def test_plateau_rate_changed_on_resume(packed: Path, tmp_path: Path) -> None:
+    """A plateau run resumed with --lr, --plateau_factor and --plateau_patience: the new rate is
+    the current rate from the first resumed step, and the restored scheduler has the new factor
+    and patience."""
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(packed), "out": str(run), "batches_per_epoch": "1", "schedule": "plateau"}
+    train(None, {**args, "epochs": "2"})
+    assert [m["lr"] for m in _metrics(run)] == [0.01, 0.01]
+    train(
+        None,
+        {"out": str(run), "epochs": "3", "lr": "0.05", "plateau_factor": "0.25", "plateau_patience": "7"},
+    )
+    assert [m["lr"] for m in _metrics(run)] == [0.01, 0.01, 0.05]
+    sched = checkpoint.load(run / "checkpoints" / "last.pt")["scheduler"]
+    assert (sched["factor"], sched["patience"]) == (0.25, 7)
 
 
 def test_corrupt_samples_are_counted_in_metrics(tmp_path: Path) -> None:
