@@ -141,6 +141,39 @@ def lookup_model(crops: list[tuple[bytes, np.ndarray | None, np.ndarray]], spec:
     return LookupModel(table, spec)
 
 
+def formula_unet() -> torch.nn.Module:
+    """The tutorial's network (ShallowUNet width 16, depth 3: model_final's 85 state_dict keys)
+    with weights set by a formula, never a random generator, so it answers the same on every
+    machine: sines scaled like He's initialisation, batch-norm statistics measured on 8 generated
+    photos as training would, output weights pushed negative so each heatmap is low but where the
+    image excites it (keypoints then follow the photo, as a trained model's do)."""
+    from handpose.model import TUTORIAL_MEAN, TUTORIAL_STD, ShallowUNet
+    from handpose.synth import make_sample
+
+    net = ShallowUNet(16, 3)
+    with torch.no_grad():
+        for k, (name, t) in enumerate(net.state_dict().items()):
+            if not t.dtype.is_floating_point or "running" in name:
+                continue
+            wave = torch.sin(torch.arange(t.numel(), dtype=torch.float64) * 0.7 + k).reshape(t.shape)
+            if t.ndim == 4:  # conv weights
+                t.copy_(wave * (6.0 / (t.shape[1] * t.shape[2] * t.shape[3])) ** 0.5)
+            else:  # batch-norm scale and shift
+                t.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * wave)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None  # a cumulative average: exactly this batch's statistics
+        photos = [make_sample(0, "training", i, 224, 1)[1][0] for i in range(10, 18)]
+        small = [np.asarray(Image.fromarray(p).resize((128, 128), Image.Resampling.BILINEAR)) for p in photos]
+        x = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 255
+        net.train()(
+            (x - torch.tensor(TUTORIAL_MEAN).view(1, 3, 1, 1)) / torch.tensor(TUTORIAL_STD).view(1, 3, 1, 1)
+        )
+        w = net.conv_out[0].weight
+        w.copy_(w * 4.0 - 4.0 * w.abs().mean())
+    return net.eval()
+
+
 # ----------------------------------------------------------------------------- images
 
 

@@ -23,6 +23,7 @@ from predictkit import (
     IntensityModel,
     dot_image,
     encode,
+    formula_unet,
     lookup_model,
     noise_image,
     smooth_image,
@@ -618,6 +619,53 @@ def test_tutorial_parity_at_256_and_1024_px(tmp_path: Path) -> None:
     with torch.inference_mode():
         uv = forward(loaded, torch.from_numpy(np.asarray(fast.input)[None].copy()), spec)[0][0] * 8
     assert np.abs(uv - recs["p1024.jpg"]).max() > 0.05
+
+
+# predict's keypoints (original px, to 0.01) of `predictkit.formula_unet` saved as a bare state_dict,
+# on generated photos 0 and 1 (synth seed 0, 224 px): the tutorial's path on every machine.
+# fmt: off
+FORMULA_KEYPOINTS = {
+    "00000000.jpg": [
+        (107.67, 97.59), (102.65, 105.62), (103.18, 109.04), (104.94, 107.67), (112.8, 104.7),
+        (131.53, 95.48), (129.1, 99.34), (125.92, 105.91), (124.2, 124.2), (121.35, 139.95),
+        (119.26, 145.31), (118.56, 143.49), (120.84, 129.01), (121.73, 108.36), (120.09, 103.51),
+        (117.73, 98.58), (115.84, 94.19), (119.27, 89.95), (124.7, 89.74), (129.5, 91.28),
+        (130.75, 95.07),
+    ],
+    "00000001.jpg": [
+        (102.51, 102.21), (100.15, 112.33), (102.7, 113.56), (103.69, 108.99), (108.77, 100.94),
+        (122.62, 88.91), (129.48, 82.49), (129.07, 85.15), (118.55, 101.03), (110.61, 112.02),
+        (107.38, 118.75), (107.17, 120.23), (110.33, 110.61), (117.03, 93.14), (114.65, 91.98),
+        (110.94, 94.04), (107.38, 89.64), (105.06, 85.76), (106.81, 84.17), (113.59, 80.76),
+        (118.15, 85.17),
+    ],
+}
+# fmt: on
+
+
+def test_tutorial_network_on_generated_photos(tmp_path: Path) -> None:
+    """The tutorial's path without external files: its network as a bare 85-key state_dict, its
+    preprocessing (Pillow resize, its mean/std) and decoder (cell i at i), on generated photos:
+    predict's keypoints equal the values stored above and the tutorial's pipeline written out.
+    (model_final itself on real photos: test_parity_with_the_tutorial, which needs ../shared.)"""
+    from handpose.synth import encode_jpeg, make_sample
+
+    net = formula_unet()
+    torch.save(net.state_dict(), tmp_path / "model_final")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i:08d}.jpg").write_bytes(encode_jpeg(make_sample(0, "training", i, 224, 1)[1][0]))
+    predict(tmp_path / "model_final", [folder], tmp_path / "out", quiet=True, device="cpu")
+    recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [Path(r["path"]).name for r in recs] == list(FORMULA_KEYPOINTS)
+    for r in recs:
+        uv = np.array(r["keypoints"])[:, :2]
+        assert np.abs(uv - FORMULA_KEYPOINTS[Path(r["path"]).name]).max() < 0.02, r["path"]
+        assert np.abs(uv - _tutorial_keypoints(net, Path(r["path"]))).max() < 2e-3, r["path"]
+        assert np.ptp(uv, axis=0).min() > 10  # keypoints that follow the photo, not the centre
+    _, spec = load_model(tmp_path / "model_final", torch.device("cpu"))
+    assert (spec.kind, spec.preprocess, spec.size) == ("tutorial state_dict", "tutorial", 128)
 
 
 def test_parity_with_the_tutorial(shared_data: Path, tmp_path: Path) -> None:
