@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from demo import run  # noqa: E402  (tools/demo.py: print each CLI command, run it, time it)
 
-from handpose.geometry import apply_affine, box_region, crop_matrix, image_region, invert  # noqa: E402
+from handpose.geometry import apply_affine, crop_matrix, invert, source_region  # noqa: E402
 from handpose.report import box_side, spill_rows, summarise  # noqa: E402
 from handpose.shards import decode_annotation, read_manifest, read_samples  # noqa: E402
 
@@ -63,8 +63,7 @@ def mean_pose_rows(shards: Path, pad: float) -> list[dict]:
     """Always answering the train split's mean pose: placed in the whole photo (letterbox) and
     in each labelled box; scored like predict's report."""
     manifest = read_manifest(shards)
-    mp_image = np.asarray(manifest.data["mean_pose"]["image"], np.float64)
-    mp_box = np.asarray(manifest.data["mean_pose"]["box"], np.float64) / pad + 0.5
+    mp = {crop: manifest.mean_pose(crop, 1, pad) for crop in ("image", "box")}  # units of the crop
     preds: dict[str, list] = {"image": [], "box": []}
     gts, vis, boxes, sides = [], [], [], []
     for tar in manifest.shards("val"):
@@ -72,8 +71,9 @@ def mean_pose_rows(shards: Path, pad: float) -> list[dict]:
             ann = decode_annotation(sample)
             meta = json.loads(sample["json"])
             w, h = int(meta["width"]), int(meta["height"])
-            preds["image"].append(apply_affine(invert(crop_matrix(image_region(w, h), 1)), mp_image))
-            preds["box"].append(apply_affine(invert(crop_matrix(box_region(ann.box, pad), 1)), mp_box))
+            for crop in ("image", "box"):
+                region = source_region(w, h, ann.box if crop == "box" else None, pad)
+                preds[crop].append(apply_affine(invert(crop_matrix(region, 1)), mp[crop]))
             gts.append(ann.uv)
             vis.append(ann.labelled)
             boxes.append(ann.box)
@@ -86,7 +86,10 @@ def mean_pose_rows(shards: Path, pad: float) -> list[dict]:
             np.stack(vis),
             sides,
             [box_side(b) for b in boxes],
-            [box_region(b, pad)[2] if where == "box" else s for b, s in zip(boxes, sides, strict=True)],
+            [
+                source_region(s, s, b if where == "box" else None, pad)[2]
+                for b, s in zip(boxes, sides, strict=True)
+            ],
         )
         # the figures predict's report computes, from the same per-joint rows
         rows.append(row("mean training pose", label, summarise(lambda spill=spill: [spill], 1)))
@@ -142,7 +145,7 @@ def main() -> None:
     if args.tutorial:
         rows += predict_rows("tutorial weights", args.tutorial, shards, evals, args.refine)
     config = tomllib.loads((run_dir / "config.toml").read_text())
-    rows += mean_pose_rows(shards, float(config.get("box_pad", 1.25)))
+    rows += mean_pose_rows(shards, float(config["box_pad"]))
 
     summary = json.loads((run_dir / "summary.json").read_text())
     text = (
