@@ -15,7 +15,10 @@ A hand is kept when, in this order (the first failing rule is the reason it is d
      >= min_detection too,
   4. and that hand agrees: mean keypoint distance <= mirror_tolerance x the hand box's longer side,
   5. at least min_inside joints lie inside the image,
-  6. with VOC boxes given: it overlaps one by IoU >= min_iou (each VOC box labels one hand).
+  6. with VOC boxes given: it overlaps one by IoU >= min_iou (each VOC box labels one hand),
+  7. with keep_hands given: it is among the keep_hands hands of the photo with the highest palm
+     detection scores that passed 1-6 (photo sets of one hand each: a second "hand" is a
+     false one, such as a sliver at the photo's edge).
 The hand's presence score is not in this list: MediaPipe applies it inside its graph (hands
 under the threshold never come out), so it is a setting of the run, not a rule here.
 
@@ -49,6 +52,7 @@ REASONS = (
     "mirror disagrees",
     "cut by the frame",
     "no VOC box",
+    "beyond --keep-hands",
 )
 
 
@@ -81,11 +85,12 @@ class Answer:
 class Rules:
     """The thresholds of the filter (see the module doc)."""
 
-    min_detection: float = 0.5
+    min_detection: float = 0.2
     min_handedness: float = 0.8
     mirror_tolerance: float = 0.1
     min_inside: int = 17
     min_iou: float = 0.3
+    keep_hands: int | None = None
 
 
 @dataclass
@@ -223,6 +228,13 @@ def judge(
                 v.reason = REASONS[5]
             else:
                 v.voc, v.voc_iou = j, iou(v.box, result.voc_boxes[j])
+    if rules.keep_hands is not None:
+        ranked = sorted(
+            (k for k, v in enumerate(verdicts) if v.reason is None), key=lambda k: -photo[k].detection_score
+        )
+        for k in ranked[rules.keep_hands :]:
+            verdicts[k].reason = REASONS[6]
+    if voc_boxes is not None:
         labelled = {v.voc for v in verdicts if v.reason is None}
         result.voc_labelled = [j in labelled for j in range(len(result.voc_boxes))]
     return result

@@ -80,7 +80,7 @@ def test_judge_keeps_a_hand_its_mirror_confirms_and_names_the_first_failing_rule
     assert v.mirror_error == pytest.approx(1.0 / side)
 
     cases = {
-        "low detection score": ([answer(good.uv, det=0.4)], [mirrored(good)]),
+        "low detection score": ([answer(good.uv, det=0.4)], [mirrored(good)]),  # under 0.5 here
         "low handedness score": ([answer(good.uv, hand=0.7)], [mirrored(good)]),
         "no hand in the mirror": ([good], []),
         "mirror disagrees": ([good], [mirrored(good, shift_px=0.11 * side)]),
@@ -105,6 +105,10 @@ def test_two_hands_pair_with_their_mirrors_by_position_not_order() -> None:
     assert result.verdicts[0].mirror_error == pytest.approx(0.0, abs=1e-12)
     assert result.verdicts[1].mirror_error == pytest.approx(3.0 / (30 * BOX_RATIO))
     assert pair_by_iou([np.array([0, 0, 10, 10])], [np.array([20, 20, 30, 30])], 0.3) == [None]
+    # one-hand photo sets: only the best palm score stays
+    weaker = Answer(right.uv, "Right", 0.95, 0.6)
+    result = judge([left, weaker], [mirrored(weaker), mirrored(left)], W, H, Rules(keep_hands=1))
+    assert [v.reason for v in result.verdicts] == [None, "beyond --keep-hands"]
 
 
 def test_voc_boxes_label_hands_by_iou_and_flag_the_ones_left_without_keypoints() -> None:
@@ -158,7 +162,7 @@ def fake_photos(src: Path) -> dict[str, list[Answer]]:
     plans = {
         "p1/a.jpg": [answer(hand_uv(60, 50, 40))],
         "p1/b.JPG": [answer(hand_uv(40, 50, 30)), answer(hand_uv(150, 50, 30), label="Right")],
-        "p1/c.jpg": [answer(hand_uv(60, 50, 40), det=0.2)],  # dropped: low detection score
+        "p1/c.jpg": [answer(hand_uv(60, 50, 40), det=0.15)],  # dropped: low detection score
         "p2/d.jpg": [],  # no hand
         "p2/sub/e.jpeg": [answer(hand_uv(100, 60, 50))],
     }
@@ -241,9 +245,42 @@ def test_a_rerun_with_other_rules_retracts_what_it_no_longer_keeps(tmp_path: Pat
     mine.write_text("x")
     report = run_tool(src, dest, plans, calls, "--min-detection", "0.95")
     assert report["all"]["hands kept"] == 0 and report["stale_files_removed"] == 6
-    assert not (dest / "train" / "images" / "p1" / "a.jpg").exists()
+    assert not (dest / "train" / "images").exists()  # emptied folders go too
     assert mine.read_text() == "x"
     assert len(calls) == 10  # the answers came from the cache
+
+
+def test_a_run_that_crashed_leaves_nothing_a_rerun_does_not_clean(tmp_path: Path) -> None:
+    src, dest = tmp_path / "photos", tmp_path / "out"
+    plans = fake_photos(src)
+    calls: list[int] = []
+    teacher = fake_teacher(plans, calls)
+
+    def crashing(args: object) -> tuple[dict, teacher_label.Answerer]:
+        settings, answer_fn = teacher(args)
+
+        def answer_or_crash(rgb: np.ndarray) -> list[Answer]:
+            if len(calls) == 6:  # after three photos: a.jpg, b.JPG (written) and c.jpg
+                raise RuntimeError("killed")
+            return answer_fn(rgb)
+
+        return settings, answer_or_crash
+
+    with pytest.raises(RuntimeError, match="killed"):
+        teacher_label.run([str(src), str(dest)], teacher=crashing)
+    assert (dest / "train/images/p1/a.jpg").is_file()
+    # the re-run sends p1 to val: the crashed run's train files go, nothing else is left
+    run_tool(src, dest, plans, calls, "--val-folders", "p1")
+    left = sorted(
+        p.relative_to(dest).as_posix()
+        for p in dest.rglob("*")
+        if p.is_file() and ".teacher-cache" not in p.parts
+    )
+    assert [f for f in left if f.startswith("train/")] == [
+        "train/images/p2/sub/e.jpeg",
+        "train/labels/p2/sub/e.txt",
+    ]
+    assert "val/images/p1/a.jpg" in left and ".teacher-files.journal" not in left
 
 
 def test_groups_val_lists_and_bad_options(tmp_path: Path) -> None:
@@ -254,6 +291,9 @@ def test_groups_val_lists_and_bad_options(tmp_path: Path) -> None:
     names.write_text("a.jpg\n")
     report = run_tool(src, tmp_path / "o1", plans, calls, "--val-list", str(names), "--group", r"/(\w)\.")
     assert report["groups"]["a"]["photos in val"] == 1 and report["groups"]["b"]["photos in train"] == 1
+    one = run_tool(src, tmp_path / "o4", plans, calls, "--keep-hands", "1")
+    assert one["all"]["beyond --keep-hands"] == 1 and one["hands_per_photo"] == {"0": 2, "1": 3}
+    assert one["rules"]["keep_hands"] == 1
     with pytest.raises(teacher_label.HandposeError, match="overlap"):
         run_tool(src, src / "out", plans, calls)
     with pytest.raises(teacher_label.HandposeError, match="--val-folders: no photos in p9"):

@@ -65,6 +65,7 @@ RAW_DETECTION = 0.1  # the graph's palm threshold: low, so the cache holds the w
 PALM_JOINTS = (0, 5, 9, 13, 17)  # wrist and knuckles: where the palm detection box sits
 CACHE = ".teacher-cache"
 WRITTEN = ".teacher-files.json"  # what the last run wrote, so a re-run can retract stale files
+JOURNAL = ".teacher-files.journal"  # what this run is writing (what a crashed run wrote)
 SPLITS = ("train", "val", "test")
 Answerer = Callable[[np.ndarray], list[Answer]]  # RGB uint8 image -> the hands found in it
 TeacherFactory = Callable[[argparse.Namespace], tuple[dict[str, Any], Answerer]]
@@ -172,6 +173,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--min-inside", type=int, default=d.min_inside, help=f"joints inside the image [{d.min_inside}]"
+    )
+    p.add_argument(
+        "--keep-hands",
+        type=int,
+        default=None,
+        help="keep at most this many hands per photo, best palm scores first",
     )
     p.add_argument("--voc", action="store_true", help="read NAME.xml beside each photo: its VOC hand boxes")
     p.add_argument("--min-iou", type=float, default=d.min_iou, help=f"teacher box vs VOC box [{d.min_iou}]")
@@ -326,34 +333,58 @@ def place_photo(src: Path, dst: Path, copy: bool) -> None:
 
 
 class Writer:
-    """Every file of DEST goes through here: checked to lie inside DEST and recorded, so a re-run
-    retracts the files the previous run wrote that this one does not (and nothing else)."""
+    """Every file of DEST goes through here: checked to lie inside DEST and journaled before it is
+    written, so a re-run (after a crash too) retracts the files an earlier run wrote that this one
+    does not (and nothing else)."""
 
     def __init__(self, dest: Path, copy: bool) -> None:
         self.dest, self.copy = dest, copy
         self.files: set[str] = set()
+        self.journal = open(dest / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115 (closed by retract_stale)
+
+    def _claim(self, rel: str) -> Path:
+        path = inside(self.dest, self.dest / rel)
+        if rel not in self.files:
+            self.journal.write(rel + "\n")
+            self.journal.flush()
+            self.files.add(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def photo(self, src: Path, rel: str) -> None:
-        place_photo(src, inside(self.dest, self.dest / rel), self.copy)
-        self.files.add(rel)
+        place_photo(src, self._claim(rel), self.copy)
 
     def text(self, rel: str, text: str) -> None:
-        path = inside(self.dest, self.dest / rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._claim(rel)
         if not (path.is_file() and path.read_text() == text):
             write_text(path, text)
-        self.files.add(rel)
 
     def retract_stale(self) -> int:
-        record = self.dest / WRITTEN
+        """Delete what earlier runs wrote and this one did not; record what this one wrote."""
+        self.journal.close()
+        record, journal = self.dest / WRITTEN, self.dest / JOURNAL
         before = set(json.loads(record.read_text())) if record.is_file() else set()
+        before |= set(journal.read_text(encoding="utf-8").split("\n")) - {""}
         stale = sorted(before - self.files)
         for rel in stale:
             path = inside(self.dest, self.dest / rel)
             if path.is_file():
                 path.unlink()
+            _remove_empty_parents(path.parent, self.dest)
         write_json(record, sorted(self.files))
+        journal.unlink()
         return len(stale)
+
+
+def _remove_empty_parents(folder: Path, dest: Path) -> None:
+    """Remove `folder` and its parents below DEST while they are empty (left by retracted files,
+    so that an emptied split folder does not look like a split)."""
+    while folder != dest and dest in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): stop
+            return
+        folder = folder.parent
 
 
 def label_rel(split: str, rel: str, root: str = "") -> tuple[str, str]:
@@ -404,7 +435,12 @@ def run(argv: list[str] | None = None, teacher: TeacherFactory = mediapipe_teach
     photos = find_photos(args)
     dest = check_folders(args.src, args.dest)
     rules = Rules(
-        args.min_detection, args.min_handedness, args.mirror_tolerance, args.min_inside, args.min_iou
+        min_detection=args.min_detection,
+        min_handedness=args.min_handedness,
+        mirror_tolerance=args.mirror_tolerance,
+        min_inside=args.min_inside,
+        min_iou=args.min_iou,
+        keep_hands=args.keep_hands,
     )
     settings, answer = teacher(args)
     writer = Writer(dest, args.copy)
