@@ -121,6 +121,12 @@ def test_voc_boxes_label_hands_by_iou_and_flag_the_ones_left_without_keypoints()
     assert result.voc_labelled == [True, False]
 
 
+def test_each_hand_gets_the_score_of_the_palm_nearest_its_palm_joints() -> None:
+    hands = [np.array([0.8, 0.5]), np.array([0.2, 0.5]), np.array([0.5, 0.9])]
+    palms = [(0.3, np.array([0.25, 0.45])), (0.9, np.array([0.75, 0.55]))]
+    assert teacher_label.palm_scores(hands, palms) == [0.9, 0.3, 0.0]  # the third hand: no palm left
+
+
 def test_read_voc_moves_one_based_inclusive_corners_to_pixel_corners(tmp_path: Path) -> None:
     xml = tmp_path / "a.xml"
     objects = "".join(
