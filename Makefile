@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test test-fast demo hands lint bench gpu-check clean
+.PHONY: install test test-fast demo hands lint bench gpu-check teacher-env clean
 
 install: $(STAMP)
 
@@ -50,5 +50,18 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py --out gpu-check-out
 
+# The MediaPipe teacher (tools/teacher_label.py, docs/teacher.md) in its own environment:
+# mediapipe 0.10.21 is the last wheel with its models inside and needs numpy<2, so it never
+# becomes a dependency of handpose. Run the tool with .venv-teacher/bin/python.
+TEACHER_VENV ?= .venv-teacher
+TEACHER_STAMP := $(TEACHER_VENV)/.installed
+teacher-env: $(TEACHER_STAMP)
+
+$(TEACHER_STAMP): Makefile
+	test -x $(TEACHER_VENV)/bin/python || $(PYTHON) -m venv $(TEACHER_VENV)
+	$(TEACHER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TEACHER_VENV)/bin/python -m pip install -q "mediapipe==0.10.21" "numpy<2" "pillow>=10"
+	touch $(TEACHER_STAMP)
+
 clean:
-	rm -rf $(VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TEACHER_VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache
