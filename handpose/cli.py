@@ -112,6 +112,16 @@ Examples:
   handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
+    "export": """\b
+Examples:
+  handpose export runs/hands/checkpoints/best.pt --out hands.onnx
+  handpose export model_final --out tutorial.onnx     (the tutorial's weights)""",
+    "bench onnx": """\b
+Example:
+  handpose bench onnx --batch-sizes 1,4,32 --threads 2""",
+    "bench video": """\b
+Example:
+  handpose bench video --frames 150 --workdir bench-out/video""",
     "bench pack": """\b
 Examples:
   handpose bench pack --n 2000 --workdir bench-out/pack
@@ -358,6 +368,24 @@ def predict(
         device=device,
         verify=verify,
     )
+
+
+@app.command(epilog=EXAMPLES["export"])
+def export(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write (only this file is written).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export a model to ONNX: uint8 RGB crops in, keypoints (input px) and scores out, with
+    everything predict needs in its metadata. Needs the onnx extra: pip install 'handpose[onnx]'."""
+    from handpose.export import export as run
+
+    run(model, out, overwrite=overwrite)
 
 
 @bench_app.command("pack", epilog=EXAMPLES["bench pack"])
