@@ -456,6 +456,41 @@ def bench_predict(
     run(model, images, batch_size=batch_size, limit=limit)
 
 
+@bench_app.command("onnx", epilog=EXAMPLES["bench onnx"])
+def bench_onnx(
+    models: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Checkpoints or bare state_dicts [default: every arch, random weights]."),
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4,32",
+    threads: Annotated[int, typer.Option(help="Intra-op threads of each runtime.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 5,
+) -> None:
+    """onnxruntime vs PyTorch images/s: the same model's forward pass on the same uint8 crops."""
+    from handpose.bench.onnx import bench_onnx as run
+
+    run(models or [], batch_sizes=_ints(batch_sizes, "--batch-sizes"), threads=threads, rounds=rounds)
+
+
+@bench_app.command("video", epilog=EXAMPLES["bench video"])
+def bench_video(
+    frames: Annotated[int, typer.Option(help="Frames per generated clip.")] = 150,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for the clips.")] = Path("bench-out/video"),
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
+) -> None:
+    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames."""
+    from handpose.bench.video import bench_video as run
+
+    run(workdir, frames=frames, rounds=rounds)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HandposeError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
 def _pairs(args: list[str]) -> dict[str, str]:
     """['--lr', '0.1', '--augment.flip=true'] -> {'lr': '0.1', 'augment.flip': 'true'}."""
     out: dict[str, str] = {}

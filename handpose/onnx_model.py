@@ -177,18 +177,20 @@ class OnnxModel:
 
 
 def load_onnx(
-    path: str | os.PathLike, *, device: str | None = None, threads: int | None = None
+    path: str | os.PathLike, *, device: str | None = None, threads: int | None = None, spin: bool = False
 ) -> tuple[OnnxModel, ModelSpec]:
     """A `handpose export` .onnx on onnxruntime, and its spec (`spec_from_metadata`).
 
     device: None (CUDA where onnxruntime has its CUDA provider, else the CPU), "cpu", "cuda" or
     "cuda:N". threads: onnxruntime's intra-op threads (None: its default, one per physical core).
-    Every problem with the file is one HandposeError line naming it.
+    spin: let idle intra-op threads busy-wait for the next run (onnxruntime's default); off, they
+    sleep and leave the cores to what runs between batches (decoding, cropping), see
+    `handpose bench onnx`. Every problem with the file is one HandposeError line naming it.
     """
     from handpose.shards import sha256_file
 
     path = Path(path)
-    session = _session(path, _providers(device), threads)
+    session = _session(path, _providers(device), threads, spin=spin)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     spec = spec_from_metadata(meta, path, sha256_file(path))
     _check_signature(session, spec.size, path)
@@ -212,7 +214,7 @@ def _providers(device: str | None) -> list[Any]:
     return [("CUDAExecutionProvider", {"device_id": int(m.group(2) or 0)}), "CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
+def _session(path: Path, providers: list[Any], threads: int | None, *, spin: bool = True) -> Any:
     """An onnxruntime session of `path`; a missing, damaged or foreign file is one line."""
     ort = require_onnxruntime("running a .onnx model")
     if not path.exists():
@@ -224,6 +226,8 @@ def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...)

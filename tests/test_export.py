@@ -292,3 +292,23 @@ def test_export_without_the_extra_is_one_line(
     if module == "onnxruntime":
         with pytest.raises(HandposeError, match=r"needs onnxruntime: pip install 'handpose\[onnx\]'"):
             load_onnx(tmp_path / "m.onnx")
+
+
+def test_bench_onnx_measures_every_runtime(
+    models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The benchmark runs end to end on a given checkpoint: a row per runtime and batch size with
+    its ratio to PyTorch's row (no timing is checked)."""
+    import json
+
+    from handpose.bench.onnx import bench_onnx
+
+    rows = bench_onnx([models["strided"]], batch_sizes=(1, 2), threads=1, rounds=1)
+    assert [(r["batch_size"], r["runtime"]) for r in rows] == [
+        (b, rt) for b in (1, 2) for rt in ("pytorch", "onnxruntime", "onnxruntime, spinning")
+    ]
+    for r in rows:
+        base = next(x for x in rows if x["runtime"] == "pytorch" and x["batch_size"] == r["batch_size"])
+        assert r["vs_pytorch"] == round(r["images_per_s"] / base["images_per_s"], 3)
+        assert (r["arch"], r["input_px"], r["model"]) == ("strided", 32, "strided.pt")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == rows

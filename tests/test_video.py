@@ -171,3 +171,22 @@ def test_without_pyav_is_one_line(clip: Path, tmp_path: Path, monkeypatch: pytes
         with pytest.raises(HandposeError, match=r"needs PyAV: pip install 'handpose\[video\]'") as e:
             call()
         assert not isinstance(e.value, ValueError)  # a setup problem: predict must stop, not skip the file
+
+
+def test_bench_video_measures_every_way(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark runs end to end on tiny clips: every clip and way has a row (no timing is
+    checked), and it writes only its clips into the work folder."""
+    import json
+
+    from handpose.bench.video import SIZES, bench_video
+
+    rows = bench_video(tmp_path, frames=3, rounds=1)
+    assert [(r["clip"], r["way"]) for r in rows] == [
+        (clip, way)
+        for clip in SIZES
+        for way in ("decode", "decode, no frame threads", "iter_frames", "iter_frames every 5")
+    ]
+    assert all(r["frames_per_s"] > 0 for r in rows)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-1280x720.mp4", "clip-224x224.mp4"]
+    assert [f.index for f in iter_frames(tmp_path / "clip-224x224.mp4")] == [0, 1, 2]
