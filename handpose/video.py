@@ -107,15 +107,21 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         )
 
 
-def iter_frames(path: str | os.PathLike, *, every: int = 1, start: int = 0) -> Iterator[Frame]:
-    """The frames with index % every == 0 and index >= start (see the module docstring)."""
+def iter_frames(
+    path: str | os.PathLike, *, every: int = 1, start: int = 0, frame_threads: bool = False
+) -> Iterator[Frame]:
+    """The frames with index % every == 0 and index >= start (see the module docstring).
+
+    frame_threads: FFmpeg decodes several frames at once on every core (frames still come out in
+    display order). Off by default: on 2 busy cores, where the model wants them too, they did
+    not pay (`handpose bench video`); beside a GPU, with idle cores, they may."""
     if every < 1:
         raise HandposeError(f"--every {every}: must be >= 1")
     if start < 0:
         raise HandposeError(f"start frame {start}: must be >= 0")
     path = Path(path)
     av = require_av()
-    with _open(path) as (container, stream):
+    with _open(path, frame_threads=frame_threads) as (container, stream):
         rate = _rate(stream)
         origin = stream.start_time  # pts of the first frame in display order (FFmpeg's start_time)
         index, last = 0, None
@@ -126,7 +132,8 @@ def iter_frames(path: str | os.PathLike, *, every: int = 1, start: int = 0) -> I
             except StopIteration:
                 break
             except av.FFmpegError as e:
-                raise VideoError(path, f"decoding failed after {index} frames ({_reason(e)})") from None
+                listed = f" of the {stream.frames} frames its header lists" if stream.frames else " frames"
+                raise VideoError(path, f"decoding failed after {index}{listed} ({_reason(e)})") from None
             if origin is None and frame.pts is not None:
                 origin = frame.pts
             if index >= start and index % every == 0:
@@ -217,11 +224,11 @@ class VideoWriter:
 
 
 class _open:
-    """`with _open(path) as (container, stream)`: the container and its first video stream with
-    FFmpeg's own frame threads on; every failure is a VideoError."""
+    """`with _open(path) as (container, stream)`: the container and its first video stream (with
+    FFmpeg's frame threads if asked); every failure is a VideoError."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, *, frame_threads: bool = False) -> None:
+        self.path, self.frame_threads = path, frame_threads
         self.container: Any = None
 
     def __enter__(self) -> tuple[Any, Any]:
@@ -238,8 +245,8 @@ class _open:
             self.container.close()
             raise VideoError(self.path, "holds no video stream")
         stream = self.container.streams.video[0]
-        # Frame threads: decoding on every core, frames still come out in display order.
-        stream.thread_type = "AUTO"
+        if self.frame_threads:
+            stream.thread_type = "AUTO"
         return self.container, stream
 
     def __exit__(self, *exc: object) -> None:
@@ -295,6 +302,6 @@ def _check_complete(path: Path, stream: Any, decoded: int, last: Any, rate: Frac
     if end - last_end > 1.0 / float(rate):
         raise VideoError(
             path,
-            f"truncated: decoded {decoded} of the {listed} frames its header lists "
-            f"(the stream stops at {last_end:.3f} s of {end:.3f} s)",
+            f"truncated: the stream stops after {decoded} of the {listed} frames its header lists "
+            f"(at {last_end:.3f} s of {end:.3f} s)",
         )
