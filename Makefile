@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dali,dev]"
+	$(PY) -m pip install -q -e ".[dali,dev,onnx,video]"
 	touch $(STAMP)
 
 test: $(STAMP)

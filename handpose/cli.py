@@ -113,6 +113,16 @@ Examples:
   handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
+    "export": """\b
+Examples:
+  handpose export runs/hands/checkpoints/best.pt --out hands.onnx
+  handpose export model_final --out tutorial.onnx     (the tutorial's weights)""",
+    "bench onnx": """\b
+Example:
+  handpose bench onnx --batch-sizes 1,4,32 --threads 2""",
+    "bench video": """\b
+Example:
+  handpose bench video --frames 150 --workdir bench-out/video""",
     "bench pack": """\b
 Examples:
   handpose bench pack --n 2000 --workdir bench-out/pack
@@ -361,6 +371,24 @@ def predict(
     )
 
 
+@app.command(epilog=EXAMPLES["export"])
+def export(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write (only this file is written).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export a model to ONNX: uint8 RGB crops in, keypoints (input px) and scores out, with
+    everything predict needs in its metadata. Needs the onnx extra: pip install 'handpose[onnx]'."""
+    from handpose.export import export as run
+
+    run(model, out, overwrite=overwrite)
+
+
 @bench_app.command("pack", epilog=EXAMPLES["bench pack"])
 def bench_pack(
     n: Annotated[int, typer.Option(help="Generated images to pack.")] = 10_000,
@@ -427,6 +455,41 @@ def bench_predict(
     from handpose.bench.predict import bench_predict as run
 
     run(model, images, batch_size=batch_size, limit=limit)
+
+
+@bench_app.command("onnx", epilog=EXAMPLES["bench onnx"])
+def bench_onnx(
+    models: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Checkpoints or bare state_dicts [default: every arch, random weights]."),
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4,32",
+    threads: Annotated[int, typer.Option(help="Intra-op threads of each runtime.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 5,
+) -> None:
+    """onnxruntime vs PyTorch images/s: the same model's forward pass on the same uint8 crops."""
+    from handpose.bench.onnx import bench_onnx as run
+
+    run(models or [], batch_sizes=_ints(batch_sizes, "--batch-sizes"), threads=threads, rounds=rounds)
+
+
+@bench_app.command("video", epilog=EXAMPLES["bench video"])
+def bench_video(
+    frames: Annotated[int, typer.Option(help="Frames per generated clip.")] = 150,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for the clips.")] = Path("bench-out/video"),
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
+) -> None:
+    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames."""
+    from handpose.bench.video import bench_video as run
+
+    run(workdir, frames=frames, rounds=rounds)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HandposeError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
 def _pairs(args: list[str]) -> dict[str, str]:

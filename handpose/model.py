@@ -51,7 +51,13 @@ STRIDED_REG = 1.0
 
 
 class PoseModel(nn.Module):
-    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from `loss`."""
+    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from `loss`.
+
+    `decode` is written in torch ops that `torch.export` can trace (no numpy, no data-dependent
+    Python branches): `handpose export` puts it inside the ONNX graph as it is.
+    """
+
+    arch: str = ""  # its name in ARCHS (a checkpoint's config "arch"; ONNX metadata)
 
     def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw output -> (uv (B, J, 2) model-input pixels, score (B, J) in [0, 1]), in fp32."""
@@ -107,6 +113,8 @@ class ShallowUNet(PoseModel):
     the decoder (0.5 handpose's pixel centres, 0.0 the tutorial's). None of them is a parameter,
     so the state_dict is the tutorial's.
     """
+
+    arch = "unet"
 
     def __init__(
         self,
@@ -216,6 +224,7 @@ class StridedPose(PoseModel):
     must be divisible by 16.
     """
 
+    arch = "strided"
     stride = 4
 
     def __init__(self, width: int = 16, depth: int = 1, *, sigma: float = 4.0, reg: float = STRIDED_REG):

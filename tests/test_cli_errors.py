@@ -179,7 +179,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "command",
     [["synth"], ["pack"], ["inspect"], ["train"], ["predict"], ["bench", "pack"], ["bench", "loader"]]
-    + [["bench", "train"], ["bench", "predict"]],
+    + [["bench", "train"], ["bench", "predict"], ["export"], ["bench", "onnx"], ["bench", "video"]],
 )
 def test_help_has_an_example_and_literal_defaults(
     command: list[str], capsys: pytest.CaptureFixture[str]

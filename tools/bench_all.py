@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--n", type=int, default=2000, help="generated ids for the loader/train/predict data")
-    ap.add_argument("--only", default="pack,loader,dali,train,predict")
+    ap.add_argument("--only", default="pack,loader,dali,train,predict,onnx,video")
     args = ap.parse_args()
     out = args.out.resolve()
     only = set(args.only.split(","))
@@ -65,6 +65,10 @@ def main() -> None:
         results["predict"] = handpose(
             "bench", "predict", str(TUTORIAL), str(data / "training" / "rgb"), "--limit", "256"
         )
+    if "onnx" in only:
+        results["onnx"] = handpose("bench", "onnx", "--threads", "2")
+    if "video" in only:
+        results["video"] = handpose("bench", "video", "--workdir", str(out / "video"))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nresults: {out / 'results.json'}")
 
