@@ -41,13 +41,12 @@ from torch import nn
 
 from handpose import __version__
 from handpose.atomic import check_output_file, write_bytes
+from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.errors import HandposeError
-from handpose.model import PoseModel
-from handpose.onnx_model import INPUT, INSTALL, KEYPOINTS, SCORES, OnnxModel, metadata_of
-from handpose.checkpoint import load_model
 from handpose.inference import forward
-from handpose.model import ModelSpec
+from handpose.model import ModelSpec, PoseModel
+from handpose.onnx_model import INPUT, INSTALL, KEYPOINTS, SCORES, OnnxModel, metadata_of
 from handpose.shards import sha256_file
 
 EXTRA = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs onnxscript; the check, onnxruntime
@@ -94,7 +93,9 @@ def export(
     if not isinstance(net, PoseModel) or not net.arch:
         raise TypeError(f"{type(net).__name__} is not a PoseModel with an arch name")
     graph = to_onnx(net, spec)
-    _set_metadata(graph, metadata_of(spec, arch=net.arch, source_sha256=sha256_file(model), version=__version__))
+    _set_metadata(
+        graph, metadata_of(spec, arch=net.arch, source_sha256=sha256_file(model), version=__version__)
+    )
     data = graph.SerializeToString()
     parity = check_parity(data, net, spec)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,13 @@ import torch
 from predictkit import encode, noise_image, smooth_image
 
 from handpose import __version__, checkpoint
+from handpose.checkpoint import load_model
 from handpose.cli import main
 from handpose.errors import HandposeError
 from handpose.export import export
+from handpose.inference import crops_of, forward, image_size_of
 from handpose.model import ShallowUNet, model_from_config
 from handpose.onnx_model import METADATA, load_onnx, read_metadata, spec_from_metadata
-from handpose.checkpoint import load_model
-from handpose.inference import crops_of, forward, image_size_of
 from handpose.skeleton import JOINT_NAMES
 
 MEAN_PX, MAX_PX = 0.01, 0.05  # the parity targets, model-input pixels
@@ -211,8 +210,8 @@ def test_bad_onnx_files_are_one_line(exported: dict[str, Path], tmp_path: Path) 
 
 
 def test_spec_from_metadata_names_the_key() -> None:
-    from handpose.onnx_model import metadata_of
     from handpose.model import ModelSpec
+    from handpose.onnx_model import metadata_of
 
     spec = ModelSpec(64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), crop="box", pad=1.3, box_to_keypoints=1.1)
     meta = metadata_of(spec, arch="strided", source_sha256="ab", version="9")

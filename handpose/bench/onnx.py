@@ -32,13 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from handpose import checkpoint
+from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.export import export, probe_crops
+from handpose.inference import forward
 from handpose.model import ShallowUNet, model_from_config
 from handpose.onnx_model import load_onnx
-from handpose.checkpoint import load_model
-from handpose.inference import forward
 
 PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
 TARGET_S = 0.25  # each timed sample runs about this long (repeats of one batch)
