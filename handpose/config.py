@@ -34,9 +34,11 @@ T = TypeVar("T")
 class AugmentConfig:
     """Training-split augmentation; the same distributions drive the WDS and DALI loaders.
 
-    Geometry: one affine per sample (letterbox fit to the model size, then these), see geometry.py.
-    Flip mirrors the image and keeps joint identities (a hand has no left/right joint pairs), so a
-    flipped right hand becomes a left hand: turn it on to train one model for both hands.
+    Geometry: one matrix per sample (letterbox fit to the model size, then these), see geometry.py:
+    an affine, or a homography when `perspective_deg` > 0. Flip mirrors the image and keeps joint
+    identities (a hand has no left/right joint pairs), so a flipped right hand becomes a left hand:
+    turn it on to train one model for both hands. Everything added after `occlude_size` is off by
+    default, and while off draws no random numbers: recipes without it give the same batches.
     """
 
     enabled: bool = True  # augment the training split at all
@@ -53,6 +55,11 @@ class AugmentConfig:
     blur_sigma: float = 1.5  # its sigma, uniform in [0.3, blur_sigma] model-input px
     occlude: float = 0.0  # probability of one occluding rectangle of a random grey
     occlude_size: float = 0.4  # its sides, uniform in [0.1, occlude_size] x the model input size
+    aspect: float = 0.0  # stretch x by sqrt(a), y by 1/sqrt(a); ln a uniform in [-ln(1 + r), ln(1 + r)]
+    perspective_deg: float = 0.0  # hand turned in depth: tilt uniform in [-p, p] deg, random axis; <= 45
+    channel_gain: float = 0.0  # R, G, B gains each uniform in [1 - g, 1 + g] (white balance, skin tone)
+    grayscale: float = 0.0  # probability of dropping colour (saturation 0: YIQ luma only)
+    occlude_patch: float = 0.0  # probability an occluder is a patch of the same crop from elsewhere, not grey
 
     def __post_init__(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:
@@ -60,13 +67,18 @@ class AugmentConfig:
                 ("scale_min", "scale_max"),
                 f"must satisfy 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}",
             )
-        for name in ("rotate_deg", "translate", "hue_deg"):
+        for name in ("rotate_deg", "translate", "hue_deg", "aspect"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("brightness", "contrast", "saturation"):
+        if not self.rotate_deg <= 180:
+            raise ConfigError("rotate_deg", f"must be <= 180 (180 = any angle), got {self.rotate_deg}")
+        if not 0 <= self.perspective_deg <= 45:
+            # steeper tilts bring the plane's horizon near the crop (the warp folds over there)
+            raise ConfigError("perspective_deg", f"must be in [0, 45], got {self.perspective_deg}")
+        for name in ("brightness", "contrast", "saturation", "channel_gain"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("blur", "occlude"):
+        for name in ("blur", "occlude", "grayscale", "occlude_patch"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, f"is a probability in [0, 1], got {getattr(self, name)}")
         if not self.blur_sigma >= 0.3:
