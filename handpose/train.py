@@ -45,6 +45,7 @@ from handpose.distributed import (
     teardown,
 )
 from handpose.errors import ConfigError, HandposeError
+from handpose.loader import NO_DALI_NEGATIVES
 from handpose.model import ARCH_LOSSES, PoseModel, input_multiple, model_from_config
 from handpose.shards import read_manifest
 
@@ -68,13 +69,17 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = 128  # model input side, px
     augment: AugmentConfig = AugmentConfig(enabled=False)
-    arch: Literal["unet", "strided"] = "unet"  # model.ARCHS; unet 16/3 is the tutorial's model
+    arch: Literal["unet", "strided", "simcc"] = "unet"  # model.ARCHS; unet 16/3 is the tutorial's model
     width: int = 16  # channels of the first stage
-    depth: int = 3  # unet: down/up levels; strided: blocks per stage
+    depth: int = 3  # unet: down/up levels; strided, simcc: blocks per stage
     sigma: float = 3.0  # target Gaussian, px at model size (the tutorial blurred with sigma 3)
-    loss: Literal["iou", "mse", "l1"] = "iou"  # unet: iou | mse heatmap loss; strided: l1
+    loss: Literal["iou", "mse", "l1", "kl"] = "iou"  # unet: iou | mse heatmap loss; strided: l1; simcc: kl
     index_offset: float = 0.5  # unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)
     reg: float = 1.0  # strided: weight of the Jensen-Shannon heatmap regulariser (DSNT)
+    simcc_k: float = 2.0  # simcc: sub-pixel bins per input px (split ratio k; image_size x k whole)
+    presence: bool = False  # add a hand-presence logit: is there a hand in the crop at all
+    presence_weight: float = 1.0  # presence: weight of its binary cross entropy in the loss
+    negatives: float = 0.0  # share of training crops off every hand of their photo (presence, loader wds)
     epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
     batch_size: int = 48  # samples per step PER PROCESS
     batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split
@@ -110,6 +115,19 @@ class TrainConfig:
         ):
             if not getattr(self, name) >= 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.simcc_k > 0:
+            raise ConfigError("simcc_k", f"must be > 0, got {self.simcc_k}")
+        if not self.presence_weight >= 0:
+            raise ConfigError("presence_weight", f"must be >= 0, got {self.presence_weight}")
+        if not 0 <= self.negatives < 1:
+            raise ConfigError("negatives", f"must be in [0, 1), got {self.negatives}")
+        if self.negatives > 0 and not self.presence:
+            raise ConfigError(
+                ("negatives", "presence"),
+                "crops without a hand train the presence logit: set presence = true",
+            )
+        if self.negatives > 0 and self.loader == "dali":
+            raise ConfigError(("negatives", "loader"), NO_DALI_NEGATIVES)
         if not 0 < self.plateau_factor < 1:
             raise ConfigError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
         if self.image_size % input_multiple(self.arch, self.depth):
@@ -134,9 +152,10 @@ class TrainConfig:
 
 # What a resumed run may change (docs/train.md has the table); `maybe_resume` makes each change
 # take effect. Everything else is refused: it would change the model (arch, width, depth,
-# image_size, sigma, loss, index_offset), the data (shards, weights, crop, box_pad, batch_size,
-# batches_per_epoch, seed), or what the saved optimizer, scheduler and loop state mean (optimizer,
-# schedule, plateau_on, monitor; precision to or from fp16, whose grad scaler has state).
+# image_size, sigma, loss, index_offset, reg, simcc_k, presence, presence_weight), the data
+# (shards, weights, crop, box_pad, batch_size, batches_per_epoch, seed, negatives), or what the
+# saved optimizer, scheduler and loop state mean (optimizer, schedule, plateau_on, monitor;
+# precision to or from fp16, whose grad scaler has state).
 RESUMABLE = frozenset(
     {
         *("epochs", "lr", "min_lr", "warmup_epochs"),  # the schedule's curve, from the saved step on
@@ -352,6 +371,7 @@ def make_loader(cfg: TrainConfig, world: World, split: str, *, only: int | None 
             if train and cfg.batches_per_epoch
             else None
         ),
+        negatives=cfg.negatives if train else 0.0,
     )
 
 
@@ -372,7 +392,8 @@ def train_step(
     dtype = amp_dtype(cfg, world)
     with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(images)
-    loss = raw.loss(out, batch["uv"], batch["visible"])  # losses compute in fp32, visible joints only
+    # losses compute in fp32 over visible joints of crops that show their hand (`present`)
+    loss = raw.loss(out, batch["uv"], batch["visible"], batch.get("present"))
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -416,7 +437,7 @@ def evaluate(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World, mean_u
         uv, vis = batch["uv"], batch["visible"]
         with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = raw(batch["image"])
-        loss = raw.loss(pred, uv, vis)
+        loss = raw.loss(pred, uv, vis, batch.get("present"))
         pred_uv, _ = raw.decode(pred)
         err = (pred_uv.float() - uv).norm(dim=-1)[vis]
         base = (mean_uv - uv).norm(dim=-1)[vis]
