@@ -67,9 +67,10 @@ def make_loader(
     (ranks may get batch counts differing by one); `drop_last` (default False) drops a partial
     last batch. The loader has `set_epoch(epoch)`, `len()`, `stats` (skipped corrupt samples) and
     `sets` (the `datasets.ShardSet`s, with their manifests).
-    `negatives` (train, WDS kind only): that share of samples is cropped, with the same
-    augmentation, from a square of the photo (the size of its padded hand box) that overlaps none
-    of the photo's hand boxes, where the photo leaves room; "present" is False for them.
+    `negatives` (train, WDS kind only): that share of the samples of box-crop folders is cropped,
+    with the same augmentation, from a square of the photo (the size of its padded hand box) that
+    overlaps none of the photo's hand boxes, where the photo leaves room; "present" is False for
+    them. Whole-photo ("image") folders always show their hands.
     """
     if kind not in KINDS:
         raise HandposeError(f"loader kind must be one of {', '.join(KINDS)}, got {kind!r}")

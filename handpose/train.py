@@ -79,7 +79,7 @@ class TrainConfig:
     simcc_k: float = 2.0  # simcc: sub-pixel bins per input px (split ratio k; image_size x k whole)
     presence: bool = False  # add a hand-presence logit: is there a hand in the crop at all
     presence_weight: float = 1.0  # presence: weight of its binary cross entropy in the loss
-    negatives: float = 0.0  # share of training crops off every hand of their photo (presence, loader wds)
+    negatives: float = 0.0  # share of box crops moved off every hand of the photo (presence, loader wds)
     epochs: int = 1000  # epochs to train (a resumed run continues up to this many)
     batch_size: int = 48  # samples per step PER PROCESS
     batches_per_epoch: int = 50  # the tutorial's "epoch"; 0 = one full pass over the train split

@@ -5,8 +5,8 @@ Per DataLoader worker: plan this worker's samples of each shard set -> read them
 unpickled) -> shuffle buffer (train) -> one affine per sample (`geometry.crop_matrix`, the set's
 crop mode plus augmentation) -> `imageio.warp_to_input` decodes and warps (the preprocessing
 predict shares) and the same matrix moves the keypoints -> blur/occlusion (train) -> uint8 batch.
-With `negatives` > 0 a share of training samples become crops WITHOUT a hand ("present" False):
-a square elsewhere in the same photo that overlaps none of the photo's hand boxes. A photo's hands
+With `negatives` > 0 a share of the training samples of box-crop sets become crops WITHOUT a hand
+("present" False): a square elsewhere in the same photo that overlaps none of its hand boxes. A photo's hands
 are consecutive samples with the same image bytes (pack writes them so, all in one shard), so
 `_photo_boxes` groups them before the shuffle; a group cut by the edge of a slot's run of a shard
 may lack hands, and never gives a negative.
@@ -390,12 +390,17 @@ class _ShardStream(IterableDataset):
             augment=self.spec.augment,
             rng=rng,
             skipped=skipped,
-            negatives=self.spec.negatives if self.spec.train else 0.0,
+            negatives=self._negatives(s),
         )
+
+    def _negatives(self, s: _SetSpec) -> float:
+        """The share of crops without a hand for set `s`: box-crop sets in training only (a hand
+        crop says whether ITS box holds a hand; a whole photo of these shards always does)."""
+        return self.spec.negatives if self.spec.train and s.crop == "box" else 0.0
 
     def _read_train(self, s: _SetSpec, tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
         """Training reads; with negatives, each sample knows its photo's hand boxes."""
-        if self.spec.negatives > 0:
+        if self._negatives(s) > 0:
             return _photo_boxes(tasks, dict(zip(s.urls, s.counts, strict=True)))
         return _read(tasks)
 

@@ -737,10 +737,10 @@ def test_negatives_show_no_hand_and_are_marked(photos: Path, workers: int) -> No
                     assert (image > 200).any()  # the hand's own box
                 seen += 1
     assert 0.3 < 1 - np.mean(present) < 0.6 and seen >= 100
-    # off (the default), and for validation: every crop shows its hand
-    for split in ("train", "val"):
-        batch = next(iter(make_loader(photos, split, batch_size=6, workers=0, crop="box")))
-        assert batch["present"].all()
+    # off (the default), for validation, and for whole photos: every crop shows its hand
+    for split, crop, share in (("train", "box", 0.0), ("val", "box", 0.5), ("train", "image", 0.5)):
+        loader = make_loader(photos, split, batch_size=6, workers=0, crop=crop, negatives=share)
+        assert all(b["present"].all() for b in loader)
 
 
 def test_photo_runs_cut_by_a_task_edge_never_give_negatives(photos: Path) -> None:
