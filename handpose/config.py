@@ -91,13 +91,17 @@ def check_bounds(obj: Any) -> None:
 class AugmentConfig:
     """Training-split augmentation; the same distributions drive the WDS and DALI loaders.
 
-    Geometry: one affine per sample (letterbox fit to the model size, then these), see geometry.py.
-    Flip mirrors the image and keeps joint identities (a hand has no left/right joint pairs), so a
-    flipped right hand becomes a left hand: turn it on to train one model for both hands.
+    Geometry: one matrix per sample (letterbox fit to the model size, then these), see geometry.py:
+    an affine, or a homography when `perspective_deg` > 0. Flip mirrors the image and keeps joint
+    identities (a hand has no left/right joint pairs), so a flipped right hand becomes a left hand:
+    turn it on to train one model for both hands. Everything added after `occlude_size` is off by
+    default, and while off draws no random numbers: recipes without it give the same batches.
     """
 
     enabled: bool = setting(True, "augment the training split at all")
-    rotate_deg: float = setting(30.0, "uniform in [-r, r], clockwise on screen", ge=0)
+    rotate_deg: float = setting(
+        30.0, "uniform in [-r, r], clockwise on screen; 180 = any angle", ge=0, le=180
+    )
     scale_min: float = setting(0.8, "uniform zoom factor on top of the letterbox fit", gt=0)
     scale_max: float = setting(1.2, "upper end of the zoom factor", gt=0)
     translate: float = setting(0.1, "shift, uniform in [-t, t] x the model size, per axis", ge=0)
@@ -111,6 +115,22 @@ class AugmentConfig:
     occlude: float = setting(0.0, "probability of one occluding rectangle of a random grey", ge=0, le=1)
     occlude_size: float = setting(
         0.4, "its sides, uniform in [0.1, occlude_size] x the model input size", ge=0.1, le=1
+    )
+    aspect: float = setting(
+        0.0, "stretch x by sqrt(a), y by 1/sqrt(a); ln a uniform in [-ln(1 + r), ln(1 + r)]", ge=0
+    )
+    # steeper tilts than 45 deg bring the plane's horizon near the crop (the warp folds over there)
+    perspective_deg: float = setting(
+        0.0, "hand turned in depth: tilt uniform in [-p, p] deg about a random axis", ge=0, le=45
+    )
+    channel_gain: float = setting(
+        0.0, "R, G, B gains each uniform in [1 - g, 1 + g] (white balance, skin tone)", ge=0, lt=1
+    )
+    grayscale: float = setting(
+        0.0, "probability of dropping colour (saturation 0: YIQ luma only)", ge=0, le=1
+    )
+    occlude_patch: float = setting(
+        0.0, "probability an occluder is a patch of the same crop from elsewhere, not grey", ge=0, le=1
     )
 
     def __post_init__(self) -> None:

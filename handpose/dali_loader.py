@@ -10,14 +10,22 @@ Same batch dict, shard sets, crop modes and augmentation distributions as the WD
   chroma upsampling is libjpeg-turbo's, like the CPU decoder's (tests/test_gpu.py compares them);
 - geometry: ONE source -> destination matrix per sample built in-graph from `fn.transforms.*`,
   composed exactly like `geometry.crop_matrix` (crop region from the image shape or the box,
-  flip, scale, rotate, shift); `fn.warp_affine(inverse_map=False)` moves the image and
-  `fn.coord_transform` moves the keypoints with that same matrix;
+  flip, scale and aspect, rotate, shift); `fn.warp_affine(inverse_map=False)` moves the image and
+  `fn.coord_transform` moves the keypoints with that same matrix. With `perspective_deg` the
+  matrix is `geometry.tilt_matrix`'s 3x3 homography composed element by element: then
+  `fn.experimental.warp_perspective(pixel_origin="corner")` moves the image and the keypoints
+  go through `fn.coord_transform` in homogeneous coordinates and the projective division;
 - antialiasing: where the crop shrinks the image 2x or more, the decoded image is first resized
   (antialiased) by the power of two `imageio.dct_factor` picks, as the WDS kind's DCT-domain
-  decode does; the two then agree to a few grey levels, not exactly (different filters);
-- blur (`fn.gaussian_blur`) and one occluding rectangle (`fn.erase` as a mask) after the warp;
-- colour: `fn.hsv` then `fn.brightness_contrast(contrast_center=128)` in float, clipped to
-  [0, 255]: the function `augment.apply_colour` computes (checked by the tests);
+  decode does (for a homography from its largest local scale, `geometry.matrix_scale`); the two
+  then agree to a few grey levels, not exactly (different filters);
+- blur (`fn.gaussian_blur`) and one occluding rectangle (`fn.erase` as a mask) after the warp,
+  filled with a grey or (`occlude_patch`) with the same image shifted by whole pixels;
+- colour: per-channel gains, `fn.hsv` (grayscale = saturation 0), then
+  `fn.brightness_contrast(contrast_center=128)` in float, clipped to [0, 255]: the function
+  `augment.apply_colour` computes (checked by the tests);
+- no `negatives` (crops without a hand): they need every hand box of a photo, and the reader
+  hands the graph one shuffled sample at a time (`loader.make_loader` refuses them in one line);
 - `fn.crop_mirror_normalize` to CHW float with the set's mean/std;
 - `DALIGenericIterator(reader_name="Reader")` with LastBatchPolicy.PARTIAL for val/test/eval, so
   the padded duplicates of the last batch are dropped and every sample is seen exactly once.
@@ -29,6 +37,7 @@ verifies every image, so packed shards do not hold one.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +73,7 @@ def sample_params(augment: AugmentConfig | None) -> dict[str, Any]:
         return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
 
     a = augment
-    return {
+    p = {
         "angle": uniform(-a.rotate_deg, a.rotate_deg),
         "scale": uniform(a.scale_min, a.scale_max),
         "tx": uniform(-a.translate, a.translate),
@@ -84,25 +93,95 @@ def sample_params(augment: AugmentConfig | None) -> dict[str, Any]:
             else None
         ),
     }
+    # The later augmentations add operators only when on: the graph (and the seeds DALI gives its
+    # operators in order) of a recipe without them stays what it was.
+    if a.aspect > 0:
+        dmath = _dali()[2]
+        p["aspect"] = dmath.exp(uniform(-math.log1p(a.aspect), math.log1p(a.aspect)))
+    if a.perspective_deg > 0:
+        p["tilt"] = (uniform(-a.perspective_deg, a.perspective_deg), uniform(0.0, 180.0))
+    if a.channel_gain > 0:
+        p["gains"] = tuple(uniform(1 - a.channel_gain, 1 + a.channel_gain) for _ in range(3))
+    if a.grayscale > 0:
+        b, c, sat, hue = p["colour"]
+        p["colour"] = (b, c, sat * (1.0 - coin(a.grayscale)), hue)
+    if a.occlude > 0 and a.occlude_patch > 0:
+        p["patch"] = (coin(a.occlude_patch), uniform(0.0, 1.0), uniform(0.0, 1.0))
+    return p
 
 
 def crop_matrix(cx: Any, cy: Any, side: Any, size: int, p: dict[str, Any]) -> Any:
     """In-graph twin of `geometry.crop_matrix`: the square (cx, cy, side) fills the input, then
-    flip + zoom, rotation (clockwise on screen for positive angles), shift. Source -> destination.
+    flip + zoom (+ aspect), rotation (clockwise on screen for positive angles), (+ tilt), shift.
+    Source -> destination: a (2, 3) node, or with p["tilt"] a (3, 3) homography node.
     """
-    fn, _, _, _ = _dali()
+    fn, _, dmath, _ = _dali()
     sy = size / side * p["scale"]
     sx = sy * (1.0 - 2.0 * p["flip"])
+    if p.get("aspect") is not None:
+        r = dmath.sqrt(p["aspect"])
+        sx, sy = sx * r, sy / r
     mt = fn.transforms.translation(offset=fn.stack(-1.0 * cx, -1.0 * cy))
     mt = fn.transforms.scale(mt, scale=fn.stack(sx, sy))
     mt = fn.transforms.rotation(mt, angle=p["angle"])
-    return fn.transforms.translation(mt, offset=fn.stack(size * (0.5 + p["tx"]), size * (0.5 + p["ty"])))
+    tx, ty = size * (0.5 + p["tx"]), size * (0.5 + p["ty"])
+    if p.get("tilt") is None:
+        return fn.transforms.translation(mt, offset=fn.stack(tx, ty))
+    # move @ tilt @ [[mt], [0, 0, 1]], element by element (DALI has no per-sample 3x3 product)
+    t = _tilt(p["tilt"][0], p["tilt"][1], float(size))
+    a = [[mt[i, j] for j in range(3)] for i in range(2)]
+    h = [
+        [t[i][0] * a[0][j] + t[i][1] * a[1][j] + (t[i][2] if j == 2 else 0.0) for j in range(3)]
+        for i in range(3)
+    ]
+    h[0] = [h[0][j] + tx * h[2][j] for j in range(3)]
+    h[1] = [h[1][j] + ty * h[2][j] for j in range(3)]
+    return _matrix3(h)
 
 
-def colour(image: Any, colour_params: tuple[Any, Any, Any, Any]) -> Any:
+def _tilt(tilt_deg: Any, axis_deg: Any, focal: float) -> list[list[Any]]:
+    """`geometry.tilt_matrix` in closed form: Rodrigues' rotation about (cos a, sin a, 0)."""
+    _, _, dmath, _ = _dali()
+    t, a = tilt_deg * (math.pi / 180.0), axis_deg * (math.pi / 180.0)
+    c, s, ct, st = dmath.cos(a), dmath.sin(a), dmath.cos(t), dmath.sin(t)
+    v = 1.0 - ct
+    return [
+        [1.0 - v * s * s, v * c * s, 0.0],
+        [v * c * s, 1.0 - v * c * c, 0.0],
+        [-1.0 * st * s / focal, st * c / focal, 1.0],
+    ]
+
+
+def _matrix3(rows: list[list[Any]]) -> Any:
+    """A (3, 3) float node from nine scalar nodes."""
+    fn, types, _, _ = _dali()
+    return fn.reshape(fn.cast(fn.stack(*(v for row in rows for v in row)), dtype=types.FLOAT), shape=[3, 3])
+
+
+def homography_scale(h: Any, size: int) -> Any:
+    """In-graph twin of `geometry.matrix_scale(H, size)`: the largest local scale of H over the
+    size x size destination, |w|^1.5 / |det H| with w = adj(H)[2] . (y, 1) at the corners y."""
+    _, _, dmath, _ = _dali()
+    e = [[h[i, j] for j in range(3)] for i in range(3)]
+    g0 = e[1][0] * e[2][1] - e[1][1] * e[2][0]
+    g1 = e[0][1] * e[2][0] - e[0][0] * e[2][1]
+    g2 = e[0][0] * e[1][1] - e[0][1] * e[1][0]
+    det = e[0][2] * g0 + e[1][2] * g1 + e[2][2] * g2  # expansion along the last column
+    w = [dmath.abs(g2 + g0 * x + g1 * y) for x, y in ((0, 0), (size, 0), (0, size), (size, size))]
+    most = dmath.max(dmath.max(w[0], w[1]), dmath.max(w[2], w[3]))
+    return dmath.pow(most, 1.5) / dmath.abs(det)
+
+
+def colour(
+    image: Any, colour_params: tuple[Any, Any, Any, Any], gains: tuple[Any, Any, Any] | None = None
+) -> Any:
     """Colour jitter of RGB images -> float in [0, 255] (same function as augment.apply_colour)."""
     fn, types, dmath, _ = _dali()
     brightness, contrast, saturation, hue_deg = colour_params
+    if gains is not None:
+        g = fn.stack(*gains)  # (3,): one gain per channel, broadcast over (H, W, 3)
+        # per-sample scalars may mix with a GPU image; a (3,) tensor goes to the GPU first
+        image = image * (g.gpu() if image.device == "gpu" else g)
     x = fn.hsv(image, hue=hue_deg, saturation=saturation, dtype=types.FLOAT)
     x = fn.brightness_contrast(x, brightness=brightness, contrast=contrast, contrast_center=128.0)
     return dmath.clamp(x, 0.0, 255.0)
@@ -133,8 +212,32 @@ def _blur_occlude(image: Any, p: dict[str, Any], size: int) -> Any:
         anchor = fn.stack(y * (1.0 - h) * size, x * (1.0 - w) * size)
         shape = fn.stack(h * size * on, w * size * on)  # zero extent: no occluder
         keep = fn.erase(image * 0.0 + 1.0, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
-        image = image * keep + grey * (1.0 - keep)
+        fill = grey
+        if p.get("patch") is not None:
+            fill = _patch_fill(image, p, size)
+        image = image * keep + fill * (1.0 - keep)
     return image
+
+
+def _patch_fill(image: Any, p: dict[str, Any], size: int) -> Any:
+    """The occluder's fill as an image: the grey, or (patch coin) the image shifted by whole
+    pixels so that the rectangle at the patch's place lands on the occluder's (as
+    `augment.blur_and_occlude` copies it)."""
+    fn, types, dmath, _ = _dali()
+    _, w, h, x, y, grey = p["occlude"]
+    on, px, py = p["patch"]
+    dx = dmath.floor(x * (1.0 - w) * size) - dmath.floor(px * (1.0 - w) * size)
+    dy = dmath.floor(y * (1.0 - h) * size) - dmath.floor(py * (1.0 - h) * size)
+    shifted = fn.warp_affine(
+        image,
+        matrix=fn.transforms.translation(offset=fn.stack(dx, dy)),
+        size=[size, size],
+        inverse_map=False,
+        fill_value=0.0,
+        interp_type=types.INTERP_LINEAR,
+        dtype=types.FLOAT,
+    )
+    return shifted * on + grey * (1.0 - on)
 
 
 def build_pipeline(
@@ -186,23 +289,26 @@ def build_pipeline(
             side = dmath.max(box[2] - box[0], box[3] - box[1]) * pad
         else:
             cx, cy, side = shape[1] * 0.5, shape[0] * 0.5, dmath.max(shape[0], shape[1])
-        image, fx, fy = _antialias(image, shape, image_size / side * p["scale"])
-        # the matrix from the shrunk image: crop_matrix after scaling by 1 / (fx, fy)
-        mt = crop_matrix(cx, cy, side, image_size, p)
-        mt_image = fn.transforms.scale(mt, scale=fn.stack(1.0 / fx, 1.0 / fy), reverse_order=True)
-        image = fn.warp_affine(
-            image,
-            matrix=mt_image,  # named arguments must be CPU nodes, also for the GPU operator
-            size=[image_size, image_size],
-            inverse_map=False,  # source -> destination, like geometry.py
-            fill_value=0.0,
-            interp_type=types.INTERP_LINEAR,
-            dtype=types.FLOAT,  # what colour/normalisation take; on a CPU cheaper than rounding to uint8
-        )
-        uv = fn.coord_transform(fn.reshape(kp, shape=[NUM_JOINTS, 2]), MT=mt)
+        if p.get("tilt") is not None:
+            image, uv = _warp_homography(image, shape, kp, cx, cy, side, image_size, p)
+        else:
+            image, fx, fy = _antialias(image, shape, image_size / side * p["scale"])
+            # the matrix from the shrunk image: crop_matrix after scaling by 1 / (fx, fy)
+            mt = crop_matrix(cx, cy, side, image_size, p)
+            mt_image = fn.transforms.scale(mt, scale=fn.stack(1.0 / fx, 1.0 / fy), reverse_order=True)
+            image = fn.warp_affine(
+                image,
+                matrix=mt_image,  # named arguments must be CPU nodes, also for the GPU operator
+                size=[image_size, image_size],
+                inverse_map=False,  # source -> destination, like geometry.py
+                fill_value=0.0,
+                interp_type=types.INTERP_LINEAR,
+                dtype=types.FLOAT,  # what colour/normalisation take; on a CPU cheaper than rounding to uint8
+            )
+            uv = fn.coord_transform(fn.reshape(kp, shape=[NUM_JOINTS, 2]), MT=mt)
         if augment is not None:
             image = _blur_occlude(image, p, image_size)
-            image = colour(image, p["colour"])
+            image = colour(image, p["colour"], p.get("gains"))
         image = fn.crop_mirror_normalize(
             image,
             dtype=types.FLOAT,
@@ -213,6 +319,29 @@ def build_pipeline(
         return image, uv, vis, sid
 
     return pipe()
+
+
+def _warp_homography(
+    image: Any, shape: Any, kp: Any, cx: Any, cy: Any, side: Any, size: int, p: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The warp of a crop turned in depth: (float image, uv (21, 2)) by the 3x3 homography."""
+    fn, types, _, _ = _dali()
+    h = crop_matrix(cx, cy, side, size, p)
+    image, fx, fy = _antialias(image, shape, homography_scale(h, size))
+    # from the shrunk image: H @ diag(1 / fx, 1 / fy, 1), i.e. its first two columns scaled
+    e = [[h[i, 0] / fx, h[i, 1] / fy, h[i, 2]] for i in range(3)]
+    image = fn.experimental.warp_perspective(
+        image,
+        matrix=_matrix3(e),
+        size=[size, size],
+        inverse_map=False,  # source -> destination, like geometry.py
+        pixel_origin="corner",  # geometry.py's pixel convention
+        fill_value=0.0,
+        interp_type=types.INTERP_LINEAR,
+    )
+    pts = fn.reshape(kp, shape=[NUM_JOINTS, 2])
+    moved = fn.coord_transform(fn.cat(pts, pts[:, 0:1] * 0.0 + 1.0, axis=1), M=h)  # homogeneous
+    return image, moved[:, 0:2] / moved[:, 2:3]
 
 
 class DaliLoader:
@@ -328,6 +457,7 @@ class DaliLoader:
             "visible": visible.to(self.device, non_blocking=True),
             "key": [sample_key(int(s)) for s in sids],
             "set": ids.to(self.device, non_blocking=True),
+            "present": torch.ones(len(sids), dtype=torch.bool, device=self.device),  # no negatives here
         }
 
 

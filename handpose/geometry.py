@@ -8,6 +8,9 @@ its keypoints keeps them aligned exactly. Heatmap cell i therefore sits at coord
 (model input pixels). FreiHAND's projected `uv` are taken as coordinates in this convention.
 
 A matrix `M` (2x3, float64) maps SOURCE pixel coordinates to DESTINATION ones: p' = M[:, :2] p + M[:, 2].
+A homography (3x3: a hand turned in depth, `tilt_matrix`) maps them projectively: (x, y, w) =
+H (p, 1), p' = (x, y) / w. Every function here takes either; `apply_matrix` moves points by both,
+with the projective division, so the matrix that moves an image moves its keypoints in either case.
 """
 
 from __future__ import annotations
@@ -27,23 +30,37 @@ def project_points(xyz_m: np.ndarray, K: np.ndarray) -> np.ndarray:
 
 
 def to3x3(M: np.ndarray) -> np.ndarray:
-    """A 2x3 affine as a 3x3 homogeneous matrix."""
+    """A 2x3 affine as a 3x3 homogeneous matrix (a 3x3 is returned as a copy)."""
+    M = np.asarray(M, np.float64)
+    if M.shape == (3, 3):
+        return M.copy()
     out = np.eye(3)
     out[:2] = M
     return out
 
 
+def is_homography(M: np.ndarray) -> bool:
+    """True for a 3x3 matrix (a homography, possibly affine); False for a 2x3 affine."""
+    return np.shape(M) == (3, 3)
+
+
 def compose(*matrices: np.ndarray) -> np.ndarray:
-    """compose(A, B, C) applies C first, then B, then A (like A @ B @ C)."""
+    """compose(A, B, C) applies C first, then B, then A (like A @ B @ C). 2x3 when every matrix
+    is 2x3, else 3x3 (scaled so that its [2, 2] is 1 when that is not 0)."""
     out = np.eye(3)
     for m in matrices:
         out = out @ to3x3(m)
-    return out[:2].copy()
+    if not any(is_homography(m) for m in matrices):
+        return out[:2].copy()
+    return out / out[2, 2] if out[2, 2] != 0 else out
 
 
 def invert(M: np.ndarray) -> np.ndarray:
-    """Inverse of a 2x3 affine (destination -> source)."""
-    return np.linalg.inv(to3x3(M))[:2].copy()
+    """Inverse (destination -> source) of a 2x3 affine or a 3x3 homography, in the same shape."""
+    inv = np.linalg.inv(to3x3(M))
+    if not is_homography(M):
+        return inv[:2].copy()
+    return inv / inv[2, 2] if inv[2, 2] != 0 else inv
 
 
 def translation(tx: float, ty: float) -> np.ndarray:
@@ -58,6 +75,40 @@ def rotation(angle_deg: float) -> np.ndarray:
     """Rotation about the origin; positive angles turn clockwise on screen (y points down)."""
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
     return np.array([[c, -s, 0.0], [s, c, 0.0]])
+
+
+def tilt_matrix(tilt_deg: float, axis_deg: float, focal: float) -> np.ndarray:
+    """The 3x3 homography of a plane turned in depth by `tilt_deg` about the in-plane axis at
+    `axis_deg` (clockwise on screen from +x) through the origin, seen by a pinhole camera of focal
+    length `focal` px looking at it from `focal` px away (so the untilted plane maps 1:1).
+
+    A point q = (x, y, 0) of the plane goes to R q + (0, 0, focal) and projects to
+    focal * (R q)_xy / ((R q)_z + focal): H = [[R00, R01, 0], [R10, R11, 0], [R20 / f, R21 / f, 1]].
+    The origin stays put; lengths across the axis shrink by cos(tilt) there, and the half of the
+    plane turned towards the camera grows (perspective).
+    """
+    t, a = math.radians(tilt_deg), math.radians(axis_deg)
+    k = np.array([math.cos(a), math.sin(a), 0.0])  # the unit axis
+    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    R = np.eye(3) + math.sin(t) * K + (1.0 - math.cos(t)) * (K @ K)  # Rodrigues
+    return np.array(
+        [[R[0, 0], R[0, 1], 0.0], [R[1, 0], R[1, 1], 0.0], [R[2, 0] / focal, R[2, 1] / focal, 1.0]]
+    )
+
+
+def apply_matrix(M: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """THE point mover: points (..., 2) by a 2x3 affine or a 3x3 homography (with the projective
+    division); or a batch: M (B, 2, 3) / (B, 3, 3) with points (B, N, 2)."""
+    M = np.asarray(M, np.float64)
+    if M.shape[-2] == 2:
+        return apply_affine(M, points)
+    moved = apply_affine(M[..., :2, :], points)
+    points = np.asarray(points, np.float64)
+    if M.ndim == 3:
+        w = np.einsum("bj,bnj->bn", M[:, 2, :2], points) + M[:, None, 2, 2]
+    else:
+        w = points @ M[2, :2] + M[2, 2]
+    return moved / w[..., None]
 
 
 def apply_affine(M: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -102,6 +153,40 @@ def keypoints_box(uv: np.ndarray, labelled: np.ndarray | None = None) -> np.ndar
     return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
 
 
+WRIST, MIDDLE_MCP = 0, 9  # skeleton.JOINT_NAMES: "wrist", "middle1"
+
+
+def upright_region(
+    uv: np.ndarray, labelled: np.ndarray | None = None, pad: float = BOX_PAD
+) -> tuple[Region, float]:
+    """The crop that stands a hand upright, from its keypoints (21, 2) in source px (e.g. a first
+    pass's): (region, angle_deg) for `crop_matrix(region, size, angle_deg=angle_deg)`, which turns
+    the wrist -> middle-finger MCP direction to point straight up (-y) and fills the input with the
+    keypoints' extent in that turned frame, made square on its longer side and padded by `pad`
+    (as `box_region` pads a box). MediaPipe crops its second pass this way. Without a labelled,
+    finite wrist and middle MCP (or with the two on one point) the angle is 0: an unturned box.
+    """
+    uv = np.asarray(uv, np.float64)
+    keep = (
+        np.isfinite(uv).all(axis=-1)
+        if labelled is None
+        else np.asarray(labelled, bool) & np.isfinite(uv).all(-1)
+    )
+    if not keep.any():
+        raise ValueError("upright_region needs at least one labelled keypoint")
+    angle = 0.0
+    if keep[WRIST] and keep[MIDDLE_MCP]:
+        dx, dy = uv[MIDDLE_MCP] - uv[WRIST]
+        if dx * dx + dy * dy > 1e-12:
+            # crop_matrix's rotation adds angle_deg to a direction's angle (y down): -90 is up
+            angle = (-90.0 - math.degrees(math.atan2(dy, dx)) + 180.0) % 360.0 - 180.0
+    R = rotation(angle)[:, :2]
+    turned = uv[keep] @ R.T  # the keypoints in the turned frame (about the origin)
+    lo, hi = turned.min(axis=0), turned.max(axis=0)
+    centre = R.T @ ((lo + hi) / 2)  # back to source px (R is orthonormal)
+    return (float(centre[0]), float(centre[1]), float(max(*(hi - lo), 1e-6) * pad)), angle
+
+
 def crop_matrix(
     region: Region,
     size: int,
@@ -110,21 +195,31 @@ def crop_matrix(
     scale: float = 1.0,
     shift: tuple[float, float] = (0.0, 0.0),
     flip: bool = False,
+    aspect: float = 1.0,
+    tilt: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """THE source -> model-input matrix: the square `region` (centre, side) fills size x size,
-    then flip, rotation and zoom about the input's centre, then a shift by a fraction of `size`.
+    then flip, zoom (x by sqrt(aspect), y by 1 / sqrt(aspect) on top: an anisotropic stretch of
+    the source's axes that keeps the area), rotation about the input's centre, then a shift by a
+    fraction of `size`. 2x3; with `tilt` = (tilt_deg, axis_deg) a 3x3 homography that also turns
+    the crop in depth about its centre (`tilt_matrix`, focal length = `size`) before the shift.
 
     Every crop mode and every augmentation is this one matrix; the DALI graph builds its twin
     (`dali_loader.crop_matrix`) and the tests hold the two equal.
     """
     cx, cy, side = region
-    return compose(
-        translation(size / 2 + shift[0] * size, size / 2 + shift[1] * size),
+    s = size / side * scale
+    r = math.sqrt(aspect)
+    centred = (
         rotation(angle_deg),
-        scaling(size / side * scale),
+        scaling(s * r, s / r),
         scaling(-1.0 if flip else 1.0, 1.0),
         translation(-cx, -cy),
     )
+    move = translation(size / 2 + shift[0] * size, size / 2 + shift[1] * size)
+    if tilt is None:
+        return compose(move, *centred)
+    return compose(move, tilt_matrix(tilt[0], tilt[1], float(size)), *centred)
 
 
 def fit_matrix(src_w: int, src_h: int, size: int) -> np.ndarray:
@@ -135,9 +230,40 @@ def fit_matrix(src_w: int, src_h: int, size: int) -> np.ndarray:
     return crop_matrix(image_region(src_w, src_h), size)
 
 
-def matrix_scale(M: np.ndarray) -> float:
-    """Destination pixels per source pixel of M (the geometric mean of its two axes)."""
-    return float(math.sqrt(abs(np.linalg.det(np.asarray(M, np.float64)[:, :2]))))
+def matrix_scale(M: np.ndarray, size: int | None = None) -> float:
+    """Destination pixels per source pixel of M (the geometric mean of its two axes).
+
+    A homography's scale varies over the image: it is the LARGEST over the size x size
+    destination (at one of its corners), so that a decode at this scale resolves every part of
+    the warp. For a destination point y and G = invert(M), the source area per destination pixel
+    is |det G| / w(y)^3 with w(y) = G[2] . (y, 1).
+    """
+    M = np.asarray(M, np.float64)
+    if not is_homography(M):
+        return float(math.sqrt(abs(np.linalg.det(M[:, :2]))))
+    if size is None:
+        raise TypeError("matrix_scale of a homography needs the destination size")
+    G = np.linalg.inv(M)
+    corners = np.array([[0.0, 0.0, 1.0], [size, 0.0, 1.0], [0.0, size, 1.0], [size, size, 1.0]])
+    w = np.abs(corners @ G[2])
+    return float(np.sqrt(w**3 / abs(np.linalg.det(G))).max())
+
+
+def footprint(M: np.ndarray, size: int) -> np.ndarray:
+    """(x0, y0, x1, y1): the source box around what the size x size destination of M shows (its
+    corners mapped back; a homography maps the square's edges to straight lines, so the box holds
+    the whole view)."""
+    corners = np.array([[0.0, 0.0], [size, 0.0], [0.0, size], [size, size]])
+    src = apply_matrix(invert(M), corners)
+    return np.concatenate([src.min(axis=0), src.max(axis=0)])
+
+
+def boxes_overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N,) True where box (x0, y0, x1, y1) and boxes (N, 4) share an area (touching edges do not)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return (np.minimum(box[2], b[:, 2]) > np.maximum(box[0], b[:, 0])) & (
+        np.minimum(box[3], b[:, 3]) > np.maximum(box[1], b[:, 1])
+    )
 
 
 def in_frame(uv: np.ndarray, size: int) -> np.ndarray:

@@ -7,7 +7,9 @@ sees at predict time exactly what it was trained on (augmentation off). Shrinkin
 a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the crop shrinks it at least
 that much (libjpeg averages each 8x8 block: a box filter, and 2-6x less decoding), any other image
 is box-reduced by the whole factor (Pillow's `reduce`), then one bilinear affine warp does the rest
-at a scale between 1/2 and 1.
+at a scale between 1/2 and 1. A 3x3 matrix (a homography: `geometry.tilt_matrix`) takes the same
+path, the factor chosen from its largest local scale over the output (`geometry.matrix_scale`), and
+one bilinear perspective warp.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from handpose.geometry import compose, invert, matrix_scale, scaling
+from handpose.geometry import compose, invert, is_homography, matrix_scale, scaling
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -139,39 +141,46 @@ def dct_factor(scale: float) -> float:
     return 1.0
 
 
-def decode_for_warp(data: bytes, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode image bytes for a warp by M (source -> input): (image, M') with M' mapping the
-    returned, possibly smaller, image's pixels to the same destination. See the module docstring."""
+def decode_for_warp(data: bytes, M: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes for a warp by M (source -> input, 2x3 or 3x3; a 3x3 needs the output
+    `size`): (image, M') with M' mapping the returned, possibly smaller, image's pixels to the same
+    destination. See the module docstring."""
     orientation = _exif_orientation(data) if data[:2] == JPEG_MAGIC else 0
     if orientation == 1:
         w, h = jpeg_size(data)
-        f = dct_factor(matrix_scale(M))
+        f = dct_factor(matrix_scale(M, size))
         image = decode_jpeg(data, min_side=math.ceil(min(w, h) * f) if f < 1 else 0)
         f = dct_scale(image.shape[1], w)
     else:
         image, f = decode_image(data)
-    return _reduce_for_warp(image, compose(M, scaling(1.0 / f)) if f != 1.0 else M)
+    return _reduce_for_warp(image, compose(M, scaling(1.0 / f)) if f != 1.0 else M, size)
 
 
-def _reduce_for_warp(image: np.ndarray, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """warp_affine does not antialias: box-reduce the image by the whole factor M shrinks it by
-    first, and return (image, M') with M' mapping the reduced image to the same destination."""
-    r = int(1.0 / matrix_scale(M) + 1e-9)
+def _reduce_for_warp(image: np.ndarray, M: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The warp does not antialias: box-reduce the image by the whole factor M shrinks it by
+    first (a 3x3 M: its largest local scale over the size x size output), and return (image, M')
+    with M' mapping the reduced image to the same destination."""
+    r = int(1.0 / matrix_scale(M, size) + 1e-9)
     if r < 2:
         return image, M
     return np.asarray(Image.fromarray(image).reduce(r)), compose(M, scaling(float(r)))
 
 
 def warp_to_input(data: bytes, M: np.ndarray, size: int) -> np.ndarray:
-    """THE preprocessing: image bytes + source -> input matrix M -> uint8 (size, size, 3)."""
-    image, M = decode_for_warp(data, M)
-    return warp_affine(image, M, size)
+    """THE preprocessing: image bytes + source -> input matrix M (2x3 affine or 3x3 homography)
+    -> uint8 (size, size, 3)."""
+    return _warp(*decode_for_warp(data, M, size), size)
 
 
 def warp_image_to_input(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
     """The same preprocessing for an image already decoded (RGB uint8 (H, W, 3) as displayed):
     the box-reduce and warp of `warp_to_input`, without its JPEG DCT-domain shortcut."""
-    return warp_affine(*_reduce_for_warp(np.ascontiguousarray(image), M), size)
+    return _warp(*_reduce_for_warp(np.ascontiguousarray(image), M, size), size)
+
+
+def _warp(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
+    """One bilinear warp by M: perspective for a homography, affine for a 2x3."""
+    return warp_perspective(image, M, size) if is_homography(M) else warp_affine(image, M, size)
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
@@ -200,6 +209,22 @@ def warp_affine(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
     coeffs = tuple(float(v) for v in inv.reshape(-1))
     out = Image.fromarray(image).transform(
         (size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+    )
+    return np.asarray(out)
+
+
+def warp_perspective(image: np.ndarray, H: np.ndarray, size: int) -> np.ndarray:
+    """Warp RGB uint8 (H, W, 3) by the 3x3 homography H (source -> destination) into size x size,
+    bilinear, zero outside: the projective twin of `warp_affine` (same pixel convention; Pillow's
+    PERSPECTIVE transform, DALI's `fn.experimental.warp_perspective(pixel_origin="corner")`)."""
+    inv = invert(H)
+    coeffs = tuple(float(v) for v in (inv / inv[2, 2]).reshape(-1)[:8])
+    out = Image.fromarray(image).transform(
+        (size, size),
+        Image.Transform.PERSPECTIVE,
+        coeffs,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
     )
     return np.asarray(out)
 

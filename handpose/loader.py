@@ -4,7 +4,9 @@
      "uv": float (B, 21, 2) model-input pixels (pixel-centre convention, see geometry.py),
      "visible": bool (B, 21) labelled (visibility > 0) AND inside the H x W frame,
      "key": list[str] sample keys,
-     "set": int64 (B,) index of the sample's shard set in `source`}
+     "set": int64 (B,) index of the sample's shard set in `source`,
+     "present": bool (B,) the crop shows its hand (False only for the training crops that
+                `negatives` moves off every hand of the photo; their joints are never visible)}
 
 Kinds: "wds" (`wds_loader.py`: CPU worker processes, any machine) and "dali"
 (`dali_loader.py`: NVIDIA DALI, decode and augmentation on the GPU when there is one). Both take
@@ -27,6 +29,10 @@ from handpose.geometry import BOX_PAD
 from handpose.shards import SPLITS, Manifest
 
 KINDS = ("wds", "dali")
+NO_DALI_NEGATIVES = (
+    "negatives need loader = wds: a crop without a hand must avoid every hand box of its photo, "
+    "and DALI's reader hands the graph one shuffled sample at a time, never its photo's other hands"
+)
 
 
 def make_loader(
@@ -49,6 +55,7 @@ def make_loader(
     samples_per_epoch: int | None = None,
     drop_last: bool | None = None,
     shuffle_buffer: int = 1000,
+    negatives: float = 0.0,
 ) -> Any:
     """A loader over `split` of one packed folder, or of several (`source` a list, `weights` the
     share of each in every training batch, `crop` one mode for all or one per folder).
@@ -61,6 +68,10 @@ def make_loader(
     (ranks may get batch counts differing by one); `drop_last` (default False) drops a partial
     last batch. The loader has `set_epoch(epoch)`, `len()`, `stats` (skipped corrupt samples) and
     `sets` (the `datasets.ShardSet`s, with their manifests).
+    `negatives` (train, WDS kind only): that share of the samples of box-crop folders is cropped,
+    with the same augmentation, from a square of the photo (the size of its padded hand box) that
+    overlaps none of the photo's hand boxes, where the photo leaves room; "present" is False for
+    them. Whole-photo ("image") folders always show their hands.
     """
     if kind not in KINDS:
         raise HandposeError(f"loader kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -72,6 +83,10 @@ def make_loader(
         )
     if not 0 <= rank < world_size:
         raise HandposeError(f"rank {rank} is outside world size {world_size}")
+    if not 0 <= negatives < 1:
+        raise HandposeError(f"negatives is a share of the training crops in [0, 1), got {negatives}")
+    if kind == "dali" and negatives > 0 and split == "train":
+        raise HandposeError(NO_DALI_NEGATIVES)
     roots = [source] if isinstance(source, (str, Path)) else list(source)
     crops = [crop] if isinstance(crop, str) else list(crop)
     sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights)
@@ -95,7 +110,9 @@ def make_loader(
         return DaliLoader(sets, split, options)
     from handpose.wds_loader import WdsLoader
 
-    return WdsLoader(sets, split, options, shuffle_buffer=shuffle_buffer)
+    return WdsLoader(
+        sets, split, options, shuffle_buffer=shuffle_buffer, negatives=negatives if train else 0.0
+    )
 
 
 def denormalise(image: torch.Tensor, manifest: Manifest) -> torch.Tensor:

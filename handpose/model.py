@@ -3,17 +3,28 @@ and a loaded model's input contract (`ModelSpec`; the tutorial's weights: `tutor
 
 Every model is a `PoseModel`: an `nn.Module` whose `forward` returns its raw output, with
 `decode(out)` -> (uv (B, 21, 2) in model-input pixels, score (B, 21) in [0, 1]) and
-`loss(out, uv, visible)` -> a scalar that counts only visible joints and computes in fp32 even
-under autocast. Pixel convention as in geometry.py: pixel i has centre i + 0.5.
+`loss(out, uv, visible[, present])` -> a scalar that counts only visible joints and computes in
+fp32 even under autocast. Pixel convention as in geometry.py: pixel i has centre i + 0.5.
+
+With `presence` (off by default: the state_dicts of earlier models are unchanged) a model also
+scores whether its crop shows a hand at all: `forward` returns (keypoint output, presence logits
+(B,)), `presence(out)` the probability (B,), and `loss` adds `presence_weight` x the binary cross
+entropy against the batch's `present`, whose False crops (no hand) add nothing to the keypoint
+terms. The logit comes from the deepest features, average-pooled (`PresenceHead`).
 
 unet     the tutorial's ShallowUNet: sigmoid heatmaps (B, 21, S, S) at the input resolution,
          heatmap losses ("iou", "mse") against Gaussian targets, heatmap-weighted-mean decoder.
          Width 16, depth 3 is the tutorial's exact state_dict layout (85 keys, 491,206
          parameters): its trained `model_final` loads with strict=True.
-strided  a residual encoder to stride 16, an FPN top-down path back to stride 4, and 21 logit maps
-         at stride 4 (S/4 x S/4), decoded by soft-argmax (integral regression). Loss: L1 on the
-         soft-argmax coordinates (units of the input side) plus `reg` x the Jensen-Shannon
-         divergence between each softmax map and a Gaussian of `sigma` input px (DSNT).
+strided  a residual encoder to stride 16, an FPN top-down path back to stride 4 (`StridedEncoder`),
+         and 21 logit maps at stride 4 (S/4 x S/4), decoded by soft-argmax (integral regression).
+         Loss: L1 on the soft-argmax coordinates (units of the input side) plus `reg` x the
+         Jensen-Shannon divergence between each softmax map and a Gaussian of `sigma` input px (DSNT).
+simcc    the same encoder and neck, then SimCC (Li et al. 2022): each joint's stride-4 map, flattened,
+         is classified per axis into S x `simcc_k` sub-pixel bins (two linear layers, x and y).
+         Loss: KL divergence from a Gaussian label of `sigma` input px over each axis's bins to
+         the softmax. Decoder: the argmax bin, then the expectation over the bins within 3 sigma
+         of it (`SimCCPose.decode_keypoints` says why); score = the softmax mass in those windows.
 
 Every hyper-parameter is a plain value (int, float, str), declared once in `ModelConfig`, that
 lives in a TOML recipe and in a checkpoint's config dict; `model_from_config` rebuilds a model
@@ -44,30 +55,94 @@ from handpose.heatmaps import (
 )
 from handpose.skeleton import NUM_JOINTS
 
-ARCHS = ("unet", "strided")
-ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",)}
+ARCHS = ("unet", "strided", "simcc")
+ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",), "simcc": ("kl",)}
 # strided: JS regulariser weight; 1 beat 0 (6.7% vs 9.0% of the box) and 0.1 (8.4%) on short runs
 STRIDED_REG = 1.0
+SIMCC_K = 2.0  # simcc: bins per input px; the SimCC paper found 2-3 best, more costs parameters
+PRESENCE_WEIGHT = 1.0  # weight of the presence term in the loss
+
+
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # keypoint output[, presence logits (B,)]
+
+
+class PresenceHead(nn.Module):
+    """Global average pool -> linear: one logit per crop that it shows a hand."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features.mean(dim=(2, 3))).squeeze(-1)
 
 
 class PoseModel(nn.Module):
-    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from `loss`.
+    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from
+    `loss`; with a presence head also `presence`. Subclasses define `decode_keypoints` and
+    `keypoint_loss` on the keypoint output, and call `_init_presence` in their constructor.
 
     `decode` is written in torch ops that `torch.export` can trace (no numpy, no data-dependent
     Python branches): `handpose export` puts it inside the ONNX graph as it is.
     """
 
     arch: str = ""  # its name in ARCHS (a checkpoint's config "arch"; ONNX metadata)
+    presence_head: PresenceHead | None  # set by `_init_presence` (a class default would hide the module)
+    presence_weight: float = 0.0
 
-    def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _init_presence(self, channels: int, presence: bool, weight: float) -> None:
+        """Add the presence head (on features of `channels` channels) when `presence`."""
+        self.presence_head = PresenceHead(channels) if presence else None
+        self.presence_weight = weight if presence else 0.0
+
+    def _output(self, keypoints: torch.Tensor, deepest: torch.Tensor) -> Output:
+        """The forward's return: the keypoint output, with the presence logits when there is a head."""
+        if self.presence_head is None:
+            return keypoints
+        return keypoints, self.presence_head(deepest)
+
+    @staticmethod
+    def split(out: Output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keypoint output, presence logits (B,) or None) of a forward's output."""
+        if isinstance(out, tuple):
+            return out[0], out[1]
+        return out, None
+
+    def decode(self, out: Output) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw output -> (uv (B, J, 2) model-input pixels, score (B, J) in [0, 1]), in fp32."""
+        return self.decode_keypoints(self.split(out)[0])
+
+    def presence(self, out: Output) -> torch.Tensor | None:
+        """The probability (B,) in fp32 that each crop shows a hand; None without a presence head."""
+        logits = self.split(out)[1]
+        return None if logits is None else torch.sigmoid(logits.float())
+
+    def loss(
+        self, out: Output, uv: torch.Tensor, visible: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scalar loss over the visible joints only (uv (B, J, 2) model-input px, visible (B, J)
+        bool) of the crops that show their hand (`present` (B,) bool; None = all do), plus, with a
+        presence head, `presence_weight` x the binary cross entropy of its logits against `present`.
+
+        A batch without a visible joint gives zero keypoint loss, still attached to the graph.
+        """
+        keypoints, logits = self.split(out)
+        if present is not None:
+            visible = visible & present[:, None]
+        total = self.keypoint_loss(keypoints, uv, visible)
+        if logits is not None:
+            with torch.autocast(logits.device.type, enabled=False):
+                target = torch.ones_like(logits, dtype=torch.float32) if present is None else present.float()
+                bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+            total = total + self.presence_weight * bce
+        return total
+
+    def decode_keypoints(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keypoint output -> (uv, score), as `decode`."""
         raise NotImplementedError
 
-    def loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Scalar loss over the visible joints only (uv (B, J, 2) model-input px, visible (B, J) bool).
-
-        A batch without a visible joint gives zero, still attached to the graph.
-        """
+    def keypoint_loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The keypoint part of `loss`, over the visible joints only."""
         raise NotImplementedError
 
 
@@ -126,6 +201,8 @@ class ShallowUNet(PoseModel):
         sigma: float = 3.0,
         loss: str = "iou",
         index_offset: float = INDEX_OFFSET,
+        presence: bool = False,
+        presence_weight: float = PRESENCE_WEIGHT,
     ):
         super().__init__()
         self.depth = depth
@@ -141,22 +218,23 @@ class ShallowUNet(PoseModel):
             below = chans[-1] * 2 if i == 0 else ch * 2
             setattr(self, f"conv_up{i + 1}", ConvBlock(below + ch, ch))
         self.conv_out = nn.Sequential(nn.Conv2d(width, joints, 3, padding=1, bias=False), nn.Sigmoid())
+        self._init_presence(chans[-1] * 2, presence, presence_weight)  # on the bottleneck
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Output:
         skips = []
         for i in range(self.depth):
             x = getattr(self, f"conv_down{i + 1}")(x if i == 0 else self.maxpool(x))
             skips.append(x)
-        x = self.conv_bottleneck(self.maxpool(x))
+        x = bottleneck = self.conv_bottleneck(self.maxpool(x))
         for i in range(self.depth):
             x = getattr(self, f"conv_up{i + 1}")(torch.cat([self.upsample(x), skips[-1 - i]], dim=1))
-        return self.conv_out(x)
+        return self._output(self.conv_out(x), bottleneck)
 
-    def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_keypoints(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmap-weighted mean (heatmap px = input px); score = the map's peak (sigmoid, 0..1)."""
         return heatmaps_to_keypoints(out, self.index_offset)
 
-    def loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def keypoint_loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """`loss_name` ("iou" | "mse") against Gaussian targets of `sigma` px, visible maps only."""
         with torch.autocast(out.device.type, enabled=False):
             target = keypoints_to_heatmaps(_known(uv, visible), visible, out.shape[-1], self.sigma)
@@ -212,24 +290,21 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
-class StridedPose(PoseModel):
-    """Strided encoder with stride-4 logit maps and a soft-argmax (integral regression) decoder.
+class StridedEncoder(nn.Module):
+    """The strided encoder and its FPN neck, shared by the heads built on it (strided, simcc).
 
     stem    conv3x3/2 3->w, conv3x3/2 w->2w (BN, ReLU): stride 4
     stages  `depth` basic blocks at strides 4, 8, 16 with 2w, 4w, 8w channels
     neck    FPN top-down: 1x1 laterals to 2w channels, bilinear 2x upsample + add, to stride 4
-    head    conv3x3 2w->2w (BN, ReLU), conv1x1 -> 21 logit maps (S/4 x S/4)
 
-    Cell (i, j) of a logit map sits at input pixel ((j + 0.5) * 4, (i + 0.5) * 4). The input side
-    must be divisible by 16.
+    `features(x)` -> (the neck's stride-4 map (B, 2w, S/4, S/4), the deepest stage (B, 8w, S/16,
+    S/16)). A head subclasses it (its layers then sit at the top level of the state_dict, where
+    checkpoints of `StridedPose` have always had them) or holds one. The input side must be
+    divisible by 16.
     """
 
-    arch = "strided"
-    stride = 4
-
-    def __init__(self, width: int = 16, depth: int = 1, *, sigma: float = 4.0, reg: float = STRIDED_REG):
+    def __init__(self, width: int = 16, depth: int = 1):
         super().__init__()
-        self.sigma, self.reg = sigma, reg
         c1, c2, c3 = 2 * width, 4 * width, 8 * width
         self.stem = nn.Sequential(_conv_bn(3, width, 3, 2), _conv_bn(width, c1, 3, 2))
         self.stage1 = _stage(c1, c1, depth, 1)
@@ -238,21 +313,52 @@ class StridedPose(PoseModel):
         self.lateral1 = nn.Conv2d(c1, c1, 1)
         self.lateral2 = nn.Conv2d(c2, c1, 1)
         self.lateral3 = nn.Conv2d(c3, c1, 1)
-        logits = nn.Conv2d(c1, NUM_JOINTS, 1)
-        # Near-zero logits: every map starts as a uniform softmax (prediction = image centre),
-        # so the first steps do not chase large random gradients of the L1 term.
-        nn.init.normal_(logits.weight, std=1e-3)
-        nn.init.zeros_(logits.bias)  # type: ignore[arg-type]  # bias=True: never None
-        self.head = nn.Sequential(_conv_bn(c1, c1, 3), logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f1 = self.stage1(self.stem(x))
         f2 = self.stage2(f1)
         f3 = self.stage3(f2)
         p = self.lateral3(f3)
         p = self.lateral2(f2) + _up2(p)
         p = self.lateral1(f1) + _up2(p)
-        return self.head(p)
+        return p, f3
+
+
+class StridedPose(StridedEncoder, PoseModel):
+    """`StridedEncoder` with stride-4 logit maps and a soft-argmax (integral regression) decoder.
+
+    head    conv3x3 2w->2w (BN, ReLU), conv1x1 -> 21 logit maps (S/4 x S/4)
+
+    Cell (i, j) of a logit map sits at input pixel ((j + 0.5) * 4, (i + 0.5) * 4).
+    """
+
+    arch = "strided"
+    stride = 4
+
+    def __init__(
+        self,
+        width: int = 16,
+        depth: int = 1,
+        *,
+        sigma: float = 4.0,
+        reg: float = STRIDED_REG,
+        presence: bool = False,
+        presence_weight: float = PRESENCE_WEIGHT,
+    ):
+        super().__init__(width, depth)
+        self.sigma, self.reg = sigma, reg
+        c1 = 2 * width
+        logits = nn.Conv2d(c1, NUM_JOINTS, 1)
+        # Near-zero logits: every map starts as a uniform softmax (prediction = image centre),
+        # so the first steps do not chase large random gradients of the L1 term.
+        nn.init.normal_(logits.weight, std=1e-3)
+        nn.init.zeros_(logits.bias)  # type: ignore[arg-type]  # bias=True: never None
+        self.head = nn.Sequential(_conv_bn(c1, c1, 3), logits)
+        self._init_presence(8 * width, presence, presence_weight)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        p, deepest = self.features(x)
+        return self._output(self.head(p), deepest)
 
     def _centres(self, n: int, device: torch.device) -> torch.Tensor:
         """Input-pixel coordinate of cells 0..n-1 along one axis."""
@@ -270,7 +376,7 @@ class StridedPose(PoseModel):
         y = (p.sum(dim=3) * ys).sum(-1)
         return torch.stack([x, y], dim=-1)
 
-    def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_keypoints(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft-argmax uv (input px); score = softmax mass in the 3x3 cells around the cell that
         holds the expected position (1 for a peaked map, 9 / (h * w) for a flat one)."""
         with torch.autocast(out.device.type, enabled=False):
@@ -285,7 +391,7 @@ class StridedPose(PoseModel):
             score = (p * near_y[..., :, None] * near_x[..., None, :]).sum(dim=(2, 3))
             return uv, score.clamp(0.0, 1.0)
 
-    def loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def keypoint_loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Mean over visible joints of |du| + |dv| in units of the input side, plus `reg` x the
         Jensen-Shannon divergence (nats) between the softmax map and a normalised Gaussian of
         `sigma` input px centred on the target."""
@@ -314,6 +420,98 @@ class StridedPose(PoseModel):
 
 
 # ---------------------------------------------------------------------------------------------
+# simcc: the strided encoder, per-axis classification into sub-pixel bins
+
+
+class SimCCPose(StridedEncoder, PoseModel):
+    """`StridedEncoder` with a SimCC head: per joint, per axis, logits over `bins` = S x `split`
+    sub-pixel bins (bin i centred at input px (i + 0.5) / split).
+
+    head    conv3x3 2w->2w (BN, ReLU), conv1x1 -> 21 maps (S/4 x S/4), each flattened, then one
+            linear layer (S/4)^2 -> bins for x and one for y (shared by the joints, as in SimCC)
+
+    `forward` -> logits (B, 21, 2 x bins): the x bins, then the y bins. The input side is fixed
+    (the linear layers take its (S/4)^2 cells) and must be divisible by 16.
+    """
+
+    arch = "simcc"
+
+    def __init__(
+        self,
+        width: int = 16,
+        depth: int = 1,
+        *,
+        image_size: int,
+        split: float = SIMCC_K,
+        sigma: float = 2.0,
+        presence: bool = False,
+        presence_weight: float = PRESENCE_WEIGHT,
+    ):
+        super().__init__(width, depth)
+        self.k, self.sigma = split, sigma
+        self.bins = round(image_size * split)
+        # the decoder's window: bins within 3 label sigmas of the peak (at least one each side)
+        self.window = max(1, math.ceil(3.0 * sigma * split))
+        c1 = 2 * width
+        self.head = nn.Sequential(_conv_bn(c1, c1, 3), nn.Conv2d(c1, NUM_JOINTS, 1))
+        cells = (image_size // 4) ** 2
+        self.to_x = nn.Linear(cells, self.bins)
+        self.to_y = nn.Linear(cells, self.bins)
+        self._init_presence(8 * width, presence, presence_weight)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        p, deepest = self.features(x)
+        maps = self.head(p).flatten(2)  # (B, J, (S/4)^2)
+        return self._output(torch.cat([self.to_x(maps), self.to_y(maps)], dim=-1), deepest)
+
+    def _centres(self, device: torch.device) -> torch.Tensor:
+        """Input-pixel coordinate of bins 0..bins-1."""
+        return (torch.arange(self.bins, device=device, dtype=torch.float32) + 0.5) / self.k
+
+    def _axes(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, J, 2 x bins) logits -> fp32 (B, J, 2, bins): axis 0 is x, 1 is y."""
+        b, j, _ = out.shape
+        return out.float().reshape(b, j, 2, self.bins)
+
+    def decode_keypoints(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per axis: the argmax bin, then the softmax-weighted mean of the bin centres within
+        `window` bins (3 label sigmas) of it; score = the product of the two axes' softmax mass in
+        those windows (1 for a peaked output, about (2 window + 1)^2 / bins^2 for a flat one).
+
+        Why a local expectation rather than the argmax refined by a parabola through its two
+        neighbours' log-probabilities: the parabola is exact for an exactly Gaussian peak but
+        rests on three bins whose log-probabilities differ little (second difference 1/16 per
+        bin^2 at 2 bins per px with a 2 px label). Simulated on such labels with Gaussian noise
+        on the logits, the parabola is off by 0.13 bin on average (0.75 at worst) at noise 0.01
+        and 0.46 (2.0) at 0.05; the window, averaging about 6 sigma of bins, by 0.009 (0.036) and
+        0.033 (0.16), and its truncation bias without noise (the window is centred on the argmax
+        bin, not the peak) stays under 0.01 bin. Unlike the global expectation (soft-argmax) it
+        ignores a second mode elsewhere on the axis, e.g. a look-alike finger, which would drag
+        the estimate to a point between the two.
+        """
+        with torch.autocast(out.device.type, enabled=False):
+            p = torch.softmax(self._axes(out), dim=-1)  # (B, J, 2, bins)
+            peak = p.argmax(dim=-1, keepdim=True)
+            index = torch.arange(self.bins, device=p.device)
+            w = p * ((index - peak).abs() <= self.window)
+            mass = w.sum(-1)  # (B, J, 2)
+            uv = (w * self._centres(p.device)).sum(-1) / mass.clamp_min(1e-12)
+            return uv, (mass[..., 0] * mass[..., 1]).clamp(0.0, 1.0)
+
+    def keypoint_loss(self, out: torch.Tensor, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Mean over visible joints of KL(label || softmax), summed over the two axes (nats); the
+        label: a Gaussian of `sigma` input px at the joint's coordinate, over the axis's bins."""
+        with torch.autocast(out.device.type, enabled=False):
+            uv = _known(uv, visible)
+            logp = torch.log_softmax(self._axes(out), dim=-1)
+            d = (self._centres(out.device) - uv[..., None]) / self.sigma  # (B, J, 2, bins)
+            logq = -0.5 * d**2
+            logq = logq - torch.logsumexp(logq, dim=-1, keepdim=True)
+            kl = (logq.exp() * (logq - logp)).sum(-1).sum(-1)  # (B, J)
+            return _masked_mean(kl, visible)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building by name
 
 
@@ -328,23 +526,34 @@ class ModelConfig:
     so a recipe, a checkpoint's config and `build_model` obey the same rules). A resumed run may
     change none of them: the saved weights would not fit."""
 
-    arch: Literal["unet", "strided"] = setting(
+    arch: Literal["unet", "strided", "simcc"] = setting(
         "unet", "the architecture (ARCHS); unet with width 16, depth 3 is the tutorial's model", fixed=MODEL
     )
-    width: int = setting(16, "channels of the first stage (strided: stages 2w, 4w, 8w)", fixed=MODEL, gt=0)
-    depth: int = setting(3, "unet: down/up levels; strided: blocks per stage", fixed=MODEL, gt=0)
+    width: int = setting(
+        16, "channels of the first stage (strided, simcc: stages 2w, 4w, 8w)", fixed=MODEL, gt=0
+    )
+    depth: int = setting(3, "unet: down/up levels; strided, simcc: blocks per stage", fixed=MODEL, gt=0)
     image_size: int = setting(128, "model input side, px (a multiple of input_multiple)", fixed=MODEL, gt=0)
     sigma: float = setting(
         3.0, "target Gaussian, px at model size (the tutorial blurred with sigma 3)", fixed=MODEL, gt=0
     )
-    loss: Literal["iou", "mse", "l1"] = setting(
-        "iou", "unet trains with iou or mse (heatmap losses), strided with l1", fixed=MODEL
+    loss: Literal["iou", "mse", "l1", "kl"] = setting(
+        "iou", "unet trains with iou or mse (heatmap losses), strided with l1, simcc with kl", fixed=MODEL
     )
     index_offset: float = setting(
         INDEX_OFFSET, "unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)", fixed=MODEL
     )
     reg: float = setting(
         STRIDED_REG, "strided: weight of the Jensen-Shannon regulariser (DSNT)", fixed=MODEL, ge=0
+    )
+    simcc_k: float = setting(
+        SIMCC_K, "simcc: sub-pixel bins per input px (split ratio k; image_size x k whole)", fixed=MODEL, gt=0
+    )
+    presence: bool = setting(
+        False, "add a hand-presence logit: is there a hand in the crop at all", fixed=MODEL
+    )
+    presence_weight: float = setting(
+        PRESENCE_WEIGHT, "presence: weight of its binary cross entropy in the loss", fixed=MODEL, ge=0
     )
 
     def __post_init__(self) -> None:
@@ -361,9 +570,17 @@ class ModelConfig:
                 f"image_size {self.image_size} must be a multiple of {multiple} for arch {self.arch!r}"
                 + (" (2**depth)" if self.arch == "unet" else ""),
             )
-        if self.arch == "strided" and self.index_offset != INDEX_OFFSET:
+        if self.arch != "unet" and self.index_offset != INDEX_OFFSET:
             raise ConfigError(
-                "index_offset", f"must be {INDEX_OFFSET} for arch 'strided' (its cells sit at pixel centres)"
+                "index_offset",
+                f"must be {INDEX_OFFSET} for arch {self.arch!r} (its cells and bins sit at pixel centres)",
+            )
+        bins = self.image_size * self.simcc_k
+        if self.arch == "simcc" and abs(bins - round(bins)) > 1e-9:
+            raise ConfigError(
+                ("simcc_k", "image_size"),
+                f"image_size x simcc_k must be a whole number of bins, "
+                f"got {self.image_size} x {self.simcc_k}",
             )
 
 
@@ -373,14 +590,18 @@ MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))  # a config dict's keys 
 def build_model(arch: str, **hparams: Any) -> PoseModel:
     """The model `arch` with these hyper-parameters (ModelConfig's fields; the rest default).
 
-    width, depth  unet: first level's channels, down/up levels; strided: stem width w (stages
-                  2w, 4w, 8w), basic blocks per stage
+    width, depth  unet: first level's channels, down/up levels; strided, simcc: stem width w
+                  (stages 2w, 4w, 8w), basic blocks per stage
     image_size    input side, px (a multiple of `input_multiple(arch, depth)`)
-    sigma         Gaussian target, input px (unet: heatmap target; strided: JS regulariser)
-    loss          unet: "iou" | "mse"; strided: "l1"
+    sigma         Gaussian target, input px (unet: heatmap target; strided: JS regulariser;
+                  simcc: the 1D label over each axis's bins)
+    loss          unet: "iou" | "mse"; strided: "l1"; simcc: "kl"
     index_offset  unet decoder: heatmap cell i at i + index_offset (0.5; the tutorial's 0.0);
-                  strided: must be 0.5 (its cells are at pixel centres by construction)
-    reg           strided: weight of the Jensen-Shannon regulariser (0 = L1 only); unet ignores it
+                  strided, simcc: must be 0.5 (their cells and bins are centred by construction)
+    reg           strided: weight of the Jensen-Shannon regulariser (0 = L1 only); others ignore it
+    simcc_k       simcc: bins per input px (the split ratio k; image_size x k must be whole);
+                  others ignore it
+    presence      add the hand-presence logit (every arch); presence_weight: its loss weight
     Raises HandposeError naming the field for a value that cannot build a model.
     """
     return model_from_config({"arch": arch, **hparams})
@@ -388,12 +609,16 @@ def build_model(arch: str, **hparams: Any) -> PoseModel:
 
 def model_from_config(config: Mapping[str, Any]) -> PoseModel:
     """The model of a config dict (a recipe's, a checkpoint's): its MODEL_KEYS, checked by
-    ModelConfig's rules (a missing key takes ModelConfig's default; other keys are ignored).
+    ModelConfig's rules (a missing key takes ModelConfig's default, so a config written before
+    simcc_k or presence existed builds the model it did; other keys are ignored).
     Raises HandposeError naming the field at fault."""
     c = from_dict(ModelConfig, {k: v for k, v in config.items() if k in MODEL_KEYS})
+    heads: dict[str, Any] = {"presence": c.presence, "presence_weight": c.presence_weight}
     if c.arch == "unet":
-        return ShallowUNet(c.width, c.depth, sigma=c.sigma, loss=c.loss, index_offset=c.index_offset)
-    return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg)
+        return ShallowUNet(c.width, c.depth, sigma=c.sigma, loss=c.loss, index_offset=c.index_offset, **heads)
+    if c.arch == "simcc":
+        return SimCCPose(c.width, c.depth, image_size=c.image_size, split=c.simcc_k, sigma=c.sigma, **heads)
+    return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg, **heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +683,32 @@ def _unet_shape(weights: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     first = weights.get("conv_down1.double_conv.1.weight")
     depth = sum(1 for k in weights if re.fullmatch(r"conv_down\d+\.double_conv\.1\.weight", k))
     return (int(first.shape[0]), depth) if first is not None and first.ndim == 4 else (16, 3)
+
+
+@torch.no_grad()
+def flip_test(
+    model: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Test-time flip: decode a batch (B, 3, H, W) and its left-right mirror, map the mirror's
+    keypoints back (x -> W - x in geometry.py's pixel convention; joint identities kept: a hand
+    has no left/right joint pairs) and average. -> (uv (B, J, 2) input px, score (B, J),
+    presence (B,) or None without a presence head), fp32.
+
+    Symmetric by construction: the mirrored batch gives exactly the mirrored answer (up to
+    float rounding), whatever the model.
+    """
+    width = images.shape[-1]
+    both = model(torch.cat([images, images.flip(-1)]))
+    uv, score = model.decode(both)  # type: ignore[operator]
+    n = len(images)
+    back = uv[n:].clone()
+    back[..., 0] = width - back[..., 0]
+    presence = model.presence(both) if hasattr(model, "presence") else None  # type: ignore[operator]
+    return (
+        (uv[:n] + back) / 2,
+        (score[:n] + score[n:]) / 2,
+        None if presence is None else (presence[:n] + presence[n:]) / 2,
+    )
 
 
 def model_summary(model: nn.Module, image_size: int) -> dict[str, int]:

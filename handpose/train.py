@@ -45,7 +45,7 @@ from handpose.distributed import (
 )
 from handpose.errors import ConfigError, HandposeError
 from handpose.geometry import BOX_PAD
-from handpose.loader import make_loader
+from handpose.loader import NO_DALI_NEGATIVES, make_loader
 from handpose.model import ModelConfig, PoseModel, model_from_config
 from handpose.resume import resume as resume_run
 from handpose.resume import run_recipe
@@ -74,6 +74,13 @@ class TrainConfig(ModelConfig):
     crop: tuple[Literal["image", "box"], ...] = setting(("image",), "per folder, or one for all", fixed=DATA)
     box_pad: float = setting(
         BOX_PAD, 'crop = "box": the square box\'s side x this fills the input', fixed=DATA, ge=1
+    )
+    negatives: float = setting(
+        0.0,
+        "share of box crops moved off every hand of the photo (needs presence, loader wds)",
+        fixed=DATA,
+        ge=0,
+        lt=1,
     )
     out: str = setting("", "run folder", resume="a run folder may be moved")
     loader: Literal["wds", "dali"] = setting("wds", "the loader kind (loader.py)", resume=HOW)
@@ -169,6 +176,13 @@ class TrainConfig(ModelConfig):
             )
         if len(self.crop) not in (1, len(self.shards)):
             raise ConfigError("crop", f"give one mode, or one per shards folder ({len(self.shards)})")
+        if self.negatives > 0 and not self.presence:
+            raise ConfigError(
+                ("negatives", "presence"),
+                "crops without a hand train the presence logit: set presence = true",
+            )
+        if self.negatives > 0 and self.loader == "dali":
+            raise ConfigError(("negatives", "loader"), NO_DALI_NEGATIVES)
 
 
 def train(
@@ -353,6 +367,7 @@ def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None =
             if train and cfg.batches_per_epoch
             else None
         ),
+        negatives=cfg.negatives if train else 0.0,
     )
 
 
@@ -373,7 +388,8 @@ def train_step(
     dtype = amp_dtype(cfg, world)
     with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(images)
-    loss = raw.loss(out, batch["uv"], batch["visible"])  # losses compute in fp32, visible joints only
+    # losses compute in fp32 over visible joints of crops that show their hand (`present`)
+    loss = raw.loss(out, batch["uv"], batch["visible"], batch.get("present"))
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -417,7 +433,7 @@ def evaluate(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World, mean_u
         uv, vis = batch["uv"], batch["visible"]
         with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = raw(batch["image"])
-        loss = raw.loss(pred, uv, vis)
+        loss = raw.loss(pred, uv, vis, batch.get("present"))
         pred_uv, _ = raw.decode(pred)
         err = (pred_uv.float() - uv).norm(dim=-1)[vis]
         base = (mean_uv - uv).norm(dim=-1)[vis]

@@ -5,6 +5,11 @@ Per DataLoader worker: plan this worker's samples of each shard set -> read them
 unpickled) -> shuffle buffer (train) -> one affine per sample (`geometry.crop_matrix`, the set's
 crop mode plus augmentation) -> `imageio.warp_to_input` decodes and warps (the preprocessing
 predict shares) and the same matrix moves the keypoints -> blur/occlusion (train) -> uint8 batch.
+With `negatives` > 0 a share of the training samples of box-crop sets become crops WITHOUT a hand
+("present" False): a square elsewhere in the same photo that overlaps none of its hand boxes. A photo's hands
+are consecutive samples with the same image bytes (pack writes them so, all in one shard), so
+`_photo_boxes` groups them before the shuffle; a group cut by the edge of a slot's run of a shard
+may lack hands, and never gives a negative.
 Colour jitter + normalisation (one folded affine per sample, each set's own mean/std) run on the
 device after the uint8 batch (a quarter of float32's bytes) has crossed from the worker: one
 batched op on a GPU, sample by sample into recycled output tensors on a CPU (`finish`).
@@ -42,6 +47,7 @@ from handpose.augment import (
     blur_and_occlude,
     colour_normalise,
     folded_affine,
+    negative_matrix,
     params_matrix,
     sample_params,
 )
@@ -54,16 +60,17 @@ from handpose.datasets import (
     n_batches,
     train_batches_per_rank,
 )
-from handpose.geometry import apply_affine, in_frame, source_region
+from handpose.geometry import apply_matrix, in_frame, source_region
 from handpose.imageio import image_size, warp_to_input
-from handpose.shards import READ_LABELS, decode_annotation, read_samples
+from handpose.shards import READ_LABELS, decode_annotation, decode_box, read_samples
 
 log = logging.getLogger(__name__)
 
 READ_MEMBERS = ("jpg", *READ_LABELS)  # the only members this kind reads
 
-Item = tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float, float], int]
-# (key, uint8 image (S, S, 3), uv (21, 2) model px, labelled (21,), colour row, set index)
+Item = tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple[float, ...], int, bool]
+# (key, uint8 image (S, S, 3), uv (21, 2) model px, labelled (21,), colour row, set index, a hand shown)
+PHOTO_BOXES = "__photo_boxes__"  # a sample's key for every hand box of its photo (None: not known)
 
 
 # ---------------------------------------------------------------------------- who reads what
@@ -139,12 +146,42 @@ class _Spec:
     shuffle_buffer: int
     resample: bool  # training draws whole shards with replacement (samples_per_epoch)
     batches_per_rank: int  # training only
+    negatives: float = 0.0  # training: share of samples turned into crops without a hand
 
 
 def _read(tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
     """Samples {"__key__", "__url__", "jpg", "kp.f32", "vis.u8", "box.f32"} of each task."""
     for url, task in tasks:
         yield from read_samples(url, READ_MEMBERS, task.start, task.stop)
+
+
+def _photo_boxes(tasks: Iterable[tuple[str, ShardTask]], counts: dict[str, int]) -> Iterator[dict]:
+    """`_read`, each sample with PHOTO_BOXES: the boxes (N, 4) of every hand of its photo (the run
+    of consecutive samples with the same image bytes), or None where the run may go on beyond
+    this task (it starts the task and the task does not start the shard, or it ends the task
+    and the task does not end the shard) or a box member is unreadable."""
+    for url, task in tasks:
+        run: list[dict] = []
+        first = True
+        for sample in itertools.chain(read_samples(url, READ_MEMBERS, task.start, task.stop), [None]):
+            if run and (sample is None or sample.get("jpg") != run[0].get("jpg")):
+                cut = (first and task.start > 0) or (sample is None and task.stop < counts[url])
+                yield from _with_boxes(run, known=not cut)
+                run, first = [], False
+            if sample is not None:
+                run.append(sample)
+
+
+def _with_boxes(run: list[dict], *, known: bool) -> Iterator[dict]:
+    boxes = None
+    if known:
+        try:
+            boxes = np.stack([decode_box(s["box.f32"]) for s in run])
+        except (KeyError, ValueError):  # the sample itself is skipped later, with its reason
+            boxes = None
+    for s in run:
+        s[PHOTO_BOXES] = boxes
+        yield s
 
 
 def _decode_warp(
@@ -157,9 +194,12 @@ def _decode_warp(
     augment: AugmentConfig | None,
     rng: np.random.Generator,
     skipped: list[tuple[str, str, str]],
+    negatives: float = 0.0,
 ) -> Iterator[Item]:
     """One Item per sample. A data error (ValueError: corrupt JPEG, bad label member, missing
-    member) skips the sample and records it in `skipped`; anything else is a bug and raises."""
+    member) skips the sample and records it in `skipped`; anything else is a bug and raises.
+    With `negatives`, that share of samples (drawn per sample; only those whose photo's boxes are
+    known and leave room) is cropped where the photo shows no hand: no joint visible."""
     for sample in samples:
         key, url = sample["__key__"], sample["__url__"]
         try:
@@ -168,8 +208,16 @@ def _decode_warp(
                 raise ValueError("missing member jpg")
             ann = decode_annotation(sample)
             p = sample_params(augment, rng) if augment is not None else IDENTITY
-            region = source_region(*image_size(jpg), ann.box if crop == "box" else None, pad)
-            M = params_matrix(p, region, size)
+            width, height = image_size(jpg)
+            M = None
+            boxes = sample.get(PHOTO_BOXES)
+            if negatives > 0 and rng.uniform() < negatives and boxes is not None:
+                side = source_region(width, height, ann.box, pad)[2]  # the size of a hand crop of this photo
+                M = negative_matrix(p, side, width, height, boxes, size, rng)
+            present = M is None
+            if M is None:
+                region = source_region(width, height, ann.box if crop == "box" else None, pad)
+                M = params_matrix(p, region, size)
             image = warp_to_input(jpg, M, size)
         except ValueError as e:
             log.warning("skipping corrupt sample %s in %s: %s", key, url, e)
@@ -179,10 +227,11 @@ def _decode_warp(
             yield (
                 key,
                 blur_and_occlude(image, p),
-                apply_affine(M, ann.uv),
-                ann.labelled,
+                apply_matrix(M, ann.uv),
+                ann.labelled if present else np.zeros_like(ann.labelled),
                 p.colour(),
                 set_index,
+                present,
             )
         except Exception as e:
             e.add_note(f"sample {key} in {url}")
@@ -192,7 +241,8 @@ def _decode_warp(
 def _collate(
     chunk: list[Item], *, size: int, colour: bool, skipped: list[tuple[str, str, str]], shared: bool
 ) -> dict[str, Any]:
-    """A worker's batch: uint8 images (B, 3, H, W), uv, visible, keys, set ids, colour rows (B, 4).
+    """A worker's batch: uint8 images (B, 3, H, W), uv, visible, keys, set ids, present (B,) bool,
+    colour rows (B, 7).
 
     Images stay uint8 (a quarter of float32's bytes) until `finish` on the device; with `shared`
     (a DataLoader worker) they are collated straight into shared memory, which the DataLoader
@@ -211,6 +261,7 @@ def _collate(
         "visible": torch.from_numpy(labelled & in_frame(uv, size)),
         "key": [item[0] for item in chunk],
         "set": torch.tensor([item[5] for item in chunk], dtype=torch.int64),
+        "present": torch.tensor([item[6] for item in chunk], dtype=torch.bool),
         "skipped": _take(skipped),
     }
     if colour:
@@ -226,7 +277,7 @@ def finish(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, colour-jittered (rows (B, 4) or None), (x / 255 - mean) / std
+    """uint8 (B, 3, H, W) -> float, colour-jittered (rows (B, 7) or None), (x / 255 - mean) / std
     with mean/std (3,) or per sample (B, 3).
 
     Runs where `images` live: one batched op on a GPU (`augment.apply_colour`), sample by sample
@@ -339,7 +390,19 @@ class _ShardStream(IterableDataset):
             augment=self.spec.augment,
             rng=rng,
             skipped=skipped,
+            negatives=self._negatives(s),
         )
+
+    def _negatives(self, s: _SetSpec) -> float:
+        """The share of crops without a hand for set `s`: box-crop sets in training only (a hand
+        crop says whether ITS box holds a hand; a whole photo of these shards always does)."""
+        return self.spec.negatives if self.spec.train and s.crop == "box" else 0.0
+
+    def _read_train(self, s: _SetSpec, tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
+        """Training reads; with negatives, each sample knows its photo's hand boxes."""
+        if self._negatives(s) > 0:
+            return _photo_boxes(tasks, dict(zip(s.urls, s.counts, strict=True)))
+        return _read(tasks)
 
     def _eval_plan(self, slot: int, slots: int) -> Iterator[tuple[int, list[tuple[str, ShardTask]]]]:
         """val/test/eval: the sets' shards back to back, dealt out exactly once over all slots."""
@@ -358,10 +421,12 @@ class _ShardStream(IterableDataset):
         s, spec = self.spec.sets[i], self.spec
         set_rng = np.random.default_rng([spec.seed + spec.rank, slot, self.epoch, i])
         if spec.resample or sum(s.counts) < slots:
-            samples = self._shuffled(_read(self._resampled(s, set_rng)), set_rng)
+            samples = self._shuffled(self._read_train(s, self._resampled(s, set_rng)), set_rng)
         else:
             passes = self._passes(s, i, slot, slots)
-            samples = itertools.chain.from_iterable(self._shuffled(_read(p), set_rng) for p in passes)
+            samples = itertools.chain.from_iterable(
+                self._shuffled(self._read_train(s, p), set_rng) for p in passes
+            )
         return self._items(i, samples, rng, skipped)
 
     def _shuffled(self, samples: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
@@ -391,7 +456,15 @@ class _ShardStream(IterableDataset):
 class WdsLoader:
     """Iterable of batch dicts; call `set_epoch(epoch)` before each epoch. `len()` = batches per epoch."""
 
-    def __init__(self, sets: list[ShardSet], split: str, options: LoaderOptions, *, shuffle_buffer: int):
+    def __init__(
+        self,
+        sets: list[ShardSet],
+        split: str,
+        options: LoaderOptions,
+        *,
+        shuffle_buffer: int,
+        negatives: float = 0.0,
+    ):
         o, train = options, split == "train"
         self.sets = sets
         batches = (
@@ -411,6 +484,7 @@ class WdsLoader:
             shuffle_buffer=shuffle_buffer,
             resample=bool(o.samples_per_epoch) and train,
             batches_per_rank=batches,
+            negatives=negatives if train else 0.0,
         )
         self.workers, self.device, self.epoch = o.workers, o.device, o.epoch
         self.stats = LoaderStats()
@@ -459,4 +533,5 @@ class WdsLoader:
             "visible": batch["visible"].to(self.device, non_blocking=True),
             "key": batch["key"],
             "set": batch["set"].to(self.device, non_blocking=True),
+            "present": batch["present"].to(self.device, non_blocking=True),
         }

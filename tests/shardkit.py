@@ -30,6 +30,12 @@ GEOMETRY_ONLY = AugmentConfig(
     brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
 )  # fmt: skip
 
+# the augmentations for photos of other sources, geometry only: full circle, aspect, perspective
+OTHER_GEOMETRY = AugmentConfig(
+    rotate_deg=180, scale_min=0.8, scale_max=1.25, translate=0.1, flip=True, aspect=0.3, perspective_deg=40,
+    brightness=0.0, contrast=0.0, saturation=0.0, hue_deg=0.0,
+)  # fmt: skip
+
 Sample = tuple[int, bytes, np.ndarray, dict[str, bytes]]  # sid, jpeg, uv (21, 2), extra members
 # extra members are added after the format's own, or replace them ("vis.u8", "box.f32", ...);
 # without them visibility is all 1 and the box is the keypoints' extent grown by 1 px.
@@ -71,6 +77,30 @@ def box_dot_sample(sid: int, rng: np.random.Generator, w: int, h: int, box_side:
     uv[0] = (cx + 0.5, cy + 0.5)
     box = np.array([x0, y0, x0 + side[0], y0 + side[1]])
     return sid, jpeg(img, 100), uv, {"box.f32": box.astype("<f4").tobytes()}
+
+
+def photo_samples(
+    first_sid: int, rng: np.random.Generator, hands: int, w: int = 320, h: int = 240, side: int = 60
+) -> list[Sample]:
+    """One photo with `hands` non-overlapping bright (255) hand boxes on a dark (30) ground, as
+    pack stores it: one sample per hand, consecutive, every one with the same image bytes."""
+    img = np.full((h, w, 3), 30, np.uint8)
+    boxes: list[np.ndarray] = []
+    while len(boxes) < hands:
+        x0, y0 = float(rng.integers(0, w - side)), float(rng.integers(0, h - side))  # whole pixels
+        box = np.array([x0, y0, x0 + side, y0 + side])
+        if all(
+            min(box[2], b[2]) <= max(box[0], b[0]) or min(box[3], b[3]) <= max(box[1], b[1]) for b in boxes
+        ):
+            boxes.append(box)
+    for b in boxes:
+        img[int(b[1]) : int(b[3]), int(b[0]) : int(b[2])] = 255
+    data = jpeg(img, 100)
+    out = []
+    for i, b in enumerate(boxes):
+        uv = np.column_stack([rng.uniform(b[0], b[2], 21), rng.uniform(b[1], b[3], 21)])
+        out.append((first_sid + i, data, uv, {"box.f32": b.astype("<f4").tobytes()}))
+    return out
 
 
 def write_pack(

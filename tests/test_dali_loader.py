@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import GEOMETRY_ONLY, box_dot_sample, dot_centroid, dots_pack, write_pack
+from shardkit import GEOMETRY_ONLY, OTHER_GEOMETRY, box_dot_sample, dot_centroid, dots_pack, write_pack
 
 from handpose import augment as A
 from handpose.config import AugmentConfig
-from handpose.geometry import apply_affine, box_region, crop_matrix, invert
+from handpose.errors import HandposeError
+from handpose.geometry import apply_affine, box_region, crop_matrix, invert, matrix_scale
 from handpose.loader import denormalise, make_loader
 from handpose.shards import decode_box, read_manifest, read_samples, sample_key
 
@@ -196,7 +197,21 @@ def test_stopping_early_restarts_the_next_pass(packed: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "augment", [None, AugmentConfig(flip=True, blur=0.5, occlude=0.5)], ids=["plain", "augment"]
+    "augment",
+    [
+        None,
+        AugmentConfig(flip=True, blur=0.5, occlude=0.5),
+        AugmentConfig(
+            rotate_deg=180,
+            aspect=0.2,
+            perspective_deg=30,
+            channel_gain=0.2,
+            grayscale=0.2,
+            occlude=0.5,
+            occlude_patch=0.5,
+        ),
+    ],
+    ids=["plain", "augment", "other-sources"],
 )
 @pytest.mark.parametrize("crop", ["image", "box"])
 def test_gpu_graph_is_valid(dots: Path, augment: AugmentConfig | None, crop: str) -> None:
@@ -295,3 +310,159 @@ def test_mixed_sets_share_of_every_batch(dots: Path, box_dots: Path) -> None:
         assert sorted(batch["set"].tolist()) == [0, 0, 1, 1]
         n += 1
     assert n == len(loader)
+
+
+# ------------------------------------------------------------------ augmentations for other sources
+
+
+def test_in_graph_homography_equals_geometry_crop_matrix() -> None:
+    """Aspect and tilt: the (3, 3) node equals geometry.crop_matrix's homography (up to scale), and
+    its in-graph largest local scale equals geometry.matrix_scale's."""
+    rows = np.array(
+        [
+            [100, 112, 224, 20.0, 1.1, 0.05, -0.1, 1.0, 1.3, 25.0, 40.0],
+            [150, 90, 300, -135.0, 0.8, -0.1, 0.02, 0.0, 0.7, -40.0, 170.0],
+            [60, 60, 90, 179.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+        ],
+        np.float32,
+    )
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: list(rows), batch=True)
+        p = {"angle": x[3], "scale": x[4], "tx": x[5], "ty": x[6], "flip": x[7], "aspect": x[8]}
+        p["tilt"] = (x[9], x[10])
+        h = D.crop_matrix(x[0], x[1], x[2], 128, p)
+        return h, D.homography_scale(h, 128)
+
+    p = pipe()
+    p.build()
+    h, scale = p.run()
+    for i, (cx, cy, side, angle, zoom, tx, ty, flip, aspect, tilt, axis) in enumerate(rows.tolist()):
+        ref = crop_matrix(
+            (cx, cy, side), 128, angle_deg=angle, scale=zoom, shift=(tx, ty), flip=bool(flip), aspect=aspect,
+            tilt=(tilt, axis),
+        )  # fmt: skip
+        got = np.asarray(h[i], np.float64)
+        np.testing.assert_allclose(got / got[2, 2], ref, rtol=1e-4, atol=1e-5)
+        assert float(np.asarray(scale[i])) == pytest.approx(matrix_scale(ref, 128), rel=1e-4)
+
+
+def test_colour_with_gains_and_grayscale_matches_wds_colour_function() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
+    images[0] = 250  # gains above 1 push it past 255 before the clip
+    rows = np.array(
+        [[1.2, 0.8, 1.2, 10.0, 1.3, 0.9, 0.7], [0.8, 1.2, 0.0, -90.0, 0.7, 1.2, 1.1], [1, 1, 1, 0, 1, 1, 1]],
+        np.float32,
+    )
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: list(images), layout="HWC", batch=True)
+        p = fn.external_source(source=lambda: list(rows), batch=True)
+        return D.colour(x, (p[0], p[1], p[2], p[3]), (p[4], p[5], p[6]))
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    dali_out = np.stack([np.asarray(out[i]) for i in range(3)])
+    ours = A.apply_colour(torch.from_numpy(images).permute(0, 3, 1, 2).double(), torch.from_numpy(rows))
+    np.testing.assert_allclose(dali_out, ours.permute(0, 2, 3, 1).numpy(), atol=0.01)
+
+
+def test_new_augmentations_have_the_wds_distributions() -> None:
+    """The in-graph draws of aspect, tilt, gains, grayscale and the patch coin: the same ranges and
+    (to sampling error over 2,000 samples) the same means and spreads as augment.sample_params."""
+    cfg = AugmentConfig(
+        aspect=0.5, perspective_deg=30, channel_gain=0.2, grayscale=0.3, occlude=1.0, occlude_patch=0.4
+    )
+
+    @pipeline_def(batch_size=500, num_threads=1, device_id=None, seed=5)
+    def pipe():
+        p = D.sample_params(cfg)
+        sat_zero = p["colour"][2] == 0.0
+        return (
+            p["aspect"],
+            *p["tilt"],
+            *p["gains"],
+            sat_zero,
+            p["patch"][0],
+        )
+
+    pl = pipe()
+    pl.build()
+    cols = [[] for _ in range(8)]
+    for _ in range(4):
+        for c, out in zip(cols, pl.run(), strict=True):
+            c += [float(np.asarray(out[i])) for i in range(len(out))]
+    dali = {
+        k: np.array(v)
+        for k, v in zip(("aspect", "tilt", "axis", "g0", "g1", "g2", "grey", "patch"), cols, strict=True)
+    }
+    ps = [A.sample_params(cfg, np.random.default_rng(i)) for i in range(2000)]
+    wds = {
+        "aspect": np.array([p.aspect for p in ps]),
+        "tilt": np.array([p.tilt[0] for p in ps]),  # type: ignore[index]
+        "axis": np.array([p.tilt[1] for p in ps]),  # type: ignore[index]
+        "g0": np.array([p.gains[0] for p in ps]),
+        "g1": np.array([p.gains[1] for p in ps]),
+        "g2": np.array([p.gains[2] for p in ps]),
+        "grey": np.array([p.saturation == 0 for p in ps], float),
+        "patch": np.array([p.occluder_patch is not None for p in ps], float),
+    }
+    dali["aspect"], wds["aspect"] = np.log(dali["aspect"]), np.log(wds["aspect"])  # log-uniform
+    for k, ours in wds.items():
+        theirs = dali[k]
+        lo, hi = ours.min(), ours.max()
+        span = hi - lo
+        assert theirs.min() >= lo - 0.02 * span - 1e-9 and theirs.max() <= hi + 0.02 * span + 1e-9, k
+        assert abs(theirs.mean() - ours.mean()) < 0.05 * max(span, 1.0), k
+        assert abs(theirs.std() - ours.std()) < 0.05 * max(span, 1.0), k
+
+
+@pytest.mark.parametrize("crop", ["image", "box"])
+def test_other_source_geometry_dot_lands_on_transformed_keypoint(
+    dots: Path, box_dots: Path, crop: str
+) -> None:
+    """Full-circle rotation, aspect and perspective (fn.experimental.warp_perspective and the
+    projective keypoint transform): the dot is within 1 px of its keypoint."""
+    root = dots if crop == "image" else box_dots
+    manifest = read_manifest(root)
+    loader = make_loader(
+        root, "train", kind="dali", batch_size=5, workers=1, crop=crop, augment=OTHER_GEOMETRY, seed=3
+    )
+    checked = 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert batch["present"].all()
+            images = denormalise(batch["image"], manifest).numpy()
+            for image, uv in zip(images, batch["uv"].numpy(), strict=True):
+                if not ((uv[0] >= 6) & (uv[0] < 122)).all():
+                    continue
+                np.testing.assert_allclose(dot_centroid(image), uv[0], atol=1.0)
+                checked += 1
+    assert checked >= 30
+
+
+def test_colour_and_patch_augmentations_change_only_pixels(box_dots: Path) -> None:
+    base = dict(rotate_deg=20, brightness=0, contrast=0, saturation=0, hue_deg=0)
+    plain = AugmentConfig(**base)
+    heavy = AugmentConfig(**base, channel_gain=0.3, grayscale=0.5, occlude=1.0, occlude_patch=1.0)
+
+    def first(augment: AugmentConfig) -> dict:
+        loader = make_loader(
+            box_dots, "train", kind="dali", batch_size=5, workers=1, crop="box", augment=augment
+        )
+        return next(iter(loader))
+
+    a, b = first(plain), first(heavy)
+    assert a["key"] == b["key"] and not torch.equal(a["image"], b["image"])
+    torch.testing.assert_close(a["uv"], b["uv"])
+
+
+def test_negatives_are_refused_in_one_line(dots: Path) -> None:
+    with pytest.raises(HandposeError, match="negatives need loader = wds") as e:
+        make_loader(dots, "train", kind="dali", batch_size=4, negatives=0.3)
+    assert "\n" not in str(e.value)

@@ -94,3 +94,142 @@ def test_keypoints_box_uses_labelled_joints_only() -> None:
     uv = np.array([[5.0, 6.0], [1.0, 50.0], [30.0, 2.0], [99.0, 99.0]])
     np.testing.assert_array_equal(g.keypoints_box(uv, np.array([1, 1, 1, 0], bool)), [1, 2, 30, 50])
     assert np.isnan(g.keypoints_box(uv, np.zeros(4, bool))).all()
+
+
+# ----------------------------------------------------------------------------- upright crops
+
+
+def _hand(rng: np.random.Generator, angle_deg: float, centre: tuple[float, float]) -> np.ndarray:
+    """21 keypoints of an upright-ish hand (wrist below, middle MCP straight above it) turned by
+    angle_deg about `centre` (clockwise on screen)."""
+    uv = rng.uniform(-40, 40, (21, 2))
+    uv[0], uv[9] = (0.0, 45.0), (0.0, -5.0)  # wrist, middle-finger MCP
+    return g.apply_affine(g.compose(g.translation(*centre), g.rotation(angle_deg)), uv)
+
+
+@pytest.mark.parametrize("angle", [0.0, 37.0, 90.0, 179.0, -120.0])
+def test_upright_region_turns_the_hand_up_and_fills_the_input(angle: float) -> None:
+    uv = _hand(np.random.default_rng(int(angle) % 7), angle, (150.0, 110.0))
+    region, turn = g.upright_region(uv, pad=1.5)
+    M = g.crop_matrix(region, 128, angle_deg=turn)
+    moved = g.apply_matrix(M, uv)
+    up = moved[9] - moved[0]
+    assert abs(up[0]) < 1e-9 and up[1] < 0  # the MCP straight above the wrist
+    lo, hi = moved.min(axis=0), moved.max(axis=0)
+    assert max(hi - lo) == pytest.approx(128 / 1.5)  # the longer side, padded by 1.5
+    np.testing.assert_allclose((lo + hi) / 2, [64.0, 64.0], atol=1e-9)  # centred
+    np.testing.assert_allclose(g.apply_matrix(g.invert(M), moved), uv, atol=1e-9)  # and back exactly
+
+
+def test_upright_region_without_a_wrist_is_an_unturned_box() -> None:
+    uv = _hand(np.random.default_rng(3), 60.0, (100.0, 100.0))
+    labelled = np.ones(21, bool)
+    labelled[0] = False
+    region, turn = g.upright_region(uv, labelled, pad=1.25)
+    assert turn == 0.0
+    assert region == pytest.approx(g.box_region(g.keypoints_box(uv, labelled), 1.25))
+    with pytest.raises(ValueError, match="labelled"):
+        g.upright_region(uv, np.zeros(21, bool))
+
+
+@pytest.mark.parametrize("angle", [25.0, 135.0, -80.0])
+def test_upright_crop_dot_test(angle: float) -> None:
+    """A red dot on the wrist and a green one on the middle MCP of a photo: in the upright crop the
+    green dot is straight above the red, and each dot found in the crop maps back through the
+    inverse matrix onto its keypoint in the photo (within 0.5 px: the dots' own rendering)."""
+    uv = _hand(np.random.default_rng(9), angle, (160.0, 120.0))
+    photo = np.zeros((240, 320, 3), np.uint8)
+    ys, xs = np.mgrid[0:240, 0:320] + 0.5
+    for joint, channel in ((0, 0), (9, 1)):
+        blob = np.exp(-((xs - uv[joint, 0]) ** 2 + (ys - uv[joint, 1]) ** 2) / (2 * 2.5**2))
+        photo[..., channel] = np.maximum(photo[..., channel], np.round(255 * blob).astype(np.uint8))
+    region, turn = g.upright_region(uv, pad=1.25)
+    M = g.crop_matrix(region, 128, angle_deg=turn)
+    crop = warp_affine(photo, M, 128).astype(np.float64)
+    cy, cx = np.mgrid[0:128, 0:128] + 0.5
+    found = {}
+    for joint, channel in ((0, 0), (9, 1)):
+        w = crop[..., channel]
+        found[joint] = np.array([(cx * w).sum(), (cy * w).sum()]) / w.sum()
+        np.testing.assert_allclose(g.apply_matrix(g.invert(M), found[joint][None])[0], uv[joint], atol=0.5)
+    up = found[9] - found[0]
+    assert abs(up[0]) < 0.5 and up[1] < -20
+
+
+# ----------------------------------------------------------------------------- homographies
+
+
+def test_tilt_matrix_is_a_pinhole_view_of_the_turned_plane() -> None:
+    """tilt_matrix == projecting the plane turned in depth (rotated in 3D, `focal` px away)."""
+    tilt, axis, f = 35.0, 70.0, 128.0
+    H = g.tilt_matrix(tilt, axis, f)
+    a, t = np.radians(axis), np.radians(tilt)
+    k = np.array([np.cos(a), np.sin(a), 0.0])
+    pts = np.random.default_rng(0).uniform(-50, 50, (10, 2))
+    q = np.c_[pts, np.zeros(10)]
+    turned = q * np.cos(t) + np.cross(k, q) * np.sin(t) + np.outer(q @ k, k) * (1 - np.cos(t))  # Rodrigues
+    seen = f * turned[:, :2] / (turned[:, 2:] + f)
+    np.testing.assert_allclose(g.apply_matrix(H, pts), seen, atol=1e-9)
+    np.testing.assert_allclose(g.apply_matrix(H, np.zeros((1, 2))), [[0.0, 0.0]], atol=1e-12)  # centre stays
+    along = np.array([[np.cos(a), np.sin(a)]]) * 1e-3  # tiny steps: along the axis 1:1, across cos(tilt)
+    across = np.array([[-np.sin(a), np.cos(a)]]) * 1e-3
+    assert np.linalg.norm(g.apply_matrix(H, along)) == pytest.approx(1e-3, rel=1e-6)
+    assert np.linalg.norm(g.apply_matrix(H, across)) == pytest.approx(1e-3 * np.cos(t), rel=1e-3)
+
+
+def test_homography_compose_invert_and_batched_points() -> None:
+    kw = {"angle_deg": 33, "scale": 1.2, "shift": (0.1, -0.2), "flip": True, "aspect": 1.3}
+    M = g.crop_matrix(g.image_region(224, 200), 128, **kw)
+    H = g.crop_matrix(g.image_region(224, 200), 128, **kw, tilt=(30.0, 110.0))
+    assert M.shape == (2, 3) and H.shape == (3, 3) and g.is_homography(H) and not g.is_homography(M)
+    pts = np.random.default_rng(1).uniform(0, 224, (7, 2))
+    np.testing.assert_allclose(g.apply_matrix(g.invert(H), g.apply_matrix(H, pts)), pts, atol=1e-9)
+    np.testing.assert_allclose(g.compose(g.invert(H), H), np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(g.apply_matrix(g.to3x3(M), pts), g.apply_affine(M, pts), atol=1e-9)
+    batched = g.apply_matrix(np.stack([H, g.to3x3(M)]), np.stack([pts, pts]))
+    np.testing.assert_allclose(batched[0], g.apply_matrix(H, pts), atol=1e-9)
+    np.testing.assert_allclose(batched[1], g.apply_matrix(M, pts), atol=1e-9)
+    # aspect: x and y of the source stretched apart, the area kept
+    assert g.matrix_scale(M) == pytest.approx(
+        g.matrix_scale(g.crop_matrix(g.image_region(224, 200), 128, scale=1.2))
+    )
+
+
+def test_matrix_scale_of_a_homography_is_its_largest_local_scale() -> None:
+    H = g.crop_matrix(g.image_region(400, 300), 64, tilt=(40.0, 30.0))
+    G = g.invert(H)
+    eps, local = 1e-4, []
+    for y in ((0.0, 0.0), (64.0, 0.0), (0.0, 64.0), (64.0, 64.0), (32.0, 32.0)):
+        p = np.array([y, (y[0] + eps, y[1]), (y[0], y[1] + eps)])
+        s = g.apply_matrix(G, p)
+        area = abs(np.cross(s[1] - s[0], s[2] - s[0])) / eps**2  # source px^2 per destination px^2
+        local.append(1 / np.sqrt(area))
+    assert g.matrix_scale(H, 64) == pytest.approx(max(local[:4]), rel=1e-3)
+    assert g.matrix_scale(H, 64) > local[4] > 0  # the centre is less magnified than the near corner
+    with pytest.raises(TypeError, match="size"):
+        g.matrix_scale(H)
+
+
+@pytest.mark.parametrize("tilt", [(30.0, 20.0), (45.0, 100.0), (-40.0, 250.0)])
+def test_dot_lands_on_the_keypoint_through_a_homography(tilt: tuple[float, float]) -> None:
+    """warp_perspective and apply_matrix agree (pixel-centre convention) within 0.5 px."""
+    from handpose.imageio import warp_perspective
+
+    img = np.zeros((224, 200, 3), np.uint8)
+    img[99:102, 59:62] = 255
+    H = g.crop_matrix(g.image_region(200, 224), 128, angle_deg=40, scale=1.3, aspect=0.8, tilt=tilt)
+    out = warp_perspective(img, H, 128)[..., 0].astype(np.float64)
+    ys, xs = np.mgrid[0:128, 0:128] + 0.5
+    centroid = np.array([(xs * out).sum(), (ys * out).sum()]) / out.sum()
+    assert np.linalg.norm(centroid - g.apply_matrix(H, np.array([[60.5, 100.5]]))[0]) < 0.5
+    # a 3x3 that is affine warps exactly as the affine warp does
+    M = g.crop_matrix(g.image_region(200, 224), 128, angle_deg=40, scale=1.3)
+    np.testing.assert_array_equal(warp_perspective(img, g.to3x3(M), 128), warp_affine(img, M, 128))
+
+
+def test_footprint_and_overlap() -> None:
+    M = g.crop_matrix((100.0, 50.0, 40.0), 64, angle_deg=45)
+    half = 20 * np.sqrt(2)
+    np.testing.assert_allclose(g.footprint(M, 64), [100 - half, 50 - half, 100 + half, 50 + half], atol=1e-9)
+    boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [5, 5, 15, 15]], float)
+    assert g.boxes_overlap(np.array([10.0, 0.0, 12.0, 6.0]), boxes).tolist() == [False, True, True]

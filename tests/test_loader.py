@@ -17,12 +17,14 @@ import torch
 from shardkit import (
     GEOMETRY_ONLY,
     MEAN,
+    OTHER_GEOMETRY,
     STD,
     box_dot_sample,
     chunk,
     dot_centroid,
     dots_pack,
     jpeg,
+    photo_samples,
     texture_sample,
     write_pack,
 )
@@ -31,11 +33,13 @@ from handpose import augment as A
 from handpose.config import AugmentConfig
 from handpose.datasets import apportion
 from handpose.errors import HandposeError
+from handpose.geometry import apply_matrix, boxes_overlap, invert
 from handpose.loader import denormalise, make_loader
 from handpose.shards import read_manifest, sample_key
 from handpose.wds_loader import assign_shards, finish, worker_quotas
 
 TESTS = Path(__file__).resolve().parent
+OTHER_GEOMETRY_COLOURLESS = OTHER_GEOMETRY  # geometry only: brightness checks stay exact
 
 
 @pytest.fixture(scope="module")
@@ -568,3 +572,200 @@ def test_set_names_tell_a_folder_given_twice_apart(tmp_path: Path) -> None:
     assert set_names([a, a, b], ["box", "image", "box"]) == ["hands-box", "hands-image", "synth"]
     assert set_names([a, a], ["box", "box"]) == ["hands-0", "hands-1"]
     assert set_names([a, tmp_path / "y" / "hands"]) == ["hands-0", "hands-1"]
+
+
+# ------------------------------------------------------------------ augmentations for other sources
+
+
+def test_new_augmentations_draw_nothing_while_off() -> None:
+    """Recipes without the later augmentations draw exactly the 17 numbers per sample they always
+    did (so they give the same batches); any one of them on draws 10 more."""
+    for cfg, draws in (
+        (AugmentConfig(flip=True, blur=0.5, occlude=0.5), 17),
+        (AugmentConfig(aspect=0.1), 27),
+    ):
+        rng, ref = np.random.default_rng(4), np.random.default_rng(4)
+        p = A.sample_params(cfg, rng)
+        ref.uniform(size=draws)
+        assert rng.uniform() == ref.uniform()
+    p = A.sample_params(AugmentConfig(), np.random.default_rng(4))
+    assert (p.aspect, p.tilt, p.gains, p.occluder_patch) == (1.0, None, (1.0, 1.0, 1.0), None)
+
+
+def test_new_augmentation_parameter_ranges() -> None:
+    cfg = AugmentConfig(
+        rotate_deg=180,
+        aspect=0.5,
+        perspective_deg=30,
+        channel_gain=0.2,
+        grayscale=0.3,
+        occlude=1.0,
+        occlude_patch=0.5,
+    )
+    ps = [A.sample_params(cfg, np.random.default_rng(i)) for i in range(3000)]
+    angles = np.array([p.angle_deg for p in ps])
+    assert angles.min() < -170 and angles.max() > 170  # the full circle
+    log_aspect = np.log([p.aspect for p in ps])
+    assert np.abs(log_aspect).max() <= np.log(1.5) + 1e-12 and abs(log_aspect.mean()) < 0.02
+    tilts = np.array([p.tilt for p in ps])
+    assert np.abs(tilts[:, 0]).max() <= 30 and tilts[:, 0].std() > 15
+    assert tilts[:, 1].min() >= 0 and tilts[:, 1].max() < 180
+    gains = np.array([p.gains for p in ps])
+    assert (np.abs(gains - 1) <= 0.2).all() and gains.std(axis=0).min() > 0.1
+    assert 0.25 < np.mean([p.saturation == 0 for p in ps]) < 0.35
+    assert 0.45 < np.mean([p.occluder_patch is not None for p in ps]) < 0.55
+    for p in ps[:200]:
+        x, y, w, h = p.occluder  # type: ignore[misc]
+        if p.occluder_patch is not None:
+            assert 0 <= p.occluder_patch[0] <= 1 - w and 0 <= p.occluder_patch[1] <= 1 - h
+
+
+def test_colour_with_gains_matches_its_definition() -> None:
+    """Rows of 7: the gains scale R, G, B before the hue/saturation matrix; saturation 0 is grey."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 255, (2, 3, 4, 5))
+    rows = np.array([[1.1, 0.9, 1.2, 40.0, 1.3, 0.8, 0.9], [1.0, 1.0, 0.0, 0.0, 0.7, 1.1, 1.2]])
+    got = A.apply_colour(torch.tensor(x), torch.tensor(rows)).numpy()
+    for i, (b, c, s, h, *gains) in enumerate(rows):
+        th = np.radians(h)
+        rot = np.array([[1, 0, 0], [0, np.cos(th), np.sin(th)], [0, -np.sin(th), np.cos(th)]])
+        H = np.linalg.inv(A.RGB2YIQ) @ rot @ np.diag([1, s, s]) @ A.RGB2YIQ @ np.diag(gains)
+        ref = np.clip(b * (128 + c * (np.einsum("ij,jhw->ihw", H, x[i]) - 128)), 0, 255)
+        np.testing.assert_allclose(got[i], ref, atol=1e-9)
+    # grayscale: R == G == B to the 0.5% that the rounded NTSC matrix DALI uses leaves (its I and Q
+    # rows do not sum to exactly 0, so its inverse's luma column is not exactly (1, 1, 1))
+    np.testing.assert_allclose(got[1, 0], got[1, 1], rtol=5e-3)
+    np.testing.assert_allclose(got[1, 0], got[1, 2], rtol=5e-3)
+    four = A.apply_colour(torch.tensor(x), torch.tensor(rows[:, :4])).numpy()  # 4 columns: gains 1
+    same = A.apply_colour(torch.tensor(x), torch.tensor(np.c_[rows[:, :4], np.ones((2, 3))])).numpy()
+    np.testing.assert_array_equal(four, same)
+
+
+def test_patch_occluder_copies_another_rectangle_of_the_crop() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    p = A.AugmentParams(occluder=(0.5, 0.1, 0.25, 0.2), occluder_patch=(0.1, 0.6))
+    out = A.blur_and_occlude(image.copy(), p)
+    assert A.occluder_pixels(p, 64) == (32, 6, 16, 13) and A.patch_origin(p, 64) == (6, 38)
+    np.testing.assert_array_equal(out[6:19, 32:48], image[38:51, 6:22])
+    rest = np.ones((64, 64), bool)
+    rest[6:19, 32:48] = False
+    np.testing.assert_array_equal(out[rest], image[rest])
+
+
+@pytest.mark.parametrize("crop", ["image", "box"])
+def test_other_source_geometry_dot_lands_on_transformed_keypoint(
+    dots: Path, box_dots: Path, crop: str
+) -> None:
+    """Full-circle rotation, aspect and perspective: the dot is within 1 px of its keypoint."""
+    root = dots if crop == "image" else box_dots
+    manifest = read_manifest(root)
+    loader = make_loader(root, "train", batch_size=6, workers=0, crop=crop, augment=OTHER_GEOMETRY, seed=7)
+    checked = 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            images = denormalise(batch["image"], manifest).numpy()
+            for image, uv in zip(images, batch["uv"].numpy(), strict=True):
+                if not ((6 <= uv[0]) & (uv[0] < 122)).all():
+                    continue
+                np.testing.assert_allclose(dot_centroid(image), uv[0], atol=1.0)
+                checked += 1
+    assert checked >= 40
+
+
+def test_colour_and_patch_augmentations_change_only_pixels(box_dots: Path) -> None:
+    base = dict(rotate_deg=20, brightness=0, contrast=0, saturation=0, hue_deg=0, aspect=0.2)
+    plain = AugmentConfig(**base)
+    heavy = AugmentConfig(**base, channel_gain=0.3, grayscale=0.5, occlude=1.0, occlude_patch=1.0)
+    a = next(iter(make_loader(box_dots, "train", batch_size=6, workers=0, crop="box", augment=plain, seed=4)))
+    b = next(iter(make_loader(box_dots, "train", batch_size=6, workers=0, crop="box", augment=heavy, seed=4)))
+    assert a["key"] == b["key"] and not torch.equal(a["image"], b["image"])
+    torch.testing.assert_close(a["uv"], b["uv"])
+
+
+# ------------------------------------------------------------------ crops without a hand (presence)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Photos of 1-3 hands (bright boxes on a dark ground), a photo's hands consecutive samples."""
+    rng = np.random.default_rng(21)
+    samples: list = []
+    for photo in range(30):  # 1, 2, 3, 1, 2, 3, ... hands: 60 samples; shards end between photos
+        samples += photo_samples(len(samples), rng, hands=1 + photo % 3)
+    return write_pack(
+        tmp_path_factory.mktemp("photos"), {"train": [samples[:30], samples[30:]], "val": [samples[:6]]}
+    )
+
+
+def test_negative_matrix_overlaps_no_hand_box() -> None:
+    rng = np.random.default_rng(0)
+    boxes = np.array([[50.0, 40.0, 110.0, 100.0], [200.0, 120.0, 260.0, 180.0]])
+    p = A.sample_params(AugmentConfig(rotate_deg=180, perspective_deg=30), rng)
+    found = 0
+    for _ in range(200):
+        M = A.negative_matrix(p, 75.0, 320, 240, boxes, 64, rng)
+        if M is not None:
+            found += 1
+            corners = np.array([[0.0, 0.0], [64.0, 0.0], [0.0, 64.0], [64.0, 64.0]])
+            quad = apply_matrix(invert(M), corners)
+            assert not boxes_overlap(np.r_[quad.min(0), quad.max(0)], boxes).any()
+    assert found > 150
+    full = np.array([[0.0, 0.0, 320.0, 240.0]])  # a hand that fills the photo: no room
+    assert all(A.negative_matrix(p, 75.0, 320, 240, full, 64, rng) is None for _ in range(20))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_negatives_show_no_hand_and_are_marked(photos: Path, workers: int) -> None:
+    """With negatives 0.5 about half the training crops show no hand box of their photo (no bright
+    pixel), with `present` False and no visible joint; the rest are the usual hand crops."""
+    manifest = read_manifest(photos)
+    loader = make_loader(
+        photos, "train", batch_size=6, workers=workers, crop="box", augment=OTHER_GEOMETRY_COLOURLESS,
+        negatives=0.5, seed=1,
+    )  # fmt: skip
+    present, seen = [], 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            images = denormalise(batch["image"], manifest).numpy()
+            for image, here, vis in zip(images, batch["present"].tolist(), batch["visible"], strict=True):
+                present.append(here)
+                if not here:
+                    assert image.max() < 160 and not vis.any()
+                else:
+                    assert (image > 200).any()  # the hand's own box
+                seen += 1
+    assert 0.3 < 1 - np.mean(present) < 0.6 and seen >= 100
+    # off (the default), for validation, and for whole photos: every crop shows its hand
+    for split, crop, share in (("train", "box", 0.0), ("val", "box", 0.5), ("train", "image", 0.5)):
+        loader = make_loader(photos, split, batch_size=6, workers=0, crop=crop, negatives=share)
+        assert all(b["present"].all() for b in loader)
+
+
+def test_photo_runs_cut_by_a_task_edge_never_give_negatives(photos: Path) -> None:
+    """A slot's run of a shard can start or end inside a photo's run of hands: such a run's boxes
+    are unknown (None), a whole run's are all of its photo's."""
+    from handpose.wds_loader import PHOTO_BOXES, ShardTask, _photo_boxes
+
+    url = read_manifest(photos).shards("train")[0]
+    full = list(_photo_boxes([(str(url), ShardTask(0, 0, 30))], {str(url): 30}))
+    runs = [len(s[PHOTO_BOXES]) for s in full]
+    assert runs[:6] == [1, 2, 2, 3, 3, 3]  # photos of 1, 2, 3 hands
+    counts = {str(url): 30}
+    part = list(_photo_boxes([(str(url), ShardTask(0, 2, 5))], counts))  # samples 2 | 3, 4 (of 3, 4, 5)
+    assert [s[PHOTO_BOXES] is None for s in part] == [True, True, True]  # a run's end, a run's start
+    part = list(_photo_boxes([(str(url), ShardTask(0, 1, 7))], counts))  # photos 2, 3 and 4's first
+    assert part[0][PHOTO_BOXES] is None  # the task starts mid-shard: photo 2 might have begun earlier
+    assert [len(s[PHOTO_BOXES]) for s in part[2:5]] == [3, 3, 3]  # photo 3 begins and ends inside
+    assert part[5][PHOTO_BOXES] is None  # the task ends mid-shard: photo 4 might go on
+    np.testing.assert_array_equal(part[2][PHOTO_BOXES], full[3][PHOTO_BOXES])
+    tail = list(_photo_boxes([(str(url), ShardTask(0, 24, 30))], counts))  # to the shard's end
+    assert [None if s[PHOTO_BOXES] is None else len(s[PHOTO_BOXES]) for s in tail] == [None, 2, 2, 3, 3, 3]
+
+
+def test_negatives_are_refused_where_they_cannot_be(photos: Path) -> None:
+    with pytest.raises(HandposeError, match="negatives"):
+        make_loader(photos, "train", batch_size=6, negatives=1.0)
+    with pytest.raises(HandposeError, match="negatives need loader = wds"):
+        make_loader(photos, "train", kind="dali", batch_size=6, negatives=0.2)

@@ -16,8 +16,11 @@ from handpose.model import (
     ModelConfig,
     PoseModel,
     ShallowUNet,
+    SimCCPose,
+    StridedEncoder,
     StridedPose,
     build_model,
+    flip_test,
     model_from_config,
     model_summary,
 )
@@ -44,7 +47,18 @@ CONFIGS = {
         "index_offset": 0.5,
         "reg": 1.0,
     },
+    "simcc": {
+        "arch": "simcc",
+        "width": 4,
+        "depth": 1,
+        "image_size": SIZE,
+        "sigma": 1.5,
+        "loss": "kl",
+        "index_offset": 0.5,
+        "simcc_k": 2.0,
+    },
 }
+CLASSES = {"unet": ShallowUNet, "strided": StridedPose, "simcc": SimCCPose}
 
 
 def _model(arch: str, **changes: object) -> PoseModel:
@@ -76,7 +90,8 @@ def test_forward_backward_shapes_and_finite_grads(arch: str) -> None:
     uv, visible = _targets(3)
     out = model(torch.randn(3, 3, SIZE, SIZE))
     cells = SIZE if arch == "unet" else SIZE // 4
-    assert out.shape == (3, NUM_JOINTS, cells, cells)
+    shapes = {"unet": (cells, cells), "strided": (cells, cells), "simcc": (2 * 2 * SIZE,)}  # x, y bins
+    assert out.shape == (3, NUM_JOINTS, *shapes[arch])
     loss = model.loss(out, uv, visible)
     assert loss.shape == () and loss.dtype == torch.float32
     loss.backward()
@@ -292,4 +307,243 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_problem(arch: str) -> None:
         losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-5:]) < 0.8 * losses[0], losses
-    assert isinstance(model, ShallowUNet if arch == "unet" else StridedPose)
+    assert isinstance(model, CLASSES[arch])
+
+
+# ----------------------------------------------------------------------------- simcc
+
+
+def test_simcc_one_hot_target_decodes_to_its_own_coordinate() -> None:
+    """A one-hot output in the bin that holds a coordinate decodes to within one bin of it."""
+    model = _model("simcc")
+    k, bins = 2.0, 2 * SIZE
+    uv = torch.tensor([[0.2, 31.9], [13.3, 18.9], [16.0, 16.0], [5.74, 27.26]])  # input px
+    logits = torch.full((1, len(uv), 2 * bins), -30.0)
+    for j, (x, y) in enumerate(uv.tolist()):
+        logits[0, j, int(x * k)] = 30.0
+        logits[0, j, bins + int(y * k)] = 30.0
+    pred, score = model.decode(logits)
+    assert (pred[0] - uv).abs().max() <= 1 / k  # one bin
+    assert torch.allclose(pred[0], (torch.floor(uv * k) + 0.5) / k, atol=1e-5)  # the bin's centre
+    assert torch.allclose(score, torch.ones_like(score), atol=1e-5)
+
+
+def test_simcc_decodes_gaussian_logits_between_bins_and_scores_a_flat_output_low() -> None:
+    """The label's own log-probabilities (the loss's optimum) decode to the sub-bin coordinate;
+    a flat output scores about (its window / bins)^2."""
+    model = _model("simcc")
+    assert isinstance(model, SimCCPose)
+    uv = torch.tensor([[[13.37, 18.91], [7.03, 22.5]]])
+    centres = (torch.arange(model.bins) + 0.5) / model.k
+    logq = -0.5 * ((centres - uv[..., None]) / model.sigma) ** 2  # (1, 2, 2, bins)
+    pred, score = model.decode(logq.reshape(1, 2, -1))
+    assert torch.allclose(pred, uv, atol=0.01) and (score > 0.99).all()
+    assert float(model.keypoint_loss(logq.reshape(1, 2, -1), uv, torch.ones(1, 2, dtype=torch.bool))) < 1e-5
+    nearly_flat = torch.zeros(1, 1, 2, model.bins)
+    nearly_flat[..., model.bins // 2] = 1e-6  # the argmax, away from the ends (which clip the window)
+    _, flat = model.decode(nearly_flat.reshape(1, 1, -1))
+    window = 2 * model.window + 1
+    assert math.isclose(float(flat), (window / model.bins) ** 2, rel_tol=1e-4)
+
+
+def test_simcc_loss_is_the_kl_divergence_from_the_label() -> None:
+    model = _model("simcc")
+    assert isinstance(model, SimCCPose)
+    uv, visible = _targets(2)
+    out = torch.randn(2, NUM_JOINTS, 2 * model.bins)
+    centres = (torch.arange(model.bins) + 0.5) / model.k
+    q = torch.softmax(-0.5 * ((centres - uv[..., None]) / model.sigma) ** 2, dim=-1)  # (B, J, 2, bins)
+    logp = torch.log_softmax(out.reshape(2, NUM_JOINTS, 2, -1), dim=-1)
+    kl = torch.nn.functional.kl_div(logp, q, reduction="none").sum(dim=(-1, -2))  # torch's own KL
+    assert torch.allclose(model.loss(out, uv, visible), kl[visible].mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"loss": "l1"}, "loss 'l1'"),
+        ({"simcc_k": 0.3}, "simcc_k"),  # 32 x 0.3 bins: not whole
+        ({"simcc_k": -1.0}, "simcc_k"),
+        ({"image_size": 40}, "image_size 40.*16"),
+        ({"index_offset": 0.0}, "index_offset"),
+        ({"presence_weight": -1.0}, "presence_weight"),
+    ],
+)
+def test_bad_simcc_config_names_the_field(changes: dict, needle: str) -> None:
+    with pytest.raises(HandposeError, match=needle):
+        model_from_config({**CONFIGS["simcc"], **changes})
+
+
+def test_strided_heads_share_one_encoder_and_keep_their_keys() -> None:
+    """strided and simcc build on the same StridedEncoder, whose layers stay at the top level of
+    the state_dict (where strided checkpoints have always had them)."""
+    encoder = set(StridedEncoder(4, 1).state_dict())
+    strided, simcc = _model("strided").state_dict(), _model("simcc").state_dict()
+    assert encoder <= set(strided) & set(simcc)
+    assert set(strided) - encoder == {k for k in strided if k.startswith("head.")}
+    assert all(not k.startswith(("encoder.", "presence")) for k in strided)
+    assert all(strided[k].shape == simcc[k].shape for k in encoder)
+
+
+# ----------------------------------------------------------------------------- presence
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_presence_head_forward_decode_and_loss(arch: str) -> None:
+    model = _model(arch, presence=True, presence_weight=0.5).train()
+    plain = _model(arch)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {
+        "presence_head.fc.weight",
+        "presence_head.fc.bias",
+    }
+    uv, visible = _targets(4)
+    out = model(torch.randn(4, 3, SIZE, SIZE))
+    keypoints, logits = PoseModel.split(out)
+    assert logits is not None and logits.shape == (4,)
+    prob = model.presence(out)
+    assert prob is not None and torch.allclose(prob, torch.sigmoid(logits))
+    assert plain.presence(plain(torch.randn(1, 3, SIZE, SIZE))) is None
+    present = torch.tensor([True, False, True, False])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, present.float())
+    expected = model.keypoint_loss(keypoints, uv, visible & present[:, None]) + 0.5 * bce
+    assert torch.allclose(model.loss(out, uv, visible, present), expected, rtol=1e-6)
+    # without `present` every crop shows its hand
+    everyone = (
+        model.keypoint_loss(keypoints, uv, visible) + 0.5 * torch.nn.functional.softplus(-logits).mean()
+    )
+    assert torch.allclose(model.loss(out, uv, visible), everyone, rtol=1e-5)
+    model.loss(out, uv, visible, present).backward()
+    assert model.presence_head is not None and model.presence_head.fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_ignores_keypoints_of_crops_without_a_hand(arch: str) -> None:
+    """A negative crop's joints add nothing (even marked visible, even NaN); its presence does."""
+    model = _model(arch, presence=True)
+    uv, visible = _targets(4)
+    present = torch.tensor([True, False, True, False])
+    out = model(torch.randn(4, 3, SIZE, SIZE))
+    keypoints, logits = PoseModel.split(out)
+    keypoints, logits = keypoints.detach(), logits.detach()  # type: ignore[union-attr]
+
+    def loss_and_grads(targets: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k, g = keypoints.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        loss = model.loss((k, g), targets, vis, present)
+        loss.backward()
+        assert k.grad is not None and g.grad is not None
+        return loss.detach(), k.grad, g.grad
+
+    loss, grad, grad_logit = loss_and_grads(uv, visible)
+    assert torch.equal(grad[~present], torch.zeros_like(grad[~present]))
+    assert (grad_logit != 0).all()
+    for moved in (uv + 5.0, torch.full_like(uv, float("nan"))):
+        other = torch.where(present[:, None, None], uv, moved)
+        everything = visible | ~present[:, None]  # negatives even claim visible joints
+        again = loss_and_grads(other, everything)
+        assert (
+            torch.equal(loss, again[0]) and torch.equal(grad, again[1]) and torch.equal(grad_logit, again[2])
+        )
+
+
+@pytest.mark.parametrize("arch", ["strided", "simcc"])
+def test_checkpoint_with_presence_round_trips(arch: str, tmp_path: Path) -> None:
+    cfg = {**CONFIGS[arch], "presence": True, "presence_weight": 2.0}
+    model = model_from_config(cfg).train()
+    uv, visible = _targets(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.loss(
+        model(torch.randn(4, 3, SIZE, SIZE)), uv, visible, torch.tensor([1, 0, 1, 0]).bool()
+    ).backward()
+    opt.step()
+    torch.save({"config": cfg, "model": model.state_dict()}, tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", map_location="cpu", weights_only=True)
+    again = model_from_config(state["config"])
+    again.load_state_dict(state["model"], strict=True)
+    assert again.presence_weight == 2.0
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = model.eval()(x), again.eval()(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(model.presence(a), again.presence(b))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- flip test
+
+
+@pytest.mark.parametrize("arch,presence", [("strided", True), ("simcc", False), ("unet", False)])
+def test_flip_test_of_a_mirrored_photo_is_the_mirrored_prediction(arch: str, presence: bool) -> None:
+    """A photo and its mirror, through the real preprocessing (PNG bytes, warp_to_input), the
+    flip test and the inverse crop matrix: the mirror's keypoints are the photo's mirrored
+    (x -> W - x, joints kept) to 1e-4 px, whatever the (random) weights."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from handpose.geometry import apply_matrix, box_region, crop_matrix, image_region, invert
+    from handpose.imageio import warp_to_input
+
+    model = _model(arch, presence=presence).eval()
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(small).resize((256, 192), Image.Resampling.BICUBIC))
+    w = photo.shape[1]
+    # crops at exactly 1/8 and 1/2 scale: the box-reduce before the warp then pairs the same pixels
+    # in a photo and its mirror (at other scales its blocks start at the left edge of both)
+    box = np.array([40.0, 30.0, 72.0, 60.0])
+    mirrored_box = np.array([w - box[2], box[1], w - box[0], box[3]])
+    answers, plain = [], []
+    for image, region in (
+        (photo, image_region(256, 192)),
+        (photo[:, ::-1], image_region(256, 192)),
+        (photo, box_region(box, 2.0)),
+        (photo[:, ::-1], box_region(mirrored_box, 2.0)),
+    ):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+        M = crop_matrix(region, SIZE)
+        x = (
+            torch.from_numpy(warp_to_input(buf.getvalue(), M, SIZE).copy()).permute(2, 0, 1)[None].float()
+            / 255
+        )
+        uv, score, prob = flip_test(model, (x - 0.5) / 0.25)
+        assert (prob is not None) == presence
+        answers.append((apply_matrix(invert(M), uv[0].double().numpy()), score[0], prob))
+        plain.append(
+            apply_matrix(invert(M), model.decode(model((x - 0.5) / 0.25))[0][0].detach().double().numpy())
+        )
+    for (uv, score, prob), (uv_m, score_m, prob_m) in (answers[:2], answers[2:]):
+        np.testing.assert_allclose(uv_m[:, 0], w - uv[:, 0], atol=1e-4)
+        np.testing.assert_allclose(uv_m[:, 1], uv[:, 1], atol=1e-4)
+        assert torch.allclose(score, score_m, atol=1e-6)
+        if presence:
+            assert torch.allclose(prob, prob_m, atol=1e-6)
+    # the model alone is not symmetric: the flip test made it so
+    assert np.abs(plain[1][:, 0] - (w - plain[0][:, 0])).max() > 1e-3
+    # and it is not the plain prediction: the mirror's answer was averaged in
+    assert not np.allclose(
+        answers[0][0], apply_matrix(invert(crop_matrix(image_region(256, 192), SIZE)), 0 * answers[0][0])
+    )
+
+
+def test_model_table_measures_each_head(capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/model_table.py reads simcc (and presence) configurations; the bench measures them
+    through the real loss and optimizer step."""
+    import importlib.util
+    import json
+
+    from handpose.bench.model import bench_models
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "model_table.py"
+    spec = importlib.util.spec_from_file_location("model_table", path)
+    assert spec is not None and spec.loader is not None
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    configs = [table.parse(s) for s in ("strided-w4-d1@32", "simcc-w4-d1@32,simcc_k=3,presence=1")]
+    assert configs[1] == {**CONFIGS["simcc"], "sigma": 2.0, "simcc_k": 3.0, "presence": True}
+    rows = bench_models(configs, batch_size=2, threads=1, steps=1, rounds=1)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][1]["arch"] == "simcc"
+    simcc = model_from_config(configs[1])
+    assert rows[1]["params"] == sum(p.numel() for p in simcc.parameters())
+    assert rows[1]["flops_per_sample"] > rows[0]["flops_per_sample"] > 0  # the bins' linear layers
+    assert all(r["samples_per_s"] > 0 for r in rows)

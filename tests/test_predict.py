@@ -800,15 +800,25 @@ def test_bad_inputs(tmp_path: Path) -> None:
     assert (tmp_path / "out3" / "predictions.jsonl").read_text() == ""
 
 
-@pytest.mark.parametrize("arch", ["unet", "strided"])
-def test_checkpoint_of_each_architecture_round_trips_through_predict(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(
+    "arch, presence",
+    [("unet", False), ("strided", False), ("simcc", False), ("strided", True), ("simcc", True)],
+)
+def test_checkpoint_of_each_architecture_round_trips_through_predict(
+    tmp_path: Path, arch: str, presence: bool
+) -> None:
     """A checkpoint's config builds its architecture (model.model_from_config) and predict returns
-    that model's own decoded keypoints for the crop, mapped back to original pixels."""
+    that model's own decoded keypoints for the crop, mapped back to original pixels; a presence
+    head comes back with the same weights."""
     from handpose.model import build_model
 
     torch.manual_seed(1)
-    config = {"arch": arch, "width": 4, "depth": 1, "image_size": 64, "sigma": 2.0}
-    config |= {"loss": "iou" if arch == "unet" else "l1", "index_offset": 0.5, "box_pad": 1.25}
+    config = {"arch": arch, "width": 4, "depth": 1, "image_size": 64, "sigma": 2.0, "presence": presence}
+    config |= {
+        "loss": {"unet": "iou", "strided": "l1", "simcc": "kl"}[arch],
+        "index_offset": 0.5,
+        "box_pad": 1.25,
+    }
     net = build_model(arch, **{k: v for k, v in config.items() if k not in ("arch", "box_pad")})
     _checkpoint(tmp_path / "m.pt", net, config, sets=[{"crop": "box"}])
     (tmp_path / "in").mkdir()
@@ -825,6 +835,9 @@ def test_checkpoint_of_each_architecture_round_trips_through_predict(tmp_path: P
     x = x / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.inference_mode():
         uv = net.eval().decode(net(x))[0][0].numpy()
+        assert (loaded.presence(loaded(x)) is None) == (not presence)  # type: ignore[operator]
+        if presence:
+            assert torch.allclose(loaded.presence(loaded(x)), net.presence(net(x)), atol=1e-6)  # type: ignore[operator]
     assert np.abs(np.array(rec["keypoints"])[:, :2] - apply_affine(invert(M), uv)).max() < 2e-3
 
 

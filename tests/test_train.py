@@ -158,6 +158,12 @@ def test_tutorial_recipe_is_the_tutorials() -> None:
         ({"epochs": "many"}, "--epochs"),
         ({"optimizer": "adam"}, "--optimizer"),
         ({"image_size": "100"}, "--image_size"),
+        ({"negatives": "0.2"}, "--negatives.*presence = true"),
+        ({"negatives": "0.2", "presence": "true", "loader": "dali"}, "--negatives.*loader = wds"),
+        ({"arch": "simcc", "loss": "l1"}, "simcc.*kl"),
+        ({"simcc_k": "0"}, "--simcc_k"),
+        ({"augment.perspective_deg": "60"}, "--augment.perspective_deg"),
+        ({"augment.rotate_deg": "270"}, "--augment.rotate_deg"),
     ],
 )
 def test_recipe_errors_name_the_key(overrides: dict[str, str], needle: str) -> None:
@@ -395,6 +401,42 @@ def test_plateau_rate_changed_on_resume(packed: Path, tmp_path: Path) -> None:
     assert [m["lr"] for m in _metrics(run)] == [0.01, 0.01, 0.05]
     sched = checkpoint.load(run / "checkpoints" / "last.pt")["scheduler"]
     assert (sched["factor"], sched["patience"]) == (0.25, 7)
+
+
+def test_simcc_with_presence_trains_on_crops_without_a_hand(tmp_path: Path) -> None:
+    """arch simcc + presence + negatives + the other-source augmentations, end to end: the
+    checkpoint predict loads holds the SimCC head and the presence head."""
+    from shardkit import photo_samples, write_pack
+
+    from handpose.checkpoint import load_model
+    from handpose.model import SimCCPose
+
+    rng = np.random.default_rng(3)
+    samples: list = []
+    for photo in range(12):
+        samples += photo_samples(len(samples), rng, hands=1 + photo % 2)
+    root = write_pack(tmp_path / "shards", {"train": [samples[:12], samples[12:]], "val": [samples[:6]]})
+    run = tmp_path / "run"
+    overrides = {
+        **TINY,
+        **{"shards": str(root), "out": str(run), "crop": "box", "epochs": "1", "batches_per_epoch": "3"},
+        **{"arch": "simcc", "loss": "kl", "sigma": "1.5", "simcc_k": "2", "depth": "1"},
+        **{"presence": "true", "presence_weight": "0.5", "negatives": "0.3"},
+        **{"augment.enabled": "true", "augment.rotate_deg": "180", "augment.aspect": "0.2"},
+        **{"augment.perspective_deg": "20", "augment.channel_gain": "0.1", "augment.grayscale": "0.1"},
+        **{"augment.occlude": "0.5", "augment.occlude_patch": "0.5"},
+    }
+    summary = train(None, overrides)
+    assert summary["epochs"] == 1 and np.isfinite(_metrics(run)[0]["train_loss"])
+    net, spec = load_model(run / "checkpoints" / "last.pt", torch.device("cpu"))
+    assert isinstance(net, SimCCPose) and net.presence_head is not None and spec.size == 32
+    saved = load_config(TrainConfig, run / "config.toml")
+    assert (saved.arch, saved.presence, saved.negatives, saved.augment.perspective_deg) == (
+        "simcc",
+        True,
+        0.3,
+        20.0,
+    )
 
 
 def test_corrupt_samples_are_counted_in_metrics(tmp_path: Path) -> None:

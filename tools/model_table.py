@@ -4,8 +4,9 @@
     .venv/bin/python tools/model_table.py unet-w8-d3@64 unet-w8-d3@96 strided-w8-d1@128
 
 A configuration is ARCH-wWIDTH-dDEPTH@SIZE, optionally followed by ,key=value pairs for the other
-model keys (sigma, loss, reg), e.g. strided-w12-d1@128,reg=0. Defaults: unet iou loss, sigma 3;
-strided l1 loss, sigma 4, reg 1. All are timed in one process, interleaved (handpose/bench/model.py);
+model keys (sigma, loss, reg, simcc_k, presence), e.g. strided-w12-d1@128,reg=0 or
+simcc-w16-d1@96,simcc_k=3,presence=1. Defaults: unet iou loss, sigma 3; strided l1 loss, sigma 4,
+reg 1; simcc kl loss, sigma 2, simcc_k 2. All are timed in one process, interleaved (handpose/bench/model.py);
 the first is the baseline of the "x first" column. Run it on an otherwise idle machine for figures
 worth recording.
 """
@@ -17,11 +18,12 @@ import re
 from typing import Any
 
 from handpose.bench.model import bench_models
-from handpose.model import STRIDED_REG
+from handpose.model import SIMCC_K, STRIDED_REG
 
 DEFAULTS = {
     "unet": {"sigma": 3.0, "loss": "iou", "index_offset": 0.5},
     "strided": {"sigma": 4.0, "loss": "l1", "index_offset": 0.5, "reg": STRIDED_REG},
+    "simcc": {"sigma": 2.0, "loss": "kl", "index_offset": 0.5, "simcc_k": SIMCC_K},
 }
 FIRST = ["unet-w8-d3@64", "unet-w8-d3@96", "unet-w16-d3@64"]
 
@@ -44,7 +46,7 @@ def parse(spec: str) -> dict[str, Any]:
     }
     for pair in extra:
         key, _, value = pair.partition("=")
-        cfg[key] = value if key == "loss" else float(value)
+        cfg[key] = value if key == "loss" else bool(float(value)) if key == "presence" else float(value)
     return cfg
 
 
