@@ -13,6 +13,9 @@ strided  a residual encoder to stride 16, an FPN top-down path back to stride 4,
          at stride 4 (S/4 x S/4), decoded by soft-argmax (integral regression). Loss: L1 on the
          soft-argmax coordinates (units of the input side) plus `reg` x the Jensen-Shannon
          divergence between each softmax map and a Gaussian of `sigma` input px (DSNT).
+centernet  the hand DETECTOR (handpose/detector.py): the whole photo in, hand-centre heatmap, box
+         size and offset at `stride` 4 or 8; its `decode` gives boxes and scores, its `loss`
+         takes the batch's boxes and hands mask (`targets`), not keypoints.
 
 Every hyper-parameter is a plain value (int, float, str) that lives in a TOML recipe and in a
 checkpoint's config dict; `model_from_config` rebuilds a model from such a dict.
@@ -32,17 +35,25 @@ from handpose.errors import HandposeError
 from handpose.heatmaps import INDEX_OFFSET, LOSSES, heatmaps_to_keypoints, keypoints_to_heatmaps
 from handpose.skeleton import NUM_JOINTS
 
-ARCHS = ("unet", "strided")
-ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",)}
+ARCHS = ("unet", "strided", "centernet")
+ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",), "centernet": ("focal",)}
+DETECTORS = ("centernet",)  # archs that find hands (boxes) rather than keypoints
 # The keys of a config dict that build a model (the rest of a training config is ignored here).
-MODEL_KEYS = ("arch", "width", "depth", "image_size", "sigma", "loss", "index_offset", "reg")
+MODEL_KEYS = ("arch", "width", "depth", "image_size", "sigma", "loss", "index_offset", "reg", "stride")
+DETECTOR_STRIDE = 8  # centernet: output stride when a config does not give one
 STRIDED_REG = (
     1.0  # strided: JS regulariser weight; 1 beat 0 (6.7% vs 9.0% of the box) and 0.1 (8.4%) on short runs
 )
 
 
 class PoseModel(nn.Module):
-    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from `loss`."""
+    """A keypoint model: raw output from `forward`, keypoints from `decode`, training loss from `loss`.
+
+    `targets` names the batch entries that `loss` takes after the output (the trainer passes
+    `batch[k]` for each): a keypoint model's are uv and visible, the detector's boxes and hands.
+    """
+
+    targets: tuple[str, ...] = ("uv", "visible")
 
     def decode(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw output -> (uv (B, J, 2) model-input pixels, score (B, J) in [0, 1]), in fp32."""
@@ -301,7 +312,7 @@ class StridedPose(PoseModel):
 
 def input_multiple(arch: str, depth: int) -> int:
     """The input side of `arch` must be a multiple of this (its total downsampling)."""
-    return 2**depth if arch == "unet" else 16
+    return 2**depth if arch == "unet" else 32 if arch in DETECTORS else 16
 
 
 def build_model(
@@ -314,6 +325,7 @@ def build_model(
     loss: str,
     index_offset: float,
     reg: float = STRIDED_REG,
+    stride: int = DETECTOR_STRIDE,
 ) -> PoseModel:
     """The model `arch` with these hyper-parameters (see the module docstring for each).
 
@@ -325,6 +337,7 @@ def build_model(
     index_offset  unet decoder: heatmap cell i at i + index_offset (0.5; the tutorial's 0.0);
                   strided: must be 0.5 (its cells are at pixel centres by construction)
     reg           strided: weight of the Jensen-Shannon regulariser (0 = L1 only); unet ignores it
+    stride        centernet: output stride of its maps, 4 or 8 (sigma, index_offset, reg unused)
     Raises HandposeError naming the field for a value that cannot build a model.
     """
     if arch not in ARCHS:
@@ -341,6 +354,14 @@ def build_model(
         raise HandposeError(f"image_size {image_size} must be divisible by {multiple} for arch {arch!r}")
     if arch == "unet":
         return ShallowUNet(width, depth, sigma=sigma, loss=loss, index_offset=index_offset)
+    if arch in DETECTORS:
+        from handpose.detector import STRIDES, CenterNet
+
+        if stride not in STRIDES:
+            raise HandposeError(
+                f"stride must be one of {', '.join(map(str, STRIDES))} for arch {arch!r}, got {stride}"
+            )
+        return CenterNet(width, depth, stride=stride)
     if index_offset != INDEX_OFFSET:
         raise HandposeError(f"index_offset must be {INDEX_OFFSET} for arch 'strided', got {index_offset}")
     if reg < 0:
@@ -362,6 +383,7 @@ def model_from_config(config: Mapping[str, Any]) -> PoseModel:
             loss=str(config["loss"]),
             index_offset=float(config.get("index_offset", INDEX_OFFSET)),
             reg=float(config.get("reg", STRIDED_REG)),
+            stride=int(config.get("stride", DETECTOR_STRIDE)),
         )
     except KeyError as e:
         raise HandposeError(f"model config lacks {e.args[0]!r}") from None

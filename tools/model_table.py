@@ -4,9 +4,11 @@
     .venv/bin/python tools/model_table.py unet-w8-d3@64 unet-w8-d3@96 strided-w8-d1@128
 
 A configuration is ARCH-wWIDTH-dDEPTH@SIZE, optionally followed by ,key=value pairs for the other
-model keys (sigma, loss, reg), e.g. strided-w12-d1@128,reg=0. Defaults: unet iou loss, sigma 3;
-strided l1 loss, sigma 4, reg 1. All are timed in one process, interleaved (handpose/bench/model.py);
-the first is the baseline of the "x first" column. Run it on an otherwise idle machine for figures
+model keys (sigma, loss, reg, stride), e.g. strided-w12-d1@128,reg=0 or centernet-w8-d1@224,stride=4.
+Defaults: unet iou loss, sigma 3; strided l1 loss, sigma 4, reg 1; centernet (the hand detector)
+focal loss, stride 8. Inference rates (forward + decode) are measured beside the train step. All
+are timed in one process, interleaved (handpose/bench/model.py); the first is the baseline of the
+"x first" columns. Run it on an otherwise idle machine for figures
 worth recording.
 """
 
@@ -17,11 +19,12 @@ import re
 from typing import Any
 
 from handpose.bench.model import bench_models
-from handpose.model import STRIDED_REG
+from handpose.model import DETECTOR_STRIDE, STRIDED_REG
 
 DEFAULTS = {
     "unet": {"sigma": 3.0, "loss": "iou", "index_offset": 0.5},
     "strided": {"sigma": 4.0, "loss": "l1", "index_offset": 0.5, "reg": STRIDED_REG},
+    "centernet": {"sigma": 3.0, "loss": "focal", "index_offset": 0.5, "stride": DETECTOR_STRIDE},
 }
 FIRST = ["unet-w8-d3@64", "unet-w8-d3@96", "unet-w16-d3@64"]
 
@@ -44,7 +47,7 @@ def parse(spec: str) -> dict[str, Any]:
     }
     for pair in extra:
         key, _, value = pair.partition("=")
-        cfg[key] = value if key == "loss" else float(value)
+        cfg[key] = value if key == "loss" else int(value) if key == "stride" else float(value)
     return cfg
 
 
