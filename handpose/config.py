@@ -75,6 +75,47 @@ class AugmentConfig:
             raise ConfigError("occlude_size", f"must be in [0.1, 1], got {self.occlude_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """Detection training items: how photos are laid out on the model input, before the
+    per-item augmentation ([augment]) moves the whole canvas. The rest of the time an item is one
+    photo letterboxed into the input. Validation always shows each photo once, letterboxed.
+
+    Each photo is letterboxed into a square of the canvas (`geometry.place_matrix`); squares never
+    overlap, so the tiles add up to the canvas and every pixel outside the photos' hand boxes is
+    a negative. The same draws drive the WDS and DALI kinds (`detect_data.sample_layout`).
+    """
+
+    mosaic: float = 0.0  # probability of a 2x2 mosaic of four photos around a random centre
+    mosaic_centre: float = 0.3  # the centre is uniform in [c, 1 - c] x the input side, per axis
+    mosaic_scale_min: float = 0.6  # each photo's square side: uniform in [min, 1] x its cell's shorter side
+    canvas: float = 0.0  # probability of one photo placed small, at a random position
+    canvas_scale_min: float = 0.25  # its square side: uniform in [min, max] x the input side
+    canvas_scale_max: float = 0.75  # the upper end of that side
+
+    def __post_init__(self) -> None:
+        for name in ("mosaic", "canvas"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"is a probability in [0, 1], got {getattr(self, name)}")
+        if not self.mosaic + self.canvas <= 1:
+            raise ConfigError(("mosaic", "canvas"), f"add up to {self.mosaic + self.canvas}, more than 1")
+        if not 0 <= self.mosaic_centre <= 0.5:
+            raise ConfigError("mosaic_centre", f"must be in [0, 0.5], got {self.mosaic_centre}")
+        if not 0 < self.mosaic_scale_min <= 1:
+            raise ConfigError("mosaic_scale_min", f"must be in (0, 1], got {self.mosaic_scale_min}")
+        if not 0 < self.canvas_scale_min <= self.canvas_scale_max <= 1:
+            raise ConfigError(
+                ("canvas_scale_min", "canvas_scale_max"),
+                f"must satisfy 0 < canvas_scale_min <= canvas_scale_max <= 1, got "
+                f"{self.canvas_scale_min}, {self.canvas_scale_max}",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any item is laid out other than as one letterboxed photo."""
+        return self.mosaic > 0 or self.canvas > 0
+
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
