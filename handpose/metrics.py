@@ -88,7 +88,9 @@ def match(similarity: np.ndarray, scores: np.ndarray, threshold: float) -> np.nd
     (P, G) >= threshold (the first such label on a tie)."""
     sim = np.asarray(similarity, np.float64)
     if sim.ndim != 2 or len(sim) != len(scores):
-        raise ValueError(f"similarity must be (predictions, labels), got {sim.shape} for {len(scores)} scores")
+        raise ValueError(
+            f"similarity must be (predictions, labels), got {sim.shape} for {len(scores)} scores"
+        )
     out = np.full(len(scores), -1, np.int64)
     free = np.ones(sim.shape[1], bool)
     for p in np.argsort(-np.asarray(scores, np.float64), kind="mergesort"):
@@ -184,7 +186,9 @@ def _figures(
         s = np.asarray(pred.scores, np.float64).reshape(-1)
         sim = _similarity(kind, pred, label) if len(pred) and len(label) else np.zeros((len(s), len(label)))
         scores.append(s)
-        tps.append(np.stack([match(sim, s, t) >= 0 for t in THRESHOLDS], axis=1).reshape(len(s), -1))
+        tps.append(
+            np.stack([match(sim, s, t) >= 0 for t in THRESHOLDS], axis=1).reshape(len(s), len(THRESHOLDS))
+        )
         n_labels += len(label)
         above = s >= min_score
         shown += int(above.sum())
