@@ -2,10 +2,11 @@
 
 A shard sample is one hand; `handpose pack` stores the photo's bytes with each of its hands and
 keeps a photo's hands consecutive in one shard (sorted by image path, then hand). So a PHOTO is a
-run of consecutive samples of a shard with identical image bytes (`read_photos`); its key is its
-first hand's key. Photos are dealt out to ranks and workers by the same runs of sample positions
-as the keypoint loaders (`wds_loader.assign_shards`): a slot owns the photos whose FIRST hand lies
-in its run, so every photo is read exactly once per val epoch whatever the slot count.
+run of consecutive samples of a shard that `shards.same_photo` joins (KEY.json's "source", else
+identical image bytes) (`read_photos`); its key is its first hand's key. Photos are dealt out to
+ranks and workers by the same runs of sample positions as the keypoint loaders
+(`wds_loader.assign_shards`): a slot owns the photos whose FIRST hand lies in its run, so every
+photo is read exactly once per val epoch whatever the slot count.
 
 An item (`sample_layout`): one photo letterboxed into the input; or, in training, a 2x2 mosaic of
 four photos (each in its cell around a random centre, at a random scale), or one photo placed
@@ -39,10 +40,9 @@ from handpose.config import LayoutConfig
 from handpose.errors import HandposeError
 from handpose.geometry import Square, apply_affine, canvas_region, compose, in_frame, move_boxes, place_matrix
 from handpose.imageio import image_size, warp_to_input
-from handpose.shards import READ_LABELS, decode_annotation, read_samples
+from handpose.shards import READ_LABELS, decode_annotation, read_samples, same_photo
 from handpose.skeleton import NUM_JOINTS
 from handpose.wds_loader import (
-    READ_MEMBERS,
     ShardTask,
     WdsLoader,
     _ShardStream,
@@ -61,7 +61,7 @@ MAX_HANDS = TILES * PHOTO_HANDS  # K: box slots of every item
 MIN_VISIBLE = 0.4  # a hand cut by the frame stays a hand while this share of its box is inside
 MIN_BOX_PX = 2.0  # ... and each side of its clipped box is at least this many input px
 
-assert READ_LABELS == ("kp.f32", "vis.u8", "box.f32")  # what read_photos decodes
+PHOTO_MEMBERS = ("jpg", "json", *READ_LABELS)  # the members read_photos reads
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,8 @@ def read_photos(
     for url, task in tasks:
         first = max(task.start - 1, 0)
         run: list[tuple[int, dict]] = []
-        for pos, sample in enumerate(read_samples(url, READ_MEMBERS, first), first):
-            jpg = sample.get("jpg")
-            if run and jpg is not None and jpg == run[0][1].get("jpg"):
+        for pos, sample in enumerate(read_samples(url, PHOTO_MEMBERS, first), first):
+            if run and same_photo(run[-1][1], sample):
                 run.append((pos, sample))
                 continue
             if run and run[0][0] >= task.start:

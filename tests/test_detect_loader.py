@@ -268,3 +268,44 @@ def test_detect_task_refuses_box_crops(dots) -> None:
         make_loader(root, "val", task="segment", batch_size=2, workers=0)
     with pytest.raises(TypeError):
         len(make_loader(root, "val", task="detect", batch_size=2, workers=0))
+
+
+def test_packed_yolo_photos_come_back_whole(tmp_path: Path) -> None:
+    """`handpose pack` of a YOLO set with 2, 1 and 3 hands per val photo: one item per photo with
+    all its hands, their boxes the labelled boxes letterboxed into the input."""
+    import yolokit
+
+    from handpose.geometry import move_boxes
+    from handpose.pack import pack
+
+    spec = yolokit.default_spec()
+    data = yolokit.write_dataset(tmp_path / "ds", spec)
+    pack(data, tmp_path / "shards", fmt="yolo", workers=1)
+    items = {}
+    for batch in make_loader(
+        tmp_path / "shards", "val", task="detect", image_size=64, batch_size=2, workers=0
+    ):
+        for key, boxes, hands in zip(
+            batch["key"], batch["boxes"].numpy(), batch["hands"].numpy(), strict=True
+        ):
+            items[key] = boxes[hands]
+    assert sorted(len(b) for b in items.values()) == [1, 2, 3]
+    for im in spec.splits["val"]:
+        w, h = yolokit.displayed_size(im)
+        want = []
+        for line in im.lines or []:
+            (cx, cy, bw, bh), _, _ = yolokit.parse(line)
+            want.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+        want = move_boxes(fit_matrix(w, h, 64), np.array(want))
+        got = next(b for b in items.values() if len(b) == len(want))
+        np.testing.assert_allclose(np.sort(got, axis=0), np.sort(want, axis=0), atol=1e-3)
+
+
+def test_same_photo_by_source_else_by_bytes() -> None:
+    from handpose.shards import same_photo
+
+    a = {"jpg": b"x", "json": b'{"source": "a.jpg"}'}
+    assert same_photo(a, {"jpg": b"x", "json": b'{"source": "a.jpg"}'})
+    assert not same_photo(a, {"jpg": b"x", "json": b'{"source": "b.jpg"}'})  # a duplicate photo
+    assert same_photo({"jpg": b"x"}, {"jpg": b"x"}) and not same_photo({"jpg": b"x"}, {"jpg": b"y"})
+    assert not same_photo({"json": b"{}"}, {"json": b"{}"})  # nothing to tell: never joined
