@@ -37,6 +37,7 @@ from handpose import checkpoint
 from handpose.atomic import check_output_dir, write_json, write_text
 from handpose.config import AugmentConfig, LayoutConfig, Sources, read_config, to_dict, to_toml
 from handpose.datasets import ShardSet, apportion, verify_sets
+from handpose.detector import STRIDES
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -147,6 +148,8 @@ class TrainConfig:
             raise ConfigError(
                 ("monitor", "arch"), "a detector has no val_error_px: monitor val_ap50 or val_loss"
             )
+        if detector and self.stride not in STRIDES:
+            raise ConfigError("stride", f"must be one of {', '.join(map(str, STRIDES))}, got {self.stride}")
         if not 0 <= self.min_score <= 1:
             raise ConfigError("min_score", f"must be in [0, 1], got {self.min_score}")
 
