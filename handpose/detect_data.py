@@ -288,12 +288,16 @@ class PhotoStream(_ShardStream):
         if not (spec.resample or sum(s.counts) < slots):
             for tasks in self._passes(s, i, slot, slots):
                 n = 0
-                for photo in self._shuffled(read_photos(tasks, skipped), set_rng):
+                for photo in self._shuffle(read_photos(tasks, skipped), set_rng):
                     n += 1
                     yield photo
                 if n == 0:
                     break  # a run inside one photo owns nothing: draw whole shards instead
-        yield from self._shuffled(read_photos(self._resampled(s, set_rng), skipped), set_rng)
+        yield from self._shuffle(read_photos(self._resampled(s, set_rng), skipped), set_rng)
+
+    def _shuffle(self, photos: Iterator[Photo], rng: np.random.Generator) -> Iterator[Photo]:
+        """The keypoint loader's shuffle buffer (`_ShardStream._shuffled`), over photos."""
+        return self._shuffled(photos, rng)  # type: ignore[arg-type, return-value]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from torch.utils.data import get_worker_info
@@ -311,8 +315,8 @@ class PhotoStream(_ShardStream):
                 yield self._collate([self._build(it, rng, skipped) for it in items], skipped, shared)
         else:
             built = (self._build(it, rng, skipped) for it in self.eval_items(slot, slots, skipped))
-            items = (b for b in built if b is not None)
-            while chunk := list(itertools.islice(items, spec.batch_size)):
+            ready = (b for b in built if b is not None)
+            while chunk := list(itertools.islice(ready, spec.batch_size)):
                 if spec.drop_last and len(chunk) < spec.batch_size:
                     break
                 yield self._collate(chunk, skipped, shared)
