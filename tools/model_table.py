@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-train", action="store_true", help="time inference only (forward + decode)")
     args = ap.parse_args()
     bench_models(
         [parse(s) for s in args.configs],
@@ -65,6 +66,7 @@ def main() -> None:
         threads=args.threads,
         steps=args.steps,
         rounds=args.rounds,
+        train=not args.no_train,
     )
 
 

@@ -64,9 +64,11 @@ def bench_models(
     steps: int = 5,
     rounds: int = 5,
     seed: int = 0,
+    train: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure each model config dict (MODEL_KEYS, see model.model_from_config) on the CPU in fp32
-    with `threads` torch threads; print a table and one JSON line; return one row per config."""
+    with `threads` torch threads; print a table and one JSON line; return one row per config.
+    `train=False` times inference only (the train-step columns are then empty)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -85,18 +87,20 @@ def bench_models(
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         batch = _batch(int(cfg["image_size"]), batch_size, gen, str(cfg.get("arch", "unet")))
         for _ in range(WARMUP):
-            _step(model, opt, batch)
+            if train:
+                _step(model, opt, batch)
             model.eval()
             _infer(model, batch[0])
             model.train()
         runs.append((cfg, model, opt, batch, [], []))
     for _ in range(rounds):
         for _, model, opt, batch, times, fwd_times in runs:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loss = _step(model, opt, batch)
-            float(loss)
-            times.append(time.perf_counter() - t0)
+            if train:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    loss = _step(model, opt, batch)
+                float(loss)
+                times.append(time.perf_counter() - t0)
             model.eval()
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -110,8 +114,11 @@ def bench_models(
             {
                 **{k: cfg[k] for k in ("arch", "width", "depth", "image_size", "stride") if k in cfg},
                 **summary,
-                "samples_per_s": batch_size * steps / min(times),
-                "median_samples_per_s": batch_size * steps / statistics.median(times),
+                "samples_per_s": batch_size * steps / min(times) if times else float("nan"),
+                "median_samples_per_s": batch_size * steps / statistics.median(times)
+                if times
+                else float("nan"),
+                "median_infer_per_s": batch_size * steps / statistics.median(fwd_times),
                 "infer_per_s": batch_size * steps / min(fwd_times),
             }
         )
