@@ -12,6 +12,7 @@ from handpose.errors import HandposeError
 from handpose.heatmaps import keypoints_to_heatmaps
 from handpose.model import (
     ARCHS,
+    DETECTORS,
     MODEL_KEYS,
     PoseModel,
     ShallowUNet,
@@ -21,6 +22,8 @@ from handpose.model import (
     model_summary,
 )
 from handpose.skeleton import NUM_JOINTS
+
+KEYPOINT_ARCHS = [a for a in ARCHS if a not in DETECTORS]  # the detector: tests/test_detector.py
 
 SIZE = 32  # input side of the tiny test models: a multiple of every arch's downsampling
 CONFIGS = {
@@ -69,7 +72,7 @@ def _dots(uv: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- forward, backward
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_forward_backward_shapes_and_finite_grads(arch: str) -> None:
     model = _model(arch).train()
     uv, visible = _targets(3)
@@ -171,7 +174,7 @@ def test_strided_decodes_a_gaussian_at_a_sub_pixel_point() -> None:
 # ----------------------------------------------------------------------------- losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_loss_ignores_invisible_joints(arch: str) -> None:
     model = _model(arch)
     uv, visible = _targets(4)
@@ -194,7 +197,7 @@ def test_loss_ignores_invisible_joints(arch: str) -> None:
     assert not torch.equal(loss, loss_and_grad(torch.where(visible[..., None], uv + 3.0, uv))[0])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_batch_without_visible_joints_gives_zero_loss_that_backpropagates(arch: str) -> None:
     model = _model(arch)
     uv, _ = _targets(2)
@@ -204,7 +207,7 @@ def test_batch_without_visible_joints_gives_zero_loss_that_backpropagates(arch: 
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_loss_is_fp32_under_autocast(arch: str) -> None:
     model = _model(arch).eval()
     uv, visible = _targets(2)
@@ -242,7 +245,7 @@ def test_strided_loss_is_l1_in_units_of_the_side_plus_js() -> None:
 # ----------------------------------------------------------------------------- checkpoints, summary
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_checkpoint_round_trip(arch: str, tmp_path: Path) -> None:
     cfg = {**CONFIGS[arch], "lr": 0.01}  # a training config also holds keys that are not the model's
     model = model_from_config(cfg).train()
@@ -275,7 +278,7 @@ def test_model_summary_counts_and_leaves_the_model_alone() -> None:
 # ----------------------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_a_few_steps_lower_the_loss_on_a_fixed_problem(arch: str) -> None:
     model = _model(arch).train()
     uv, visible = _targets(8, seed=3)
