@@ -53,6 +53,7 @@ from handpose.atomic import atomic_open
 from handpose.errors import HandposeError
 from handpose.model import (
     BOX_TO_KEYPOINTS,
+    DETECTORS,
     ModelSpec,
     PoseModel,
     load_weights,
@@ -244,6 +245,8 @@ def model_and_spec(state: dict[str, Any], where: str | os.PathLike) -> tuple[Pos
     strictly) and how to feed it: input size, normalisation, crop, box_pad, box_to_keypoints
     (OLD_FILES' values where the file predates a key). HandposeError names `where`."""
     config = {**OLD_FILES, **state["config"]}
+    if config.get("arch") in DETECTORS:
+        raise HandposeError(f"{where}: is a hand detector (arch {config['arch']!r}), not a keypoint model")
     try:
         net = model_from_config(config)
     except HandposeError as e:

@@ -142,6 +142,49 @@ class AugmentConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """Detection training items: how photos are laid out on the model input, before the
+    per-item augmentation ([augment]) moves the whole canvas. The rest of the time an item is one
+    photo letterboxed into the input. Validation always shows each photo once, letterboxed.
+
+    Each photo is letterboxed into a square of the canvas (`geometry.place_matrix`); squares never
+    overlap, so the tiles add up to the canvas and every pixel outside the photos' hand boxes is
+    a negative. The same draws drive the WDS and DALI kinds (`detect_data.sample_layout`).
+    """
+
+    mosaic: float = setting(
+        0.0, "probability of a 2x2 mosaic of four photos around a random centre", ge=0, le=1
+    )
+    mosaic_centre: float = setting(
+        0.3, "the centre is uniform in [c, 1 - c] x the input side, per axis", ge=0, le=0.5
+    )
+    mosaic_scale_min: float = setting(
+        0.6, "each photo's square side: uniform in [min, 1] x its cell's shorter side", gt=0, le=1
+    )
+    canvas: float = setting(0.0, "probability of one photo placed small, at a random position", ge=0, le=1)
+    canvas_scale_min: float = setting(
+        0.25, "its square side: uniform in [min, max] x the input side", gt=0, le=1
+    )
+    canvas_scale_max: float = setting(0.75, "the upper end of that side", gt=0, le=1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if not self.mosaic + self.canvas <= 1:
+            raise ConfigError(("mosaic", "canvas"), f"add up to {self.mosaic + self.canvas}, more than 1")
+        if not self.canvas_scale_min <= self.canvas_scale_max:
+            raise ConfigError(
+                ("canvas_scale_min", "canvas_scale_max"),
+                f"must satisfy canvas_scale_min <= canvas_scale_max, got "
+                f"{self.canvas_scale_min}, {self.canvas_scale_max}",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any item is laid out other than as one letterboxed photo."""
+        return self.mosaic > 0 or self.canvas > 0
+
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 

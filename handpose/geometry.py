@@ -270,3 +270,47 @@ def in_frame(uv: np.ndarray, size: int) -> np.ndarray:
     """True where a keypoint (..., 2) lies inside the size x size frame [0, size)^2."""
     uv = np.asarray(uv)
     return np.all((uv >= 0) & (uv < size), axis=-1) & np.all(np.isfinite(uv), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several photos on one canvas (detection items), and boxes moved by a matrix
+
+
+Square = tuple[float, float, float]  # (x0, y0, side): a square of canvas pixels, top-left corner and side
+
+
+def canvas_region(size: int) -> Region:
+    """The whole size x size canvas as a region: crop_matrix(canvas_region(s), s) is the identity,
+    so the per-sample augmentation of a canvas is `crop_matrix(canvas_region(s), s, angle_deg=...)`."""
+    return (size / 2, size / 2, float(size))
+
+
+def place_matrix(src_w: float, src_h: float, square: Square) -> np.ndarray:
+    """Source -> canvas: the whole source image letterboxed into `square` of a canvas (its longer
+    side fills the square's side, centred). place_matrix(w, h, (0, 0, s)) == fit_matrix(w, h, s)."""
+    x0, y0, side = square
+    return compose(translation(x0, y0), crop_matrix(image_region(src_w, src_h), side))  # type: ignore[arg-type]
+
+
+def box_corners(boxes: np.ndarray) -> np.ndarray:
+    """Boxes (..., 4) x0, y0, x1, y1 -> their corners (..., 4, 2): (x0, y0), (x1, y0), (x0, y1), (x1, y1)."""
+    b = np.asarray(boxes, np.float64)
+    x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    return np.stack(
+        [np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x0, y1], -1), np.stack([x1, y1], -1)], -2
+    )
+
+
+def corners_box(corners: np.ndarray) -> np.ndarray:
+    """Points (..., n, 2) -> their axis-aligned extent (..., 4) x0, y0, x1, y1."""
+    c = np.asarray(corners, np.float64)
+    return np.concatenate([c.min(axis=-2), c.max(axis=-2)], axis=-1)
+
+
+def move_boxes(M: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Boxes (..., 4) moved by M: the extent of their moved corners (exact for scale, shift and
+    flip; under a rotation the box of the rotated box, as YOLO training moves boxes without
+    segments)."""
+    return corners_box(
+        apply_affine(M, box_corners(boxes).reshape(-1, 2)).reshape(*np.shape(boxes)[:-1], 4, 2)
+    )

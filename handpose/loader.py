@@ -12,6 +12,10 @@ Kinds: "wds" (`wds_loader.py`: CPU worker processes, any machine) and "dali"
 (`dali_loader.py`: NVIDIA DALI, decode and augmentation on the GPU when there is one). Both take
 the same shard sets (`datasets.py`), crop modes and augmentation, and build the same matrix
 (`geometry.crop_matrix`) per sample.
+
+`task="detect"` gives the detector's batches instead: whole photos with ALL their hands, laid out
+by `layout` in training (mosaics, small photos on a canvas); see detect_data.py for the batch
+(boxes, hands, and per hand uv and visible) and dali_detect.py for the DALI kind.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from typing import Any
 
 import torch
 
-from handpose.config import AugmentConfig
+from handpose.config import AugmentConfig, LayoutConfig
 from handpose.datasets import LoaderOptions, open_sets
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
 from handpose.shards import SPLITS, Manifest
 
 KINDS = ("wds", "dali")
+TASKS = ("pose", "detect")
 NO_DALI_NEGATIVES = (
     "negatives need loader = wds: a crop without a hand must avoid every hand box of its photo, "
     "and DALI's reader hands the graph one shuffled sample at a time, never its photo's other hands"
@@ -56,6 +61,8 @@ def make_loader(
     drop_last: bool | None = None,
     shuffle_buffer: int = 1000,
     negatives: float = 0.0,
+    task: str = "pose",
+    layout: LayoutConfig | None = None,
 ) -> Any:
     """A loader over `split` of one packed folder, or of several (`source` a list, `weights` the
     share of each in every training batch, `crop` one mode for all or one per folder).
@@ -72,9 +79,14 @@ def make_loader(
     with the same augmentation, from a square of the photo (the size of its padded hand box) that
     overlaps none of the photo's hand boxes, where the photo leaves room; "present" is False for
     them. Whole-photo ("image") folders always show their hands.
+
+    `task="detect"`: detection items (one per photo, every hand of it; `layout` lays out the train
+    split's items); crop must be "image". Its val/test/eval loaders have no `len()`.
     """
     if kind not in KINDS:
         raise HandposeError(f"loader kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if task not in TASKS:
+        raise HandposeError(f"loader task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
         raise HandposeError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if batch_size < 1 or image_size < 1 or workers < 0:
@@ -104,6 +116,18 @@ def make_loader(
         samples_per_epoch=samples_per_epoch if train else None,
         drop_last=bool(drop_last) and not train,
     )
+    if task == "detect":
+        from handpose.detect_data import check_detect_options
+
+        check_detect_options(crops, options.augment, negatives)
+        layout = layout if train else None
+        if kind == "dali":
+            from handpose.dali_detect import DaliDetectLoader
+
+            return DaliDetectLoader(sets, split, options, layout=layout, shuffle_buffer=shuffle_buffer)
+        from handpose.detect_data import DetectWdsLoader
+
+        return DetectWdsLoader(sets, split, options, layout=layout, shuffle_buffer=shuffle_buffer)
     if kind == "dali":
         from handpose.dali_loader import DaliLoader
 

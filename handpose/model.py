@@ -25,6 +25,9 @@ simcc    the same encoder and neck, then SimCC (Li et al. 2022): each joint's st
          Loss: KL divergence from a Gaussian label of `sigma` input px over each axis's bins to
          the softmax. Decoder: the argmax bin, then the expectation over the bins within 3 sigma
          of it (`SimCCPose.decode_keypoints` says why); score = the softmax mass in those windows.
+centernet  the hand DETECTOR (handpose/detector.py): the whole photo in, hand-centre heatmap, box
+         size and offset at `stride` 4 or 8; its `decode` gives boxes and scores, its `loss`
+         takes the batch's boxes and hands mask (its `targets`), not keypoints.
 
 Every hyper-parameter is a plain value (int, float, str), declared once in `ModelConfig`, that
 lives in a TOML recipe and in a checkpoint's config dict; `model_from_config` rebuilds a model
@@ -55,8 +58,10 @@ from handpose.heatmaps import (
 )
 from handpose.skeleton import NUM_JOINTS
 
-ARCHS = ("unet", "strided", "simcc")
-ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",), "simcc": ("kl",)}
+ARCHS = ("unet", "strided", "simcc", "centernet")
+ARCH_LOSSES = {"unet": tuple(LOSSES), "strided": ("l1",), "simcc": ("kl",), "centernet": ("focal",)}
+DETECTORS = ("centernet",)  # archs that find hands (boxes) rather than keypoints
+DETECTOR_STRIDE = 8  # centernet: output stride when a config does not give one
 # strided: JS regulariser weight; 1 beat 0 (6.7% vs 9.0% of the box) and 0.1 (8.4%) on short runs
 STRIDED_REG = 1.0
 SIMCC_K = 2.0  # simcc: bins per input px; the SimCC paper found 2-3 best, more costs parameters
@@ -82,6 +87,11 @@ class PoseModel(nn.Module):
     `loss`; with a presence head also `presence`. Subclasses define `decode_keypoints` and
     `keypoint_loss` on the keypoint output, and call `_init_presence` in their constructor.
 
+    `targets` names the batch entries `loss` takes after the output, in order: the trainer and
+    validation call `loss(out, *(batch[k] for k in targets))`. A keypoint model's are uv and
+    visible, plus present when it has a presence head; the detector (detector.CenterNet, whose
+    decode and loss are about boxes) has its own.
+
     `decode` is written in torch ops that `torch.export` can trace (no numpy, no data-dependent
     Python branches): `handpose export` puts it inside the ONNX graph as it is.
     """
@@ -89,6 +99,11 @@ class PoseModel(nn.Module):
     arch: str = ""  # its name in ARCHS (a checkpoint's config "arch"; ONNX metadata)
     presence_head: PresenceHead | None  # set by `_init_presence` (a class default would hide the module)
     presence_weight: float = 0.0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The batch keys `loss` takes after the output, in its argument order."""
+        return ("uv", "visible", "present") if self.presence_head is not None else ("uv", "visible")
 
     def _init_presence(self, channels: int, presence: bool, weight: float) -> None:
         """Add the presence head (on features of `channels` channels) when `presence`."""
@@ -517,7 +532,7 @@ class SimCCPose(StridedEncoder, PoseModel):
 
 def input_multiple(arch: str, depth: int) -> int:
     """The input side of `arch` must be a multiple of this (its total downsampling)."""
-    return 2**depth if arch == "unet" else 16
+    return 2**depth if arch == "unet" else 32 if arch in DETECTORS else 16
 
 
 @dataclass(frozen=True)
@@ -526,19 +541,29 @@ class ModelConfig:
     so a recipe, a checkpoint's config and `build_model` obey the same rules). A resumed run may
     change none of them: the saved weights would not fit."""
 
-    arch: Literal["unet", "strided", "simcc"] = setting(
-        "unet", "the architecture (ARCHS); unet with width 16, depth 3 is the tutorial's model", fixed=MODEL
+    arch: Literal["unet", "strided", "simcc", "centernet"] = setting(
+        "unet",
+        "the architecture (ARCHS); unet with width 16, depth 3 is the tutorial's model; centernet "
+        "is the hand detector",
+        fixed=MODEL,
     )
     width: int = setting(
-        16, "channels of the first stage (strided, simcc: stages 2w, 4w, 8w)", fixed=MODEL, gt=0
+        16,
+        "channels of the first stage (strided, simcc: stages 2w, 4w, 8w; centernet: 4w, 8w, 16w)",
+        fixed=MODEL,
+        gt=0,
     )
-    depth: int = setting(3, "unet: down/up levels; strided, simcc: blocks per stage", fixed=MODEL, gt=0)
+    depth: int = setting(
+        3, "unet: down/up levels; strided, simcc, centernet: blocks per stage", fixed=MODEL, gt=0
+    )
     image_size: int = setting(128, "model input side, px (a multiple of input_multiple)", fixed=MODEL, gt=0)
     sigma: float = setting(
         3.0, "target Gaussian, px at model size (the tutorial blurred with sigma 3)", fixed=MODEL, gt=0
     )
-    loss: Literal["iou", "mse", "l1", "kl"] = setting(
-        "iou", "unet trains with iou or mse (heatmap losses), strided with l1, simcc with kl", fixed=MODEL
+    loss: Literal["iou", "mse", "l1", "kl", "focal"] = setting(
+        "iou",
+        "unet trains with iou or mse (heatmap losses), strided with l1, simcc with kl, centernet with focal",
+        fixed=MODEL,
     )
     index_offset: float = setting(
         INDEX_OFFSET, "unet decoder: heatmap cell i sits at i + 0.5 (see heatmaps.py)", fixed=MODEL
@@ -554,6 +579,9 @@ class ModelConfig:
     )
     presence_weight: float = setting(
         PRESENCE_WEIGHT, "presence: weight of its binary cross entropy in the loss", fixed=MODEL, ge=0
+    )
+    stride: int = setting(
+        DETECTOR_STRIDE, "centernet: output stride of its maps, 4 or 8 input px per cell", fixed=MODEL
     )
 
     def __post_init__(self) -> None:
@@ -575,6 +603,19 @@ class ModelConfig:
                 "index_offset",
                 f"must be {INDEX_OFFSET} for arch {self.arch!r} (its cells and bins sit at pixel centres)",
             )
+        if self.arch in DETECTORS:
+            from handpose.detector import STRIDES  # detector.py builds on this module
+
+            if self.stride not in STRIDES:
+                raise ConfigError(
+                    ("stride", "arch"),
+                    f"must be one of {', '.join(map(str, STRIDES))} for arch {self.arch!r}, "
+                    f"got {self.stride}",
+                )
+            if self.presence:
+                raise ConfigError(
+                    ("presence", "arch"), f"arch {self.arch!r} (a detector) has no presence head"
+                )
         bins = self.image_size * self.simcc_k
         if self.arch == "simcc" and abs(bins - round(bins)) > 1e-9:
             raise ConfigError(
@@ -591,17 +632,18 @@ def build_model(arch: str, **hparams: Any) -> PoseModel:
     """The model `arch` with these hyper-parameters (ModelConfig's fields; the rest default).
 
     width, depth  unet: first level's channels, down/up levels; strided, simcc: stem width w
-                  (stages 2w, 4w, 8w), basic blocks per stage
+                  (stages 2w, 4w, 8w), basic blocks per stage; centernet: the same (4w, 8w, 16w)
     image_size    input side, px (a multiple of `input_multiple(arch, depth)`)
     sigma         Gaussian target, input px (unet: heatmap target; strided: JS regulariser;
                   simcc: the 1D label over each axis's bins)
-    loss          unet: "iou" | "mse"; strided: "l1"; simcc: "kl"
+    loss          unet: "iou" | "mse"; strided: "l1"; simcc: "kl"; centernet: "focal"
     index_offset  unet decoder: heatmap cell i at i + index_offset (0.5; the tutorial's 0.0);
                   strided, simcc: must be 0.5 (their cells and bins are centred by construction)
     reg           strided: weight of the Jensen-Shannon regulariser (0 = L1 only); others ignore it
     simcc_k       simcc: bins per input px (the split ratio k; image_size x k must be whole);
                   others ignore it
-    presence      add the hand-presence logit (every arch); presence_weight: its loss weight
+    presence      add the hand-presence logit (every keypoint arch); presence_weight: its loss weight
+    stride        centernet: output stride of its maps, 4 or 8 (sigma, index_offset, reg unused)
     Raises HandposeError naming the field for a value that cannot build a model.
     """
     return model_from_config({"arch": arch, **hparams})
@@ -618,6 +660,10 @@ def model_from_config(config: Mapping[str, Any]) -> PoseModel:
         return ShallowUNet(c.width, c.depth, sigma=c.sigma, loss=c.loss, index_offset=c.index_offset, **heads)
     if c.arch == "simcc":
         return SimCCPose(c.width, c.depth, image_size=c.image_size, split=c.simcc_k, sigma=c.sigma, **heads)
+    if c.arch in DETECTORS:
+        from handpose.detector import CenterNet  # detector.py builds on this module
+
+        return CenterNet(c.width, c.depth, stride=c.stride)
     return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg, **heads)
 
 

@@ -44,6 +44,7 @@ from handpose.shards import (
     READ_LABELS,
     decode_annotation,
     read_samples,
+    same_photo,
     split_shards,
     verify_shards,
 )
@@ -305,12 +306,15 @@ def verify_shard_inputs(plan: Sequence[Input], split: str | None, *, progress: b
 
 
 def _shard_units(root: Path, split: str) -> Iterator[Unit]:
-    """One Source per photo: consecutive samples with the same KEY.json "source" are the hands of
-    one photo (pack stores each hand as a sample and cuts shards only between photos)."""
+    """One Source per photo: the consecutive samples `shards.same_photo` joins (their KEY.json
+    "source"; the image bytes are not read here, so a sample without a source is a photo of its
+    own) are the hands of one photo (pack stores each hand as a sample and cuts shards only
+    between photos)."""
     for tar in _shard_set(root, split):
         st = tar.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         group: list[tuple[int, dict[str, Any], Any]] = []
+        last: dict[str, Any] = {}  # the group's last sample
         for k, sample in enumerate(read_samples(tar, ("json", *READ_LABELS))):
             path = f"{tar}/{sample['__key__']}.jpg"
             try:
@@ -320,11 +324,11 @@ def _shard_units(root: Path, split: str) -> Iterator[Unit]:
                 group = []
                 yield BadInput(0, path, str(e))
                 continue
-            meta = _sample_meta(sample)
-            if group and (meta.get("source") is None or meta.get("source") != group[0][1].get("source")):
+            if group and not same_photo(last, sample):
                 yield from _shard_group(tar, group, stamp)
                 group = []
-            group.append((k, meta, (sample["__key__"], ann)))
+            group.append((k, _sample_meta(sample), (sample["__key__"], ann)))
+            last = sample
         yield from _shard_group(tar, group, stamp)
 
 

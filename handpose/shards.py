@@ -357,6 +357,35 @@ def decode_annotation(sample: Sample) -> Annotation:
     )
 
 
+def same_photo(a: Sample, b: Sample) -> bool:
+    """Whether sample `b`, read right after `a` from the same shard, is another hand of a's photo.
+
+    Pack keeps a photo's hands consecutive in one shard (one sample per hand, the photo's bytes in
+    each) and names the photo in KEY.json's "source"; samples read with their json compare that
+    (predict's shard reader groups by it too). Samples read without json, or whose json has no
+    "source", compare their image bytes, which are the photo's own, unchanged.
+    """
+    sa, sb = _photo_source(a), _photo_source(b)
+    if sa is not None and sb is not None:
+        return sa == sb
+    ja, jb = a.get("jpg"), b.get("jpg")
+    return ja is not None and ja == jb
+
+
+def _photo_source(sample: Sample) -> str | None:
+    """KEY.json's "source" (parsed once per sample), None when absent or unreadable."""
+    if "__source__" not in sample:
+        source = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+                source = meta.get("source") if isinstance(meta, dict) else None
+            except ValueError:
+                source = None
+        sample["__source__"] = source if isinstance(source, str) else None
+    return sample["__source__"]
+
+
 HASH_BLOCK = 4 << 20  # bytes read per call while hashing: large reads, one reused buffer
 PROGRESS_MIN_BYTES = 64 << 20  # hashing less than this is quick: no progress bar
 

@@ -3,6 +3,8 @@
 Read `fit` top to bottom: build everything, maybe resume (resume.py), then the epoch loop. The
 model (`model.build_model`, chosen by `arch`) owns its loss and its decoder, which `predict` uses
 too; checkpoint.py owns what a checkpoint holds.
+A detector (`arch = "centernet"`) trains the same way on detection batches (whole photos with all
+their hands, `[layout]` mosaics; detect_data.py) and validates by recall, precision and AP.
 Training reads one packed folder or a weighted mix of several (`shards`, `weights`, `crop`);
 validation reports every folder's val split apart, and the FIRST folder's numbers choose best.pt.
 Only the global rank 0 prints and writes.
@@ -33,7 +35,17 @@ from torch import nn
 
 from handpose import checkpoint
 from handpose.atomic import check_output_dir, write_json, write_text
-from handpose.config import DATA, STATE, AugmentConfig, Sources, read_config, setting, to_dict, to_toml
+from handpose.config import (
+    DATA,
+    STATE,
+    AugmentConfig,
+    LayoutConfig,
+    Sources,
+    read_config,
+    setting,
+    to_dict,
+    to_toml,
+)
 from handpose.datasets import ShardSet, apportion, verify_sets
 from handpose.distributed import (
     World,
@@ -46,7 +58,7 @@ from handpose.distributed import (
 from handpose.errors import ConfigError, HandposeError
 from handpose.geometry import BOX_PAD
 from handpose.loader import NO_DALI_NEGATIVES, make_loader
-from handpose.model import ModelConfig, PoseModel, model_from_config
+from handpose.model import DETECTORS, ModelConfig, PoseModel, model_from_config
 from handpose.resume import resume as resume_run
 from handpose.resume import run_recipe
 from handpose.shards import read_manifest
@@ -88,6 +100,18 @@ class TrainConfig(ModelConfig):
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train", resume=HOW)
     augment: AugmentConfig = setting(
         AugmentConfig(enabled=False), "training augmentation", resume="the coming epochs use the new values"
+    )
+    layout: LayoutConfig = setting(
+        LayoutConfig(),
+        "centernet: training items as mosaics / small photos",
+        resume="the coming epochs use the new values",
+    )
+    min_score: float = setting(
+        0.3,
+        "centernet: score threshold of val recall/precision; predict's default",
+        resume="the coming validations and the checkpoints written from then on use it",
+        ge=0,
+        le=1,
     )
     epochs: int = setting(
         1000,
@@ -144,8 +168,10 @@ class TrainConfig(ModelConfig):
     )
     channels_last: bool = setting(True, "CUDA only", resume=HOW)
     compile: bool = setting(False, "torch.compile the model", resume=HOW)
-    monitor: Literal["val_loss", "val_error_px"] = setting(
-        "val_loss", "best.pt and early stopping (the first folder's figure)", fixed=STATE
+    monitor: Literal["val_loss", "val_error_px", "val_ap50"] = setting(
+        "val_loss",
+        "best.pt and early stopping (the first folder's figure); val_ap50 (a detector's) is maximised",
+        fixed=STATE,
     )
     patience: int = setting(
         0,
@@ -183,6 +209,23 @@ class TrainConfig(ModelConfig):
             )
         if self.negatives > 0 and self.loader == "dali":
             raise ConfigError(("negatives", "loader"), NO_DALI_NEGATIVES)
+        detector = self.arch in DETECTORS
+        if detector and any(c != "image" for c in self.crop):
+            raise ConfigError(("crop", "arch"), "a detector trains on whole photos: crop must be 'image'")
+        if not detector and (self.layout.enabled or self.monitor == "val_ap50"):
+            raise ConfigError(
+                ("layout.mosaic", "layout.canvas", "monitor", "arch"),
+                f"layouts and val_ap50 are for a detector (arch centernet), not arch {self.arch!r}",
+            )
+        if detector and self.monitor == "val_error_px":
+            raise ConfigError(
+                ("monitor", "arch"), "a detector has no val_error_px: monitor val_ap50 or val_loss"
+            )
+        if detector and (self.augment.aspect > 0 or self.augment.perspective_deg > 0):
+            raise ConfigError(
+                ("augment.aspect", "augment.perspective_deg", "arch"),
+                "a detector's canvas augmentation has no aspect or perspective: set them to 0",
+            )
 
 
 def train(
@@ -269,7 +312,7 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
         }
         if cfg.schedule == "plateau":
             sched.step(metrics[cfg.plateau_on])
-        improved = st.update(epoch + 1, metrics[cfg.monitor], cfg)
+        improved = st.update(epoch + 1, monitored(metrics, cfg.monitor), cfg)
         save_checkpoints(cfg, world, run, train_loader.sets, raw, opt, sched, scaler, st, best=improved)
         log.end_epoch(metrics, improved)
     _record_params(raw, world)
@@ -277,6 +320,14 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+def monitored(metrics: dict[str, Any], key: str) -> float:
+    """The value best.pt and early stopping minimise: the metric, negated where higher is better."""
+    return -metrics[key] if key in HIGHER_IS_BETTER else metrics[key]
+
+
+HIGHER_IS_BETTER = frozenset({"val_ap50"})
 
 
 def seed_everything(seed: int) -> None:
@@ -368,6 +419,8 @@ def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None =
             else None
         ),
         negatives=cfg.negatives if train else 0.0,
+        task="detect" if cfg.arch in DETECTORS else "pose",
+        layout=cfg.layout if train else None,
     )
 
 
@@ -388,8 +441,8 @@ def train_step(
     dtype = amp_dtype(cfg, world)
     with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(images)
-    # losses compute in fp32 over visible joints of crops that show their hand (`present`)
-    loss = raw.loss(out, batch["uv"], batch["visible"], batch.get("present"))
+    # the model's own targets from the batch (PoseModel.targets); losses compute in fp32
+    loss = raw.loss(out, *(batch[k] for k in raw.targets))
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -412,7 +465,10 @@ def validate(
     out: dict[str, Any] = {}
     for i, (loader, name) in enumerate(zip(loaders, names, strict=True)):
         s = loader.sets[0]
-        figures = evaluate(raw, loader, cfg, world, s.manifest.mean_pose(s.crop, cfg.image_size, s.pad))
+        if cfg.arch in DETECTORS:
+            figures = evaluate_detection(raw, loader, cfg, world)
+        else:
+            figures = evaluate(raw, loader, cfg, world, s.manifest.mean_pose(s.crop, cfg.image_size, s.pad))
         if i == 0:
             out.update(figures)
         if len(loaders) > 1:
@@ -433,7 +489,7 @@ def evaluate(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World, mean_u
         uv, vis = batch["uv"], batch["visible"]
         with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = raw(batch["image"])
-        loss = raw.loss(pred, uv, vis, batch.get("present"))
+        loss = raw.loss(pred, *(batch[k] for k in raw.targets))
         pred_uv, _ = raw.decode(pred)
         err = (pred_uv.float() - uv).norm(dim=-1)[vis]
         base = (mean_uv - uv).norm(dim=-1)[vis]
@@ -463,6 +519,53 @@ def evaluate(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World, mean_u
     if crop == "box":
         figures.update(val_error_pct_box=100 * err_px / box_px, val_pck_box=pck / n_vis)
     return figures
+
+
+def evaluate_detection(raw: PoseModel, loader: Any, cfg: TrainConfig, world: World) -> dict[str, float]:
+    """A detector's validation: loss, and over all ranks' photos recall and precision at IoU 0.5
+    for boxes scoring >= min_score, AP50 and AP50-95 (metrics.hand_figures, COCO's 101 points)
+    of every decoded peak scoring >= AP_MIN_SCORE."""
+    from handpose.detector import TOP_K
+    from handpose.metrics import Hands, hand_figures
+
+    dtype = amp_dtype(cfg, world)
+    loss_sum, n = 0.0, 0
+    preds: list[Hands] = []
+    labels: list[Hands] = []
+    for batch in islice(loader, cfg.val_batches or None):
+        with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = raw(batch["image"])
+        loss_sum += float(raw.loss(out, *(batch[k] for k in raw.targets))) * len(out)
+        n += len(out)
+        boxes, scores = (t.cpu().numpy() for t in raw.decode(out, TOP_K))  # type: ignore[call-arg]
+        for b, s, lb, hands in zip(
+            boxes, scores, batch["boxes"].cpu().numpy(), batch["hands"].cpu().numpy(), strict=True
+        ):
+            keep = s >= AP_MIN_SCORE
+            preds.append(Hands(b[keep], s[keep]))
+            labels.append(Hands(lb[hands]))
+    everyone = all_gather_objects((loss_sum, n, preds, labels), world)
+    loss_sum, n = sum(e[0] for e in everyone), sum(e[1] for e in everyone)
+    if n == 0:
+        raise HandposeError(f"{loader.sets[0].manifest.root}: the validation split gave no photos")
+    f = hand_figures(
+        [p for e in everyone for p in e[2]],
+        [lab for e in everyone for lab in e[3]],
+        min_score=cfg.min_score,
+        pose=False,
+    )
+    return {
+        "val_loss": loss_sum / n,
+        "val_recall": f["box_recall"],
+        "val_precision": f["box_precision"],
+        "val_ap50": f["box_ap50"],
+        "val_ap50_95": f["box_ap50_95"],
+        "val_hands": int(f["labels"]),
+        "val_samples": int(n),
+    }
+
+
+AP_MIN_SCORE = 0.001  # detections below this score do not enter AP (Ultralytics validates at conf 0.001)
 
 
 def agree_steps(steps: int, world: World) -> int:
@@ -643,6 +746,9 @@ class RunLog:
                 if k != "epoch":
                     self.tb.add_scalar(k, v, metrics["epoch"])
         m = metrics
+        if "val_ap50" in m:
+            print(self._detection_line(m, improved), flush=True)
+            return
         box = (
             f", {m['val_error_pct_box']:.2f}% of box, PCK@0.2 {m['val_pck_box']:.3f}"
             if "val_pck_box" in m
@@ -663,6 +769,20 @@ class RunLog:
             flush=True,
         )
 
+    def _detection_line(self, m: dict[str, Any], improved: bool) -> str:
+        others = "".join(
+            f"  [{k[: -len('/val_ap50')]} AP50 {v:.3f}]" for k, v in m.items() if k.endswith("/val_ap50")
+        )
+        return (
+            f"epoch {m['epoch']:4d}  train {m['train_loss']:.4f}  val {m['val_loss']:.4f}  "
+            f"recall {m['val_recall']:.3f} precision {m['val_precision']:.3f} "
+            f"(score >= {self.cfg.min_score})  "
+            f"AP50 {m['val_ap50']:.3f} AP50-95 {m['val_ap50_95']:.3f}{others}"
+            f"  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s  {m['seconds']:.0f} s"
+            + (f"  {m['skipped_samples']} corrupt samples skipped" if m["skipped_samples"] else "")
+            + ("  *" if improved else "")
+        )
+
     def finish(self, st: LoopState) -> dict[str, Any]:
         """Write summary.json (rank 0) and return it."""
         last = self.history[-1] if self.history else {}
@@ -677,6 +797,9 @@ class RunLog:
             "best_val_loss": best.get("val_loss"),
             "best_val_error_pct_box": best.get("val_error_pct_box"),
             "best_val_pck_box": best.get("val_pck_box"),
+            "best_val_ap50": best.get("val_ap50"),
+            "best_val_recall": best.get("val_recall"),
+            "best_val_precision": best.get("val_precision"),
             "final": last,
             "mean_pose_error_px": last.get("mean_pose_error_px"),
             "image_size": self.cfg.image_size,
@@ -689,7 +812,13 @@ class RunLog:
                 self.tb.close()
             if st.stopped:
                 print(f"early stopping: no improvement in {self.cfg.patience} epochs", flush=True)
-            if last:
+            if last and "val_ap50" in last:
+                print(
+                    f"best epoch {st.best_epoch}: AP50 {summary['best_val_ap50']:.3f}, recall "
+                    f"{summary['best_val_recall']:.3f} at precision {summary['best_val_precision']:.3f}",
+                    flush=True,
+                )
+            elif last:
                 print(
                     f"best epoch {st.best_epoch}: validation error {summary['best_val_error_px']:.2f} px vs "
                     f"{summary['mean_pose_error_px']:.2f} px for the mean pose",

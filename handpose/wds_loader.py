@@ -6,9 +6,10 @@ unpickled) -> shuffle buffer (train) -> one affine per sample (`geometry.crop_ma
 crop mode plus augmentation) -> `imageio.warp_to_input` decodes and warps (the preprocessing
 predict shares) and the same matrix moves the keypoints -> blur/occlusion (train) -> uint8 batch.
 With `negatives` > 0 a share of the training samples of box-crop sets become crops WITHOUT a hand
-("present" False): a square elsewhere in the same photo that overlaps none of its hand boxes. A photo's hands
-are consecutive samples with the same image bytes (pack writes them so, all in one shard), so
-`_photo_boxes` groups them before the shuffle; a group cut by the edge of a slot's run of a shard
+("present" False): a square elsewhere in the same photo that overlaps none of its hand boxes. A
+photo's hands are consecutive samples of one shard (pack writes them so) that `shards.same_photo`
+joins (by their identical image bytes: this kind does not read KEY.json), so `_photo_boxes`
+groups them before the shuffle; a group cut by the edge of a slot's run of a shard
 may lack hands, and never gives a negative.
 Colour jitter + normalisation (one folded affine per sample, each set's own mean/std) run on the
 device after the uint8 batch (a quarter of float32's bytes) has crossed from the worker: one
@@ -62,7 +63,7 @@ from handpose.datasets import (
 )
 from handpose.geometry import apply_matrix, in_frame, source_region
 from handpose.imageio import image_size, warp_to_input
-from handpose.shards import READ_LABELS, decode_annotation, decode_box, read_samples
+from handpose.shards import READ_LABELS, decode_annotation, decode_box, read_samples, same_photo
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,38 @@ class _Spec:
     batches_per_rank: int  # training only
     negatives: float = 0.0  # training: share of samples turned into crops without a hand
 
+    @classmethod
+    def of(
+        cls,
+        sets: Sequence[ShardSet],
+        split: str,
+        o: LoaderOptions,
+        *,
+        shuffle_buffer: int,
+        negatives: float = 0.0,
+    ) -> _Spec:
+        """The spec of a loader over `sets` (this kind's, and the detection kinds', whose photos
+        come from the same streams): training batches per rank, each set's share of a batch."""
+        train = split == "train"
+        return cls(
+            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad) for s in sets),
+            shares=tuple(apportion(o.batch_size, [s.weight for s in sets])),
+            train=train,
+            augment=o.augment,
+            image_size=o.image_size,
+            batch_size=o.batch_size,
+            rank=o.rank,
+            world_size=o.world_size,
+            seed=o.seed,
+            drop_last=o.drop_last,
+            shuffle_buffer=shuffle_buffer,
+            resample=bool(o.samples_per_epoch) and train,
+            batches_per_rank=(
+                train_batches_per_rank(sets, o.batch_size, o.world_size, o.samples_per_epoch) if train else 0
+            ),
+            negatives=negatives if train else 0.0,
+        )
+
 
 def _read(tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
     """Samples {"__key__", "__url__", "jpg", "kp.f32", "vis.u8", "box.f32"} of each task."""
@@ -157,14 +190,14 @@ def _read(tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
 
 def _photo_boxes(tasks: Iterable[tuple[str, ShardTask]], counts: dict[str, int]) -> Iterator[dict]:
     """`_read`, each sample with PHOTO_BOXES: the boxes (N, 4) of every hand of its photo (the run
-    of consecutive samples with the same image bytes), or None where the run may go on beyond
+    of consecutive samples `shards.same_photo` joins), or None where the run may go on beyond
     this task (it starts the task and the task does not start the shard, or it ends the task
     and the task does not end the shard) or a box member is unreadable."""
     for url, task in tasks:
         run: list[dict] = []
         first = True
         for sample in itertools.chain(read_samples(url, READ_MEMBERS, task.start, task.stop), [None]):
-            if run and (sample is None or sample.get("jpg") != run[0].get("jpg")):
+            if run and (sample is None or not same_photo(run[-1], sample)):
                 cut = (first and task.start > 0) or (sample is None and task.stop < counts[url])
                 yield from _with_boxes(run, known=not cut)
                 run, first = [], False
@@ -348,15 +381,20 @@ class _ShardStream(IterableDataset):
         self.spec = spec
         self.epoch = 0
 
+    def _slot(self) -> tuple[int, int, int, int, np.random.Generator, bool]:
+        """(worker, workers, slot, slots, rng, shared) of the process iterating this stream: its
+        slot among ranks x workers, its seeds (base + rank, then worker and epoch; shard order
+        alone is shared by all ranks), and whether it is a DataLoader worker (shared memory)."""
+        spec, info = self.spec, get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng([spec.seed + spec.rank, worker, self.epoch])
+        return worker, workers, spec.rank * workers + worker, spec.world_size * workers, rng, info is not None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, slots = spec.rank * workers + worker, spec.world_size * workers
-        # seeds: base + rank, then worker and epoch (shard order alone is shared by all ranks)
-        rng = np.random.default_rng([spec.seed + spec.rank, worker, self.epoch])
+        worker, workers, slot, slots, rng, shared = self._slot()
         skipped: list[tuple[str, str, str]] = []
-        colour, shared = spec.augment is not None, info is not None
+        colour = spec.augment is not None
         if spec.train:
             streams = [self._train_items(i, slot, slots, rng, skipped) for i in range(len(spec.sets))]
             for _ in range(worker_quotas(spec.batches_per_rank, workers)[worker]):
@@ -465,27 +503,9 @@ class WdsLoader:
         shuffle_buffer: int,
         negatives: float = 0.0,
     ):
-        o, train = options, split == "train"
+        o = options
         self.sets = sets
-        batches = (
-            train_batches_per_rank(sets, o.batch_size, o.world_size, o.samples_per_epoch) if train else 0
-        )
-        self.spec = _Spec(
-            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad) for s in sets),
-            shares=tuple(apportion(o.batch_size, [s.weight for s in sets])),
-            train=train,
-            augment=o.augment,
-            image_size=o.image_size,
-            batch_size=o.batch_size,
-            rank=o.rank,
-            world_size=o.world_size,
-            seed=o.seed,
-            drop_last=o.drop_last,
-            shuffle_buffer=shuffle_buffer,
-            resample=bool(o.samples_per_epoch) and train,
-            batches_per_rank=batches,
-            negatives=negatives if train else 0.0,
-        )
+        self.spec = _Spec.of(sets, split, o, shuffle_buffer=shuffle_buffer, negatives=negatives)
         self.workers, self.device, self.epoch = o.workers, o.device, o.epoch
         self.stats = LoaderStats()
         self._mean = np.array([s.mean for s in sets], np.float64)

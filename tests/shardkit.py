@@ -190,3 +190,50 @@ def overwrite_member(root: Path, shard: str, sample: int, ext: str, at: int, dat
         f.seek(offset + at)
         f.write(data)
     return old
+
+
+def hand_dots_photo(
+    sid: int, rng: np.random.Generator, n_hands: int, w: int = 160, h: int = 120, r: int = 4
+) -> list[Sample]:
+    """One dark photo with `n_hands` hand boxes of 44-56 px side in separate vertical strips and a
+    bright (2r+1)^2 dot at each box's top-left corner and at its keypoint 0 (the box's centre),
+    every dot centred on a pixel centre: one sample per hand, all with the photo's bytes."""
+    img = np.full((h, w, 3), 20, np.uint8)
+    hands = []
+    strip = w / n_hands
+    for k in range(n_hands):
+        side = rng.uniform(44, 56, 2)
+        cx0 = int(k * strip + rng.uniform(r + 1, strip - side[0] - r - 1))
+        cy0 = int(rng.uniform(r + 1, h - side[1] - r - 1))
+        box = np.array([cx0 + 0.5, cy0 + 0.5, cx0 + 0.5 + side[0], cy0 + 0.5 + side[1]])
+        kx, ky = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
+        uv = np.column_stack([rng.uniform(box[0], box[2], 21), rng.uniform(box[1], box[3], 21)])
+        uv[0] = (kx + 0.5, ky + 0.5)
+        for x, y in ((cx0, cy0), (kx, ky)):
+            img[y - r : y + r + 1, x - r : x + r + 1] = 255
+        hands.append((uv, box))
+    data = jpeg(img, 100)
+    return [
+        (sid + k, data, uv, {"box.f32": box.astype("<f4").tobytes()}) for k, (uv, box) in enumerate(hands)
+    ]
+
+
+def hand_dots_pack(root: Path, photos: int = 24, seed: int = 0) -> tuple[Path, dict[str, int]]:
+    """Photos of 1-2 hands (`hand_dots_photo`): train 2 shards, val 3 shards cut so that some
+    shard boundaries fall between photos only (as pack cuts them); returns the pack and the
+    number of hands of each val photo by its key."""
+    rng = np.random.default_rng(seed)
+    groups, sid = [], 0
+    for i in range(photos):
+        n = 1 + (i % 3 == 1)
+        groups.append(hand_dots_photo(sid, rng, n))
+        sid += n
+    half = len(groups) // 2
+    train, val = groups[:half], groups[half:]
+    third = len(val) // 3
+    val_shards = [
+        [s for g in val[a:b] for s in g] for a, b in ((0, third), (third, 2 * third), (2 * third, None))
+    ]
+    train_shards = [[s for g in train[: half // 2] for s in g], [s for g in train[half // 2 :] for s in g]]
+    write_pack(root, {"train": train_shards, "val": val_shards})
+    return root, {sample_key(g[0][0]): len(g) for g in val}

@@ -206,8 +206,9 @@ def test_show_config_lists_every_key(inputs: dict[str, Path], capsys: pytest.Cap
     lines = {
         line.split(" = ")[0]: line for line in out.splitlines() if " = " in line and not line.startswith("#")
     }
-    keys = [f.name for f in TrainConfig.__dataclass_fields__.values() if f.name != "augment"]
-    keys += list(tomllib.loads(out)["augment"])
+    tables = ("augment", "layout")  # nested dataclasses: [augment], [layout]
+    keys = [f.name for f in TrainConfig.__dataclass_fields__.values() if f.name not in tables]
+    keys += [k for t in tables for k in tomllib.loads(out)[t]]
     assert set(keys) <= set(lines)
     for key in keys:
         assert " # " in lines[key] and lines[key].split(" # ", 1)[1].strip(), f"{key} has no description"

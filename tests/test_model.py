@@ -12,6 +12,7 @@ from handpose.errors import HandposeError
 from handpose.heatmaps import keypoints_to_heatmaps
 from handpose.model import (
     ARCHS,
+    DETECTORS,
     MODEL_KEYS,
     ModelConfig,
     PoseModel,
@@ -25,6 +26,8 @@ from handpose.model import (
     model_summary,
 )
 from handpose.skeleton import NUM_JOINTS
+
+KEYPOINT_ARCHS = [a for a in ARCHS if a not in DETECTORS]  # the detector: tests/test_detector.py
 
 SIZE = 32  # input side of the tiny test models: a multiple of every arch's downsampling
 CONFIGS = {
@@ -84,7 +87,7 @@ def _dots(uv: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- forward, backward
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_forward_backward_shapes_and_finite_grads(arch: str) -> None:
     model = _model(arch).train()
     uv, visible = _targets(3)
@@ -188,7 +191,7 @@ def test_strided_decodes_a_gaussian_at_a_sub_pixel_point() -> None:
 # ----------------------------------------------------------------------------- losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_loss_ignores_invisible_joints(arch: str) -> None:
     model = _model(arch)
     uv, visible = _targets(4)
@@ -211,7 +214,7 @@ def test_loss_ignores_invisible_joints(arch: str) -> None:
     assert not torch.equal(loss, loss_and_grad(torch.where(visible[..., None], uv + 3.0, uv))[0])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_batch_without_visible_joints_gives_zero_loss_that_backpropagates(arch: str) -> None:
     model = _model(arch)
     uv, _ = _targets(2)
@@ -221,7 +224,7 @@ def test_batch_without_visible_joints_gives_zero_loss_that_backpropagates(arch: 
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_loss_is_fp32_under_autocast(arch: str) -> None:
     model = _model(arch).eval()
     uv, visible = _targets(2)
@@ -259,7 +262,7 @@ def test_strided_loss_is_l1_in_units_of_the_side_plus_js() -> None:
 # ----------------------------------------------------------------------------- checkpoints, summary
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_checkpoint_round_trip(arch: str, tmp_path: Path) -> None:
     cfg = {**CONFIGS[arch], "lr": 0.01}  # a training config also holds keys that are not the model's
     model = model_from_config(cfg).train()
@@ -292,7 +295,7 @@ def test_model_summary_counts_and_leaves_the_model_alone() -> None:
 # ----------------------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_a_few_steps_lower_the_loss_on_a_fixed_problem(arch: str) -> None:
     model = _model(arch).train()
     uv, visible = _targets(8, seed=3)
@@ -388,7 +391,7 @@ def test_strided_heads_share_one_encoder_and_keep_their_keys() -> None:
 # ----------------------------------------------------------------------------- presence
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_presence_head_forward_decode_and_loss(arch: str) -> None:
     model = _model(arch, presence=True, presence_weight=0.5).train()
     plain = _model(arch)
@@ -416,7 +419,23 @@ def test_presence_head_forward_decode_and_loss(arch: str) -> None:
     assert model.presence_head is not None and model.presence_head.fc.weight.grad is not None
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
+def test_targets_are_the_batch_keys_the_loss_takes(arch: str) -> None:
+    """The trainer's one rule, loss(out, *(batch[k] for k in targets)): uv and visible, and present
+    with a presence head, where the batch's negatives then add only to the presence term."""
+    plain, model = _model(arch), _model(arch, presence=True)
+    assert plain.targets == ("uv", "visible") and model.targets == ("uv", "visible", "present")
+    uv, visible = _targets(4)
+    batch = {"uv": uv, "visible": visible, "present": torch.tensor([True, False, True, True])}
+    out = model(torch.randn(4, 3, SIZE, SIZE))
+    by_rule = model.loss(out, *(batch[k] for k in model.targets))
+    assert torch.equal(by_rule, model.loss(out, uv, visible, batch["present"]))
+    assert not torch.equal(by_rule, model.loss(out, uv, visible))  # present reached the loss
+    out = plain(torch.randn(4, 3, SIZE, SIZE))
+    assert torch.equal(plain.loss(out, *(batch[k] for k in plain.targets)), plain.loss(out, uv, visible))
+
+
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
 def test_loss_ignores_keypoints_of_crops_without_a_hand(arch: str) -> None:
     """A negative crop's joints add nothing (even marked visible, even NaN); its presence does."""
     model = _model(arch, presence=True)

@@ -4,10 +4,12 @@
     .venv/bin/python tools/model_table.py unet-w8-d3@64 unet-w8-d3@96 strided-w8-d1@128
 
 A configuration is ARCH-wWIDTH-dDEPTH@SIZE, optionally followed by ,key=value pairs for the other
-model keys (sigma, loss, reg, simcc_k, presence), e.g. strided-w12-d1@128,reg=0 or
-simcc-w16-d1@96,simcc_k=3,presence=1. Defaults: unet iou loss, sigma 3; strided l1 loss, sigma 4,
-reg 1; simcc kl loss, sigma 2, simcc_k 2. All are timed in one process, interleaved (handpose/bench/model.py);
-the first is the baseline of the "x first" column. Run it on an otherwise idle machine for figures
+model keys (sigma, loss, reg, simcc_k, presence, stride), e.g. strided-w12-d1@128,reg=0,
+simcc-w16-d1@96,simcc_k=3,presence=1 or centernet-w8-d1@224,stride=4. Defaults: unet iou loss,
+sigma 3; strided l1 loss, sigma 4, reg 1; simcc kl loss, sigma 2, simcc_k 2; centernet (the hand
+detector) focal loss, stride 8. Inference rates (forward + decode) are measured beside the train
+step. All are timed in one process, interleaved (handpose/bench/model.py); the first is the
+baseline of the "x first" columns. Run it on an otherwise idle machine for figures
 worth recording.
 """
 
@@ -18,12 +20,13 @@ import re
 from typing import Any
 
 from handpose.bench.model import bench_models
-from handpose.model import SIMCC_K, STRIDED_REG
+from handpose.model import DETECTOR_STRIDE, SIMCC_K, STRIDED_REG
 
 DEFAULTS = {
     "unet": {"sigma": 3.0, "loss": "iou", "index_offset": 0.5},
     "strided": {"sigma": 4.0, "loss": "l1", "index_offset": 0.5, "reg": STRIDED_REG},
     "simcc": {"sigma": 2.0, "loss": "kl", "index_offset": 0.5, "simcc_k": SIMCC_K},
+    "centernet": {"sigma": 3.0, "loss": "focal", "index_offset": 0.5, "stride": DETECTOR_STRIDE},
 }
 FIRST = ["unet-w8-d3@64", "unet-w8-d3@96", "unet-w16-d3@64"]
 
@@ -46,7 +49,14 @@ def parse(spec: str) -> dict[str, Any]:
     }
     for pair in extra:
         key, _, value = pair.partition("=")
-        cfg[key] = value if key == "loss" else bool(float(value)) if key == "presence" else float(value)
+        if key == "loss":
+            cfg[key] = value
+        elif key == "presence":
+            cfg[key] = bool(float(value))
+        elif key == "stride":
+            cfg[key] = int(value)
+        else:
+            cfg[key] = float(value)
     return cfg
 
 
@@ -57,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-train", action="store_true", help="time inference only (forward + decode)")
     args = ap.parse_args()
     bench_models(
         [parse(s) for s in args.configs],
@@ -64,6 +75,7 @@ def main() -> None:
         threads=args.threads,
         steps=args.steps,
         rounds=args.rounds,
+        train=not args.no_train,
     )
 
 
