@@ -69,6 +69,17 @@ Verify = Annotated[
         help="Check the shards read against the manifest's sha256s first (sizes are always checked).",
     ),
 ]
+# A shards location: a folder, or a URL (https://, http://, s3://, file://); str, not Path (which
+# would fold the // of a URL).
+ShardsArg = Annotated[str, typer.Argument(help="A packed shards folder or URL (https://, s3://, file://).")]
+Cache = Annotated[
+    Optional[str],
+    typer.Option(help="Shards URLs: keep each verified shard in this local folder (default: stream them)."),
+]
+CacheLimit = Annotated[
+    Optional[str],
+    typer.Option(help="Bound on --cache, e.g. 50G or 200GiB; least recently used shards out."),
+]
 
 
 def _version(value: bool) -> None:
@@ -201,22 +212,25 @@ def pack(
 
 @app.command(epilog=EXAMPLES["inspect"])
 def inspect(
-    shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
+    shards: ShardsArg,
     split: Annotated[str, typer.Option(help="Split to draw samples from.")] = "train",
     n: Annotated[int, typer.Option(help="Samples to draw.")] = 16,
     png: Annotated[
         Optional[Path], typer.Option(help="Contact sheet to write [default: SHARDS/inspect-SPLIT.png].")
     ] = None,
     verify: Verify = True,
+    cache: Cache = None,
+    cache_limit: CacheLimit = None,
 ) -> None:
     """Print the manifest and draw N samples with their skeletons, read back from the shards."""
     from handpose.inspector import inspect_shards
+    from handpose.remote import make_cache
 
-    inspect_shards(shards, split=split, n=n, png=png, verify=verify)
+    inspect_shards(shards, split=split, n=n, png=png, verify=verify, cache=make_cache(cache, cache_limit))
 
 
 @app.command()
-def verify(shards: Annotated[Path, typer.Argument(help="A packed shards folder.")]) -> None:
+def verify(shards: ShardsArg) -> None:
     """Check a packed folder: manifest schema, every shard's and index's size and sha256, every
     index line against its tar, and every sample's label members. Exit 1 naming each damaged shard."""
     from handpose.verify import verify as run
@@ -230,7 +244,15 @@ def verify(shards: Annotated[Path, typer.Argument(help="A packed shards folder."
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option(help="Recipe TOML (pipelines/*.toml).")] = None,
-    shards: Annotated[Optional[Path], typer.Option(help="Packed shards folder.")] = None,
+    shards: Annotated[
+        Optional[str], typer.Option(help="Packed shards folder or URL (https://, s3://, file://).")
+    ] = None,
+    cache: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Shards URLs: keep each verified shard in this local folder (recipe key cache_dir)."
+        ),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (checkpoints, metrics, config).")] = None,
     loader: Annotated[Optional[str], typer.Option(help="wds | dali.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
@@ -264,7 +286,10 @@ def train(
     overrides the recipe. --show-config lists the keys with their defaults.
     """
     overrides = _pairs(ctx.args)
-    for key, value in (("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)):
+    for key, value in (
+        *(("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)),
+        ("cache_dir", cache),
+    ):
         if value is not None:
             overrides[key] = str(value)
     if verify is not None:
@@ -290,10 +315,10 @@ def predict(
         ),
     ],
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="Images, folders, a FreiHAND root, a YOLO-pose dataset (root or dataset yaml), "
-            "or a shards folder."
+            "or a shards folder or URL (https://, s3://, file://)."
         ),
     ],
     out: Annotated[
@@ -338,10 +363,13 @@ def predict(
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
     verify: Verify = True,
+    cache: Cache = None,
+    cache_limit: CacheLimit = None,
 ) -> None:
     """Predict keypoints for every image (or every hand box); with labels, write an error report.
     Under torchrun the inputs are split across the ranks and merged into one result."""
     from handpose.predict import predict as run
+    from handpose.remote import make_cache
 
     run(
         model,
@@ -357,6 +385,7 @@ def predict(
         workers=workers,
         device=device,
         verify=verify,
+        cache=make_cache(cache, cache_limit),
     )
 
 

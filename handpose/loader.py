@@ -23,6 +23,7 @@ import torch
 from handpose.config import AugmentConfig
 from handpose.datasets import open_sets
 from handpose.errors import HandposeError
+from handpose.remote import Cache
 from handpose.shards import SPLITS, Manifest
 
 KINDS = ("wds", "dali")
@@ -48,6 +49,7 @@ def make_loader(
     samples_per_epoch: int | None = None,
     drop_last: bool | None = None,
     shuffle_buffer: int = 1000,
+    cache: Cache | None = None,
 ) -> Any:
     """A loader over `split` of one packed folder, or of several (`source` a list, `weights` the
     share of each in every training batch, `crop` one mode for all or one per folder).
@@ -59,7 +61,8 @@ def make_loader(
     Val/test/eval: every sample of every folder exactly once per epoch across ranks and workers
     (ranks may get batch counts differing by one); `drop_last` (default False) drops a partial
     last batch. The loader has `set_epoch(epoch)`, `len()`, `stats` (skipped corrupt samples) and
-    `sets` (the `datasets.ShardSet`s, with their manifests).
+    `sets` (the `datasets.ShardSet`s, with their manifests). A folder may be a URL (http(s)://,
+    s3://, file://): its shards stream, or with `cache` (remote.Cache) are kept on local disk.
     """
     if kind not in KINDS:
         raise HandposeError(f"loader kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -73,7 +76,7 @@ def make_loader(
         raise HandposeError(f"rank {rank} is outside world size {world_size}")
     roots = [source] if isinstance(source, (str, Path)) else list(source)
     crops = [crop] if isinstance(crop, str) else list(crop)
-    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights)
+    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights, cache=cache)
     train = split == "train"
     common: dict[str, Any] = dict(
         batch_size=batch_size,

@@ -46,6 +46,7 @@ from handpose.distributed import (
 )
 from handpose.errors import ConfigError, HandposeError
 from handpose.model import ARCH_LOSSES, PoseModel, input_multiple, model_from_config
+from handpose.remote import make_cache, parse_size
 from handpose.shards import read_manifest
 
 
@@ -58,7 +59,7 @@ class TrainConfig:
     one optimizer step consumes batch_size x world_size samples.
     """
 
-    shards: tuple[str, ...] = ()  # packed folder(s) (handpose pack); several = a weighted mix
+    shards: tuple[str, ...] = ()  # packed folder(s) or URL(s) (handpose pack); several = a weighted mix
     weights: tuple[float, ...] = ()  # share of each folder in every training batch [default: equal]
     crop: tuple[Literal["image", "box"], ...] = ("image",)  # per folder, or one for all
     box_pad: float = 1.25  # crop = "box": the square box's side x this fills the input
@@ -99,6 +100,8 @@ class TrainConfig:
     seed: int = 0  # process seed = seed + rank; the loader derives its order from (seed, epoch, rank)
     log_every: int = 10  # progress-bar refresh, in steps (each refresh is a host sync)
     verify: bool = True  # check the shards' sha256s at start (--no-verify); sizes are always checked
+    cache_dir: str = ""  # shards URLs: keep each verified tar here, on local disk ("": stream each epoch)
+    cache_limit: str = ""  # bound on cache_dir, e.g. 50G or 200GiB; least recently used out ("": none)
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "image_size", "sigma", "epochs", "batch_size", "log_every"):
@@ -130,6 +133,11 @@ class TrainConfig:
             raise ConfigError("crop", f"give one mode, or one per shards folder ({len(self.shards)})")
         if not self.box_pad >= 1:
             raise ConfigError("box_pad", f"must be >= 1, got {self.box_pad}")
+        if self.cache_limit:
+            try:
+                parse_size(self.cache_limit)
+            except ValueError as e:
+                raise ConfigError("cache_limit", str(e)) from None
 
 
 # What a resumed run may change (docs/train.md has the table); `maybe_resume` makes each change
@@ -143,6 +151,7 @@ RESUMABLE = frozenset(
         *("weight_decay", "momentum", "grad_clip", "plateau_factor", "plateau_patience"),
         *("patience", "min_delta"),  # early stopping
         *("out", "workers", "loader", "device", "val_batches", "log_every", "verify"),  # how, not what
+        *("cache_dir", "cache_limit"),
         *("precision", "channels_last", "compile"),
     }
 )
@@ -352,6 +361,7 @@ def make_loader(cfg: TrainConfig, world: World, split: str, *, only: int | None 
             if train and cfg.batches_per_epoch
             else None
         ),
+        cache=make_cache(cfg.cache_dir, cfg.cache_limit),
     )
 
 

@@ -1,7 +1,7 @@
 """`handpose verify SHARDS`: check everything about a packed folder that needs no model.
 
 1. the manifest against its schema (`shards.read_manifest`: one line per problem);
-2. every shard's and index's size and sha256 against the manifest;
+2. every shard's and index's size and sha256 against the manifest (v3: and each block's sha256);
 3. every index: as many lines as the manifest's sample count, each member inside its tar right
    after a ustar header that names it with the same size, members in increasing order, all of
    `shards.MEMBERS` present, the fixed-size ones of their format size (kp.f32 168 bytes, vis.u8
@@ -30,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from handpose.errors import HandposeError
+from handpose.remote import shard_folder
 from handpose.shards import (
     MEMBER_BYTES,
     MEMBERS,
@@ -40,6 +41,7 @@ from handpose.shards import (
     hash_progress,
     read_index,
     read_manifest,
+    sha256_blocks,
     sha256_file,
     size_problem,
 )
@@ -48,7 +50,8 @@ MAX_SAMPLE_PROBLEMS = 3  # per shard: the first few bad samples are named, the r
 
 
 def verify(root: str | Path) -> dict[str, Any]:
-    """Check the packed folder `root` (see the module docstring); print the tables.
+    """Check the packed folder `root` (see the module docstring; a URL: each shard and index is
+    downloaded to a temporary folder, one at a time, and checked there); print the tables.
 
     Returns {"shards": n, "samples": n, "bytes": n} when everything is intact; raises
     HandposeError naming each damaged shard otherwise."""
@@ -59,7 +62,8 @@ def verify(root: str | Path) -> dict[str, Any]:
     damaged: dict[str, list[str]] = {}
     with hash_progress(total) as advance:
         for e in entries:
-            problems = shard_problems(manifest.root, e, advance)
+            with shard_folder(manifest, e) as folder:  # a URL's shard: downloaded, then checked here
+                problems = shard_problems(folder, e, advance)
             if problems:
                 damaged[e["name"]] = problems
     console.print(split_table(entries, damaged))
@@ -80,6 +84,14 @@ def shard_problems(root: Path, entry: dict[str, Any], on_bytes: Callable[[int], 
     problems = file_problems(tar, entry["bytes"], entry["sha256"], on_bytes)
     if not tar.is_file():
         return problems
+    if not problems and "block_sha256" in entry:  # v3: the per-block digests remote reads check
+        _, blocks = sha256_blocks(tar, entry["block_bytes"])
+        wrong = [k for k, (a, b) in enumerate(zip(blocks, entry["block_sha256"], strict=False)) if a != b]
+        if wrong:
+            lo = wrong[0] * entry["block_bytes"]
+            problems.append(
+                f"{tar.name}: block {wrong[0]} (bytes {lo}..) differs from the manifest's block_sha256"
+            )
     if not idx.is_file():
         return [*problems, f"{idx.name}: missing (DALI and predict read by it)"]
     if "index_bytes" in entry:

@@ -57,6 +57,7 @@ from handpose.datasets import (
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, in_frame
 from handpose.imageio import image_size, warp_to_input
+from handpose.remote import Store
 from handpose.shards import READ_LABELS, decode_annotation, read_samples
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class _SetSpec:
     counts: tuple[int, ...]
     crop: str
     pad: float
+    store: Store | None = None  # a remote pack's reader (its manifest's), None for a folder
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,21 @@ class _Spec:
     batches_per_rank: int  # training only
 
 
-def _read(tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
+def _read(tasks: Iterable[tuple[str, ShardTask]], store: Store | None = None) -> Iterator[dict]:
     """Samples {"__key__", "__url__", "jpg", "kp.f32", "vis.u8", "box.f32"} of each task."""
     for url, task in tasks:
-        yield from read_samples(url, READ_MEMBERS, task.start, task.stop)
+        yield from read_samples(url, READ_MEMBERS, task.start, task.stop, store=store)
+
+
+def _reported(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A worker's batches; a HandposeError (a shard that cannot be read, or whose bytes do not
+    match its manifest) travels to the main process as a last item, which `WdsLoader` raises
+    there as the one line it is (torch would re-raise it wrapped in the worker's traceback).
+    Nothing of the bad bytes is in any batch before it: readers check before they yield."""
+    try:
+        yield from batches
+    except HandposeError as e:
+        yield {"error": str(e), "skipped": []}
 
 
 def _decode_warp(
@@ -298,6 +311,9 @@ class _ShardStream(IterableDataset):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _reported(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -317,7 +333,8 @@ class _ShardStream(IterableDataset):
                 yield _collate(chunk, size=spec.image_size, colour=colour, skipped=skipped, shared=shared)
         else:
             items = itertools.chain.from_iterable(
-                self._items(i, _read(tasks), rng, skipped) for i, tasks in self._eval_plan(slot, slots)
+                self._items(i, _read(tasks, spec.sets[i].store), rng, skipped)
+                for i, tasks in self._eval_plan(slot, slots)
             )
             while chunk := list(itertools.islice(items, spec.batch_size)):
                 if spec.drop_last and len(chunk) < spec.batch_size:
@@ -358,10 +375,12 @@ class _ShardStream(IterableDataset):
         s, spec = self.spec.sets[i], self.spec
         set_rng = np.random.default_rng([spec.seed + spec.rank, slot, self.epoch, i])
         if spec.resample or sum(s.counts) < slots:
-            samples = self._shuffled(_read(self._resampled(s, set_rng)), set_rng)
+            samples = self._shuffled(_read(self._resampled(s, set_rng), s.store), set_rng)
         else:
             passes = self._passes(s, i, slot, slots)
-            samples = itertools.chain.from_iterable(self._shuffled(_read(p), set_rng) for p in passes)
+            samples = itertools.chain.from_iterable(
+                self._shuffled(_read(p, s.store), set_rng) for p in passes
+            )
         return self._items(i, samples, rng, skipped)
 
     def _shuffled(self, samples: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
@@ -413,7 +432,7 @@ class WdsLoader:
         self.sets = sets
         batches = train_batches_per_rank(sets, batch_size, world_size, samples_per_epoch) if train else 0
         self.spec = _Spec(
-            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad) for s in sets),
+            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad, s.manifest.store) for s in sets),
             shares=tuple(apportion(batch_size, [s.weight for s in sets])),
             train=train,
             augment=augment,
@@ -463,6 +482,8 @@ class WdsLoader:
             prefetch_factor=4 if self.workers else None,
         )
         for batch in loader:
+            if "error" in batch:
+                raise HandposeError(batch["error"])
             if batch["skipped"]:
                 self.stats.add(batch["skipped"])
             if "image" in batch:
