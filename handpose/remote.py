@@ -226,15 +226,20 @@ def _http_open(url: Url, start: int, stop: int | None, timeout: float) -> _Body:
 
 
 @functools.lru_cache(maxsize=4)
-def _s3_client(pid: int, timeout: float) -> Any:
+def _s3_client(pid: int, timeout: float, aws_env: tuple[tuple[str, str], ...]) -> Any:
     """One boto3 S3 client per process (`pid`: a forked loader worker makes its own; clients are
-    not shared across fork). boto3's own retries are off: `Retry` is the one policy, and it resumes."""
+    not shared across fork) and AWS_* environment (endpoint, profile, region, keys). boto3's own
+    retries are off: `Retry` is the one policy, and it resumes."""
     import boto3
     from botocore.config import Config
 
     return boto3.session.Session().client(
         "s3", config=Config(retries={"total_max_attempts": 1}, connect_timeout=timeout, read_timeout=timeout)
     )
+
+
+def _aws_env() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
 
 
 def _s3_open(url: Url, start: int, stop: int | None, timeout: float) -> _Body:
@@ -247,7 +252,7 @@ def _s3_open(url: Url, start: int, stop: int | None, timeout: float) -> _Body:
     if start or stop is not None:
         args["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
     try:
-        resp = _s3_client(os.getpid(), timeout).get_object(**args)
+        resp = _s3_client(os.getpid(), timeout, _aws_env()).get_object(**args)
     except bx.NoCredentialsError:
         raise HandposeError(
             f"{url}: no AWS credentials (set them in the environment, ~/.aws or an instance role)"

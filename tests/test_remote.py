@@ -1,0 +1,408 @@
+"""Shards from URLs (remote.py) against real servers on 127.0.0.1: a Range-capable HTTP server
+with planted faults (remotekit.FileServer) and moto's S3 server. Reads over a URL give the same
+samples as the local folder; faults are retried, resumed or refused as the issue says; the cache
+is filled once per node and repairs itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import remotekit
+from predictkit import WARP, IntensityModel
+from remotekit import FAST, serving
+from shardkit import chunk, texture_sample, write_pack
+
+from handpose import remote
+from handpose.errors import HandposeError
+from handpose.inspector import inspect_shards
+from handpose.loader import make_loader
+from handpose.predict import predict
+from handpose.remote import Cache, Url, parse_location, parse_size
+from handpose.shards import MANIFEST, read_manifest, read_samples, sample_key, split_shards
+from handpose.train import train
+from handpose.verify import verify
+
+TESTS = Path(__file__).resolve().parent
+MEMBERS = ("jpg", "kp.f32", "vis.u8", "box.f32")
+BLOCK = 8192  # small blocks, so that a read covers several and starts mid-tar
+
+
+def _pack(root: Path, seed: int = 0) -> Path:
+    """3 train shards of 10 and 2 val shards of 7 + 6 textured samples, 8 KiB blocks."""
+    rng = np.random.default_rng(seed)
+    samples = [texture_sample(i, rng) for i in range(43)]
+    return write_pack(
+        root,
+        {"train": chunk(samples[:30], [10, 10, 10]), "val": chunk(samples[30:], [7, 6])},
+        block_bytes=BLOCK,
+    )
+
+
+@pytest.fixture
+def pack(tmp_path: Path) -> Path:
+    return _pack(tmp_path / "pack")
+
+
+@pytest.fixture
+def server(pack: Path) -> Iterator[remotekit.FileServer]:
+    with serving(pack) as s:
+        yield s
+
+
+def _store(server: remotekit.FileServer, cache: Cache | None = None) -> remote.Store:
+    m = remote.open_manifest(Url(server.url()), cache=cache, retry=FAST)
+    assert m.store is not None
+    return m.store
+
+
+def _read(store: remote.Store, name: str, start: int = 0, stop: int | None = None) -> list[dict]:
+    return list(read_samples(f"{store.root}/{name}", MEMBERS, start, stop, store=store))
+
+
+def _local(pack: Path, name: str, start: int = 0, stop: int | None = None) -> list[dict]:
+    return list(read_samples(pack / name, MEMBERS, start, stop))
+
+
+def _members(samples: list[dict]) -> list[tuple]:
+    return [(s["__key__"], *(s.get(e) for e in MEMBERS)) for s in samples]
+
+
+# ------------------------------------------------------------------ locations
+
+
+def test_locations_parse() -> None:
+    assert parse_location("data/shards") == Path("data/shards")
+    assert parse_location("file:///tmp/a%20b") == Path("/tmp/a b")
+    assert parse_location("https://host:8080/p/shards/") == Url("https://host:8080/p/shards")
+    assert parse_location("S3://bucket/prefix") == Url("S3://bucket/prefix")
+    assert str(Url("s3://b/p") / "x.tar") == "s3://b/p/x.tar"
+    with pytest.raises(HandposeError, match=r"ftp://h/x: unsupported location ftp://"):
+        parse_location("ftp://h/x")
+    with pytest.raises(HandposeError, match="no bucket"):
+        parse_location("s3:///prefix")
+    assert parse_size("500M") == 500_000_000 and parse_size("2GiB") == 2 << 30 and parse_size("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+# ------------------------------------------------------------------ reads, and faults
+
+
+@pytest.mark.parametrize("span", [(0, None), (2, 8), (9, 10), (0, 1), (5, None)])
+def test_ranged_reads_equal_local(pack: Path, server: remotekit.FileServer, span: tuple) -> None:
+    """Any run of samples of any shard: the same keys and member bytes as the local reader, from
+    one ranged GET of whole blocks."""
+    store = _store(server)
+    for name in ("train-000000.tar", "train-000002.tar", "val-000001.tar"):
+        assert _members(_read(store, name, *span)) == _members(_local(pack, name, *span))
+    (rng,) = server.faults.gets("train-000002.tar")
+    first = min(o for _, m in store.index("train-000002.tar")[span[0] : span[1]] for o, _ in m.values())
+    assert rng.startswith(f"bytes={first // BLOCK * BLOCK}-")  # whole blocks, from the first needed
+
+
+def test_connection_dropped_mid_tar_resumes(pack: Path, server: remotekit.FileServer) -> None:
+    server.faults.cut_after["train-000001.tar"] = 20_000
+    store = _store(server)
+    assert _members(_read(store, "train-000001.tar")) == _members(_local(pack, "train-000001.tar"))
+    first, again = server.faults.gets("train-000001.tar")
+    lo = int(first.removeprefix("bytes=").split("-")[0])
+    assert again.startswith(f"bytes={lo + 20_000}-")  # resumed from the byte where it stopped
+
+
+def test_503_twice_then_200_is_retried(pack: Path, server: remotekit.FileServer) -> None:
+    server.faults.statuses["train-000000.tar"] = [503, 503]
+    server.faults.statuses[MANIFEST] = [503]
+    store = _store(server)
+    assert _members(_read(store, "train-000000.tar")) == _members(_local(pack, "train-000000.tar"))
+    assert len(server.faults.gets("train-000000.tar")) == 3
+
+
+def test_retries_end_in_one_line(server: remotekit.FileServer) -> None:
+    store = _store(server)
+    server.faults.statuses["val-000000.tar"] = [503] * 10
+    with pytest.raises(HandposeError) as e:
+        _read(store, "val-000000.tar")
+    assert str(e.value).startswith(f"{server.url('val-000000.tar')}: HTTP 503") and "tried 4 times" in str(
+        e.value
+    )
+    assert "\n" not in str(e.value)
+
+
+def test_404_is_one_line_and_not_retried(pack: Path, server: remotekit.FileServer) -> None:
+    store = _store(server)
+    (pack / "val-000001.tar").unlink()
+    with pytest.raises(HandposeError) as e:
+        _read(store, "val-000001.tar")
+    assert str(e.value) == f"{server.url('val-000001.tar')}: not found (HTTP 404)"
+    assert len(server.faults.gets("val-000001.tar")) == 1
+    with pytest.raises(HandposeError, match=r"/nowhere: no manifest.json \(not a packed shards folder"):
+        read_manifest(server.url("nowhere"))
+
+
+def test_changed_byte_is_refused_before_its_samples(pack: Path, server: remotekit.FileServer) -> None:
+    """A byte changed on the server: one line naming the URL; every sample handed on before the
+    error lies wholly before the damaged block (nothing unverified reaches a caller)."""
+    name = "train-000002.tar"
+    store = _store(server)
+    index = store.index(name)
+    offset, size = index[6][1]["jpg"]
+    data = bytearray((pack / name).read_bytes())
+    data[offset + size // 2] ^= 0xFF
+    (pack / name).write_bytes(bytes(data))
+    got = []
+    with pytest.raises(HandposeError) as e:
+        for s in read_samples(f"{store.root}/{name}", MEMBERS, store=store):
+            got.append(s["__key__"])
+    assert str(e.value).startswith(
+        f"{server.url(name)}: bytes "
+    ) and "differ from the manifest's sha256" in str(e.value)
+    bad_block = (offset + size // 2) // BLOCK
+    ends = {key: max(o + n for e, (o, n) in m.items() if e in MEMBERS) for key, m in index}
+    assert got and all(ends[k] <= bad_block * BLOCK for k in got)
+    assert [k for k, _ in index].index(got[-1]) < 6
+
+
+def test_slow_server_progress_continues(pack: Path, server: remotekit.FileServer) -> None:
+    """A server that sends 4 KiB every 20 ms, slower in all than the 0.25 s timeout for one wait:
+    the read goes on without a retry."""
+    server.faults.pause_s, server.faults.chunk = 0.02, 4096
+    m = remote.open_manifest(Url(server.url()), retry=remote.Retry(attempts=1, timeout_s=0.25))
+    assert m.store is not None
+    assert _members(_read(m.store, "train-000000.tar")) == _members(_local(pack, "train-000000.tar"))
+    assert len(server.faults.gets("train-000000.tar")) == 1
+
+
+def test_loader_worker_reports_a_damaged_shard_as_one_line(pack: Path, server: remotekit.FileServer) -> None:
+    """In a DataLoader worker the mismatch reaches the caller as the one line (no traceback)."""
+    data = bytearray((pack / "val-000001.tar").read_bytes())
+    data[3000] ^= 1
+    (pack / "val-000001.tar").write_bytes(bytes(data))
+    loader = make_loader(server.url(), "val", batch_size=4, workers=2)
+    with pytest.raises(HandposeError) as e:
+        list(loader)
+    assert str(e.value).startswith(
+        f"{server.url('val-000001.tar')}: bytes 0..8192 differ"
+    ) and "\n" not in str(e.value)
+
+
+def test_v2_pack_streams_only_through_a_cache(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    m = json.loads((pack / MANIFEST).read_text())
+    m["format_version"] = 2
+    for e in m["shards"]:
+        del e["block_bytes"], e["block_sha256"]
+    (pack / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(HandposeError, match=r"format v2 pack .* only through a cache \(--cache DIR\)"):
+        make_loader(server.url(), "val", batch_size=4, workers=0)
+    loader = make_loader(server.url(), "val", batch_size=4, workers=0, cache=Cache(tmp_path / "c"))
+    local = make_loader(pack, "val", batch_size=4, workers=0)
+    assert [k for b in loader for k in b["key"]] == [k for b in local for k in b["key"]]
+
+
+def test_dali_without_a_cache_is_one_line(server: remotekit.FileServer) -> None:
+    with pytest.raises(HandposeError, match=r"the DALI loader reads local files only; give --cache DIR"):
+        make_loader(server.url(), "val", kind="dali", batch_size=4)
+
+
+def test_s3_without_boto3_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)
+    with pytest.raises(
+        HandposeError,
+        match=r"^s3://b/p/manifest.json: s3:// locations need boto3: pip install 'handpose\[s3\]'$",
+    ):
+        read_manifest("s3://b/p")
+
+
+# ------------------------------------------------------------------ the cache
+
+
+def test_cache_fetches_once_and_repairs_entries(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    cache = Cache(tmp_path / "cache")
+    store = _store(server, cache)
+    name = "train-000001.tar"
+    want = _members(_local(pack, name))
+    assert _members(_read(store, name)) == want
+    assert _members(_read(store, name, 3, 7)) == want[3:7]
+    assert len(server.faults.gets(name)) == 1  # streamed once, into the cache
+    entry = cache.folder / f"{store.tars[name].sha256}.tar"
+    assert entry.read_bytes() == (pack / name).read_bytes()
+    assert all(s["__url__"] == server.url(name) for s in _read(store, name, 0, 2))
+    # a wrong size: fetched again
+    entry.write_bytes(entry.read_bytes()[:-100])
+    assert _members(_read(store, name)) == want
+    assert len(server.faults.gets(name)) == 2 and entry.read_bytes() == (pack / name).read_bytes()
+    # a changed byte (same size): its block fails, the entry is fetched again
+    data = bytearray(entry.read_bytes())
+    data[100] ^= 1
+    entry.write_bytes(bytes(data))
+    os.utime(entry, ns=(1, 1))
+    assert _members(_read(store, name)) == want
+    assert len(server.faults.gets(name)) == 3 and entry.read_bytes() == (pack / name).read_bytes()
+
+
+def test_cache_continues_a_partial_download(pack: Path, server: remotekit.FileServer, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    store = _store(server, cache)
+    name = "val-000000.tar"
+    part = cache.folder / f".{store.tars[name].sha256}.tar.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes((pack / name).read_bytes()[:5000])  # left by a killed run
+    assert _members(_read(store, name)) == _members(_local(pack, name))
+    assert server.faults.gets(name) == [f"bytes=5000-{(pack / name).stat().st_size - 1}"]
+    assert not part.exists()
+
+
+def test_cache_limit_drops_the_least_recently_used(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    names = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    sizes = [(pack / n).stat().st_size + (pack / n.replace(".tar", ".idx")).stat().st_size for n in names]
+    cache = Cache(tmp_path / "cache", limit=sizes[1] + sizes[2] + 100)
+    store = _store(server, cache)
+    kept = [f"{store.tars[n].sha256}.tar" for n in names]
+    for n in names:
+        _read(store, n, 0, 1)
+    left = sorted(p.name for p in cache.folder.iterdir() if p.suffix == ".tar")
+    assert left == sorted(kept[1:])
+    assert sum(p.stat().st_size for p in cache.folder.iterdir() if p.is_file()) <= cache.limit
+    with pytest.raises(HandposeError, match=r"--cache-limit 1000 bytes: smaller than .*train-000000.tar"):
+        _read(_store(server, Cache(tmp_path / "small", limit=1000)), names[0])
+
+
+@pytest.mark.slow
+def test_cache_filled_once_by_two_ranks(pack: Path, server: remotekit.FileServer, tmp_path: Path) -> None:
+    """2 ranks x 2 workers share one cache: each tar and index is downloaded once; the keys are
+    those of the local folder, exactly once."""
+    out = tmp_path / "out"
+    _torchrun(server.url(), "train", out, ranks=2, workers=2, batch=2, cache=tmp_path / "cache")
+    for name in ("train-000000", "train-000001", "train-000002"):
+        assert len(server.faults.gets(f"{name}.tar")) == 1, server.faults.log
+        assert len(server.faults.gets(f"{name}.idx")) == 1
+    tars = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.suffix == ".tar")
+    assert len(tars) == 3
+
+
+# ------------------------------------------------------------------ exactly once, over http
+
+
+@pytest.mark.slow
+def test_exactly_once_over_http_world_3_workers_2(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    for root, out in ((server.url(), tmp_path / "http"), (str(pack), tmp_path / "local")):
+        _torchrun(root, "val", out, ranks=3, workers=2, batch=2)
+    http = [json.loads((tmp_path / "http" / f"rank{r}.json").read_text()) for r in range(3)]
+    local = [json.loads((tmp_path / "local" / f"rank{r}.json").read_text()) for r in range(3)]
+    keys = [k for r in http for k in r["keys"]]
+    assert sorted(keys) == [sample_key(i) for i in range(30, 43)]
+    assert [r["keys"] for r in http] == [r["keys"] for r in local]
+    assert all(r["batches"] == r["len"] for r in http)
+
+
+def _torchrun(
+    root: str, split: str, out: Path, *, ranks: int, workers: int, batch: int, cache: Path | None = None
+) -> None:
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd += [str(TESTS / "loader_rank_keys.py"), root, split, str(out), "wds", str(workers), str(batch)]
+    cmd += [str(cache)] if cache is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ every command, http and s3
+
+
+@pytest.fixture(scope="module")
+def urls(packed: Path) -> Iterator[dict[str, str]]:
+    """The shared `packed` fixture served over http and by moto's S3 server."""
+    with serving(packed) as http, remotekit.s3_server({"shards": packed}):
+        yield {"http": http.url(), "s3": "s3://packs/shards"}
+
+
+TINY = {
+    **{"image_size": "32", "width": "4", "batch_size": "4", "workers": "1", "optimizer": "adamw"},
+    **{"lr": "0.01", "schedule": "constant", "log_every": "1", "epochs": "1", "batches_per_epoch": "2"},
+    "val_batches": "2",
+}
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+def test_train_over_a_url_equals_local(
+    packed: Path, urls: dict[str, str], scheme: str, tmp_path: Path
+) -> None:
+    from handpose import checkpoint
+
+    local, far = tmp_path / "local", tmp_path / "far"
+    train(None, {**TINY, "shards": str(packed), "out": str(local)})
+    train(None, {**TINY, "shards": urls[scheme], "out": str(far), "cache_dir": str(tmp_path / "cache")})
+    a, b = checkpoint.load(local / "checkpoints/last.pt"), checkpoint.load(far / "checkpoints/last.pt")
+    assert all(np.array_equal(a["model"][k].numpy(), b["model"][k].numpy()) for k in a["model"])
+    keep = ("train_loss", "val_loss", "val_error_px")
+    ma, mb = (json.loads((r / "metrics.jsonl").read_text()) for r in (local, far))
+    assert {k: ma[k] for k in keep} == {k: mb[k] for k in keep}
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+def test_verify_inspect_predict_over_a_url_equal_local(
+    packed: Path, urls: dict[str, str], scheme: str, tmp_path: Path
+) -> None:
+    url = urls[scheme]
+    assert verify(url) == verify(packed)
+    inspect_shards(packed, split="val", n=6, png=tmp_path / "local.png")
+    inspect_shards(url, split="val", n=6, png=tmp_path / "far.png")
+    assert (tmp_path / "local.png").read_bytes() == (tmp_path / "far.png").read_bytes()
+    runs = {}
+    for where, loc in (("local", packed), ("far", url)):
+        predict((IntensityModel(), WARP), [loc], tmp_path / where, split="val", boxes="gt", quiet=True)
+        runs[where] = [json.loads(line) for line in (tmp_path / where / "predictions.jsonl").open()]
+    assert [Path(r["path"]).name for r in runs["far"]] == [Path(r["path"]).name for r in runs["local"]]
+    assert [r["path"] for r in runs["far"]][0].startswith(f"{url}/val-")
+    assert [r["keypoints"] for r in runs["far"]] == [r["keypoints"] for r in runs["local"]]
+    _, shards = split_shards(url, "val")
+    assert [str(s).rsplit("/", 1)[1] for s in shards] == [p.name for p in split_shards(packed, "val")[1]]
+
+
+def test_verify_names_a_damaged_shard_at_a_url(pack: Path, server: remotekit.FileServer) -> None:
+    data = bytearray((pack / "train-000001.tar").read_bytes())
+    data[-20] ^= 1  # in the end-of-archive padding: only the sha256s can tell
+    (pack / "train-000001.tar").write_bytes(bytes(data))
+    (pack / "val-000000.idx").unlink()
+    with pytest.raises(HandposeError, match=r": 2 of 5 shards damaged \(train-000001.tar, val-000000.tar\)"):
+        verify(server.url())
+
+
+def test_a_damaged_shard_stops_training_before_any_checkpoint(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    """The mismatch is seen by a loader worker mid-epoch; training stops with its one line and
+    writes no checkpoint from the steps that read that shard's other samples."""
+    data = bytearray((pack / "train-000002.tar").read_bytes())
+    data[(pack / "train-000002.tar").stat().st_size // 2] ^= 1
+    (pack / "train-000002.tar").write_bytes(bytes(data))
+    run = tmp_path / "run"
+    cfg = {**TINY, "shards": server.url(), "out": str(run), "batches_per_epoch": "0", "workers": "2"}
+    with pytest.raises(
+        HandposeError, match=r"train-000002.tar: bytes \d+\.\.\d+ differ from the manifest's sha256"
+    ):
+        train(None, cfg)
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_file_url_is_a_path(pack: Path, tmp_path: Path) -> None:
+    a = make_loader(f"file://{pack}", "val", batch_size=4, workers=0)
+    b = make_loader(pack, "val", batch_size=4, workers=0)
+    assert [k for x in a for k in x["key"]] == [k for x in b for k in x["key"]]
+    shutil.rmtree(pack)
