@@ -1,8 +1,8 @@
 """torchrun helper for the exactly-once tests: each rank reads a split and writes what it saw.
 
-    torchrun --standalone --nproc_per_node 2 tests/loader_rank_keys.py ROOT SPLIT OUT KIND WORKERS BATCH [CACHE]
+    torchrun --standalone --nproc_per_node 2 tests/loader_rank_keys.py ROOT SPLIT OUT KIND WORKERS BATCH [C]
 
-ROOT may be a URL; CACHE, a folder the ranks keep its shards in.
+ROOT may be a URL; C, a folder the ranks cache its shards in.
 
 Writes OUT/rank{R}.json = {"keys": [...], "batches": n, "len": len(loader), "counts": [batches per rank]}.
 """
