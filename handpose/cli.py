@@ -129,7 +129,8 @@ Examples:
   handpose bench pack --src data/hand-keypoints --format yolo --workdir bench-out/pack-real""",
     "bench loader": """\b
 Example:
-  handpose bench loader data/shards --kind wds --workers 2 --batches 50""",
+  handpose bench loader data/shards --kind wds --workers 2 --batches 50
+  handpose bench loader data/shards --serve     # + from http://127.0.0.1, streamed and cached""",
     "bench train": """\b
 Example:
   handpose bench train data/shards --config pipelines/cpu_demo.toml --steps 20""",
@@ -407,15 +408,23 @@ def bench_pack(
 
 @bench_app.command("loader", epilog=EXAMPLES["bench loader"])
 def bench_loader(
-    shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
+    shards: Annotated[str, typer.Argument(help="A packed shards folder (or URL).")],
     kind: Annotated[str, typer.Option(help="wds | dali.")] = "wds",
     workers: Annotated[int, typer.Option(help="Loader workers.")] = 2,
     batches: Annotated[int, typer.Option(help="Batches to time.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 48,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each figure keeps its best.")] = 3,
     verify: Verify = True,
+    url: Annotated[
+        Optional[str],
+        typer.Option(help="The same shards at a URL: also timed streamed, unchecked and from a warm cache."),
+    ] = None,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve SHARDS over http://127.0.0.1 and time that as --url.")
+    ] = False,
 ) -> None:
-    """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline."""
+    """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline (and,
+    with --url or --serve, from a URL against the same shards read locally)."""
     from handpose.bench.loader import bench_loader as run
 
     run(
@@ -426,6 +435,8 @@ def bench_loader(
         batch_size=batch_size,
         rounds=rounds,
         verify=verify,
+        url=url,
+        serve=serve,
     )
 
 

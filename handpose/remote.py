@@ -677,6 +677,7 @@ def _slice(window: dict[int, bytes], block: int, offset: int, size: int) -> byte
 
 
 _RECENT: OrderedDict[str, bytes] = OrderedDict()  # a block's sha256 -> its verified bytes
+HASH_BLOCKS = True  # False only in `handpose bench loader`, to measure what the checks cost
 
 
 def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -> Iterator[tuple[int, bytes]]:
@@ -696,7 +697,7 @@ def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -
             while k < k1 and len(buf) >= (n := info.block_range(k)[1] - info.block_range(k)[0]):
                 data = bytes(buf[:n])
                 del buf[:n]
-                if hashlib.sha256(data).hexdigest() != info.blocks[k]:
+                if HASH_BLOCKS and hashlib.sha256(data).hexdigest() != info.blocks[k]:
                     a, b = info.block_range(k)
                     raise HandposeError(
                         f"{url}: bytes {a}..{b} differ from the manifest's sha256 (changed or "
@@ -722,7 +723,7 @@ def _bad_block(path: Path, info: FileInfo, blocks: range) -> int | None:
     _CHECKED[str(path)] = (ident, done)
     with open(path, "rb", buffering=0) as f:
         for k in blocks:
-            if k in done:
+            if k in done or not HASH_BLOCKS:
                 continue
             lo, hi = info.block_range(k)
             f.seek(lo)

@@ -406,3 +406,22 @@ def test_file_url_is_a_path(pack: Path, tmp_path: Path) -> None:
     b = make_loader(pack, "val", batch_size=4, workers=0)
     assert [k for x in a for k in x["key"]] == [k for x in b for k in x["key"]]
     shutil.rmtree(pack)
+
+
+@pytest.mark.slow
+def test_bench_loader_compares_a_served_url_with_local(
+    pack: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench loader --serve`: the same shards over http://127.0.0.1, streamed, unchecked and
+    cached, in the same run as the local folder (figures are reported, never asserted)."""
+    from handpose.bench.loader import bench_loader
+
+    result = bench_loader(pack, workers=1, batches=2, batch_size=4, rounds=1, serve=True)
+    assert result["url"].startswith("http://127.0.0.1:")
+    for key in ("url_samples_per_s", "url_unchecked_samples_per_s", "url_cache_samples_per_s"):
+        assert result[key] > 0
+    assert (
+        json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verify_cost_pct"]
+        == result["verify_cost_pct"]
+    )
+    assert remote.HASH_BLOCKS  # switched back on
