@@ -41,6 +41,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -244,6 +245,7 @@ def _aws_env() -> tuple[tuple[str, str], ...]:
 
 def _s3_open(url: Url, start: int, stop: int | None, timeout: float) -> _Body:
     try:
+        import boto3  # noqa: F401  (the client, made in _s3_client)
         import botocore.exceptions as bx
     except ImportError:
         raise HandposeError(f"{url}: s3:// locations need boto3: pip install 'handpose[s3]'") from None
@@ -451,8 +453,8 @@ class Cache:
                         )
                     os.replace(part, path)
             self._evict(keep=key)
-        st = path.stat()
-        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # the access time orders eviction
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the reader fetches it again
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # access time orders eviction
         return path
 
     def discard(self, path: Path) -> None:
@@ -677,6 +679,7 @@ def _slice(window: dict[int, bytes], block: int, offset: int, size: int) -> byte
 
 
 _RECENT: OrderedDict[str, bytes] = OrderedDict()  # a block's sha256 -> its verified bytes
+_RECENT_LOCK = threading.Lock()  # predict reads images from a pool of threads
 HASH_BLOCKS = True  # False only in `handpose bench loader`, to measure what the checks cost
 
 
@@ -685,9 +688,12 @@ def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -
     blocks not recently verified in this process are streamed in one ranged request."""
     k = k0
     while k < k1:
-        if info.blocks[k] in _RECENT:
-            _RECENT.move_to_end(info.blocks[k])
-            yield k, _RECENT[info.blocks[k]]
+        with _RECENT_LOCK:
+            recent = _RECENT.get(info.blocks[k])
+            if recent is not None:
+                _RECENT.move_to_end(info.blocks[k])
+        if recent is not None:
+            yield k, recent
             k += 1
             continue
         buf = bytearray()
@@ -703,9 +709,10 @@ def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -
                         f"{url}: bytes {a}..{b} differ from the manifest's sha256 (changed or "
                         f"damaged since packing); {REUPLOAD}"
                     )
-                _RECENT[info.blocks[k]] = data
-                while len(_RECENT) > RECENT_BLOCKS:
-                    _RECENT.popitem(last=False)
+                with _RECENT_LOCK:
+                    _RECENT[info.blocks[k]] = data
+                    while len(_RECENT) > RECENT_BLOCKS:
+                        _RECENT.popitem(last=False)
                 yield k, data
                 k += 1
 
