@@ -286,8 +286,11 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {getattr(e, 'reason', None) or e}".rstrip(": ")
 
 
-def stream(url: Url, start: int = 0, stop: int | None = None, retry: Retry = RETRY) -> Iterator[bytes]:
-    """Bytes [start, stop) of `url` in chunks (stop None: to its end). A transient failure waits
+def stream(
+    url: Url, start: int = 0, stop: int | None = None, retry: Retry = RETRY, *, chunk: int = CHUNK
+) -> Iterator[bytes]:
+    """Bytes [start, stop) of `url` in chunks of `chunk` bytes (the last and any cut short by a
+    failure smaller; stop None: to its end). A transient failure waits
     and resumes from the next byte not yet yielded; `retry.attempts` failures in a row without
     progress raise HandposeError naming the URL and the last failure."""
     opener = _s3_open if url.scheme == "s3" else _http_open
@@ -303,16 +306,16 @@ def stream(url: Url, start: int = 0, stop: int | None = None, retry: Retry = RET
             try:
                 while end is None or pos < end:
                     try:
-                        chunk = body.read(CHUNK if end is None else min(CHUNK, end - pos))
+                        data = body.read(chunk if end is None else min(chunk, end - pos))
                     except transient as e:
                         raise _Transient(_why(e)) from None
-                    if not chunk:
+                    if not data:
                         if end is None:
                             return
                         raise _Transient(f"connection closed at byte {pos} of {end}")
-                    pos += len(chunk)
+                    pos += len(data)
                     failures = 0
-                    yield chunk
+                    yield data
             finally:
                 body.close()
         except _Transient as e:
@@ -696,13 +699,16 @@ def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -
             yield k, recent
             k += 1
             continue
-        buf = bytearray()
+        parts: list[bytes] = []  # received, not yet a whole block (the chunks are blocks unless a
+        have = 0  # connection dropped mid-block: then no copies are made)
         lo, hi = info.block_range(k)[0], info.block_range(k1 - 1)[1]
-        for chunk in stream(url, lo, hi, retry):
-            buf += chunk
-            while k < k1 and len(buf) >= (n := info.block_range(k)[1] - info.block_range(k)[0]):
-                data = bytes(buf[:n])
-                del buf[:n]
+        for chunk in stream(url, lo, hi, retry, chunk=info.block_bytes):
+            parts.append(chunk)
+            have += len(chunk)
+            while k < k1 and have >= (n := info.block_range(k)[1] - info.block_range(k)[0]):
+                joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                data, rest = (joined, b"") if len(joined) == n else (joined[:n], joined[n:])
+                parts, have = ([rest] if rest else []), len(rest)
                 if HASH_BLOCKS and hashlib.sha256(data).hexdigest() != info.blocks[k]:
                     a, b = info.block_range(k)
                     raise HandposeError(
