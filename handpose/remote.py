@@ -17,10 +17,10 @@ and checked as a local one is):
   nothing unverified ever reaches a batch. A v2 pack has one digest per tar and is read from a URL
   only through a cache;
 - with a cache (`Cache`), each tar and its index are fetched whole into the cache folder (sha256
-  checked while streaming, then an atomic rename), once per node (a lock per file), and read
-  from there like a local pack; the blocks a process reads from a cached tar are checked once in
-  that process, and a cached file of the wrong size or hash is fetched again. The DALI kind reads
-  these local copies.
+  checked while streaming, then stamped (`stamp`) and renamed into place), once per node (a lock
+  per file), and read from there like a local pack. A cached file written to since it was
+  stamped has its blocks checked as they are read, and a cached file of the wrong size or hash
+  is fetched again. The DALI kind reads these local copies.
 - transient failures (connection reset or refused, timeouts, HTTP 408/429/5xx, a body cut
   short) are retried with exponential backoff, each retry resuming from the byte where the last
   one stopped (HTTP Range / S3 ranged GET); `Retry.attempts` failures in a row without progress
@@ -454,6 +454,7 @@ class Cache:
                             f"{url}: sha256 differs from the manifest (changed or damaged since "
                             f"packing); {REUPLOAD}"
                         )
+                    os.utime(part, ns=(time.time_ns(), stamp(info.sha256)))  # verified, as written
                     os.replace(part, path)
             self._evict(keep=key)
         with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the reader fetches it again
@@ -726,10 +727,21 @@ def _verified_blocks(url: Url, info: FileInfo, k0: int, k1: int, retry: Retry) -
 _CHECKED: dict[str, tuple[tuple[int, int, int], set[int]]] = {}  # path -> (file identity, blocks)
 
 
+def stamp(sha256: str) -> int:
+    """The modification time (ns) the cache gives a file it has verified: derived from its
+    sha256, so a file still carrying it has not been written to since (any write sets the
+    modification time to now) and need not be hashed again."""
+    return int(sha256[:12], 16)
+
+
 def _bad_block(path: Path, info: FileInfo, blocks: range) -> int | None:
-    """The first of `blocks` of the local file whose sha256 differs from the manifest's, else
-    None; each block is hashed once per process while the file stays the same (inode, size, mtime)."""
+    """The first of `blocks` of the cached file whose sha256 differs from the manifest's, else
+    None. A file that still carries its `stamp` was verified whole when the cache wrote it;
+    otherwise each block is hashed once per process while the file stays the same (inode,
+    size, modification time)."""
     st = path.stat()
+    if st.st_mtime_ns == stamp(info.sha256):
+        return None
     ident = (st.st_ino, st.st_size, st.st_mtime_ns)
     known, done = _CHECKED.get(str(path), (ident, set()))
     done = done if known == ident else set()
