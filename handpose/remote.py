@@ -504,6 +504,8 @@ def parse_size(text: str) -> int:
 def make_cache(folder: str | os.PathLike | None, limit: str | int | None = None) -> Cache | None:
     """A Cache from a --cache folder and --cache-limit size (None/'' folder: no cache)."""
     if folder is None or str(folder) == "":
+        if limit not in (None, ""):
+            raise HandposeError("--cache-limit: give --cache DIR too (the folder it bounds)")
         return None
     if isinstance(limit, str):
         try:

@@ -133,6 +133,8 @@ class TrainConfig:
             raise ConfigError("crop", f"give one mode, or one per shards folder ({len(self.shards)})")
         if not self.box_pad >= 1:
             raise ConfigError("box_pad", f"must be >= 1, got {self.box_pad}")
+        if self.cache_limit and not self.cache_dir:
+            raise ConfigError(("cache_limit", "cache_dir"), "bounds cache_dir: give cache_dir too")
         if self.cache_limit:
             try:
                 parse_size(self.cache_limit)

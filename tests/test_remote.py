@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import remotekit
+import torch
 from predictkit import WARP, IntensityModel
 from remotekit import FAST, serving
 from shardkit import chunk, texture_sample, write_pack
@@ -211,6 +212,20 @@ def test_v2_pack_streams_only_through_a_cache(
 def test_dali_without_a_cache_is_one_line(server: remotekit.FileServer) -> None:
     with pytest.raises(HandposeError, match=r"the DALI loader reads local files only; give --cache DIR"):
         make_loader(server.url(), "val", kind="dali", batch_size=4)
+
+
+def test_dali_reads_a_url_through_the_cache(pack: Path, server: remotekit.FileServer, tmp_path: Path) -> None:
+    """The DALI kind gets the cache's verified local copies: the same batches as from the folder."""
+    pytest.importorskip("nvidia.dali")
+    far = make_loader(server.url(), "val", kind="dali", batch_size=4, workers=1, cache=Cache(tmp_path / "c"))
+    near = make_loader(pack, "val", kind="dali", batch_size=4, workers=1)
+    a, b = list(far), list(near)
+    assert [x["key"] for x in a] == [x["key"] for x in b] and len(a) == 4
+    assert all(
+        torch.equal(x["image"], y["image"]) and torch.equal(x["uv"], y["uv"])
+        for x, y in zip(a, b, strict=True)
+    )
+    assert len(server.faults.gets("val-000000.tar")) == len(server.faults.gets("val-000001.tar")) == 1
 
 
 def test_s3_without_boto3_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,3 +440,34 @@ def test_bench_loader_compares_a_served_url_with_local(
         == result["verify_cost_pct"]
     )
     assert remote.HASH_BLOCKS  # switched back on
+
+
+def test_the_cli_takes_urls_and_says_one_line(
+    pack: Path, server: remotekit.FileServer, tmp_path: Path
+) -> None:
+    """The real console script: verify and inspect take a URL (not folded by a Path); a URL's
+    mistakes are one line, exit 1."""
+    handpose = [str(Path(sys.executable).parent / "handpose")]
+    env = {**os.environ, "COLUMNS": "1000"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*handpose, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    ok = run("verify", server.url())
+    assert ok.returncode == 0 and "all 5 shards intact" in ok.stdout
+    png = tmp_path / "sheet.png"
+    assert run("inspect", server.url(), "--split", "val", "--n", "4", "--png", str(png)).returncode == 0
+    assert png.stat().st_size > 0
+    for args, line in (
+        (("verify", server.url("nowhere")), f"{server.url('nowhere')}: no manifest.json"),
+        (("inspect", server.url()), f"{server.url()}: a URL; give --png FILE"),
+        (("inspect", "ftp://h/x", "--png", str(png)), "ftp://h/x: unsupported location ftp://"),
+        (
+            ("inspect", server.url(), "--cache-limit", "5G", "--png", str(png)),
+            "--cache-limit: give --cache DIR",
+        ),
+    ):
+        p = run(*args)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {line}"), p.stderr
