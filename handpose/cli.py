@@ -70,6 +70,17 @@ Verify = Annotated[
         help="Check the shards read against the manifest's sha256s first (sizes are always checked).",
     ),
 ]
+# A shards location: a folder, or a URL (https://, http://, s3://, file://); str, not Path (which
+# would fold the // of a URL).
+ShardsArg = Annotated[str, typer.Argument(help="A packed shards folder or URL (https://, s3://, file://).")]
+Cache = Annotated[
+    Optional[str],
+    typer.Option(help="Shards URLs: keep each verified shard in this local folder (default: stream them)."),
+]
+CacheLimit = Annotated[
+    Optional[str],
+    typer.Option(help="Bound on --cache, e.g. 50G or 200GiB; least recently used shards out."),
+]
 
 
 def _version(value: bool) -> None:
@@ -129,7 +140,8 @@ Examples:
   handpose bench pack --src data/hand-keypoints --format yolo --workdir bench-out/pack-real""",
     "bench loader": """\b
 Example:
-  handpose bench loader data/shards --kind wds --workers 2 --batches 50""",
+  handpose bench loader data/shards --kind wds --workers 2 --batches 50
+  handpose bench loader data/shards --serve     # + from http://127.0.0.1, streamed and cached""",
     "bench train": """\b
 Example:
   handpose bench train data/shards --config pipelines/cpu_demo.toml --steps 20""",
@@ -212,22 +224,25 @@ def pack(
 
 @app.command(epilog=EXAMPLES["inspect"])
 def inspect(
-    shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
+    shards: ShardsArg,
     split: Annotated[str, typer.Option(help="Split to draw samples from.")] = "train",
     n: Annotated[int, typer.Option(help="Samples to draw.")] = 16,
     png: Annotated[
         Optional[Path], typer.Option(help="Contact sheet to write [default: SHARDS/inspect-SPLIT.png].")
     ] = None,
     verify: Verify = True,
+    cache: Cache = None,
+    cache_limit: CacheLimit = None,
 ) -> None:
     """Print the manifest and draw N samples with their skeletons, read back from the shards."""
     from handpose.inspector import inspect_shards
+    from handpose.remote import make_cache
 
-    inspect_shards(shards, split=split, n=n, png=png, verify=verify)
+    inspect_shards(shards, split=split, n=n, png=png, verify=verify, cache=make_cache(cache, cache_limit))
 
 
 @app.command()
-def verify(shards: Annotated[Path, typer.Argument(help="A packed shards folder.")]) -> None:
+def verify(shards: ShardsArg) -> None:
     """Check a packed folder: manifest schema, every shard's and index's size and sha256, every
     index line against its tar, and every sample's label members. Exit 1 naming each damaged shard."""
     from handpose.verify import verify as run
@@ -241,7 +256,15 @@ def verify(shards: Annotated[Path, typer.Argument(help="A packed shards folder."
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option(help="Recipe TOML (pipelines/*.toml).")] = None,
-    shards: Annotated[Optional[Path], typer.Option(help="Packed shards folder.")] = None,
+    shards: Annotated[
+        Optional[str], typer.Option(help="Packed shards folder or URL (https://, s3://, file://).")
+    ] = None,
+    cache: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Shards URLs: keep each verified shard in this local folder (recipe key cache_dir)."
+        ),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (checkpoints, metrics, config).")] = None,
     loader: Annotated[Optional[str], typer.Option(help="wds | dali.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
@@ -275,7 +298,10 @@ def train(
     overrides the recipe. --show-config lists the keys with their defaults.
     """
     overrides = _pairs(ctx.args)
-    for key, value in (("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)):
+    for key, value in (
+        *(("shards", shards), ("out", out), ("loader", loader), ("epochs", epochs)),
+        ("cache_dir", cache),
+    ):
         if value is not None:
             overrides[key] = str(value)
     if verify is not None:
@@ -301,10 +327,10 @@ def predict(
         ),
     ],
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="Images, folders, a FreiHAND root, a YOLO-pose dataset (root or dataset yaml), "
-            "or a shards folder."
+            "or a shards folder or URL (https://, s3://, file://)."
         ),
     ],
     out: Annotated[
@@ -349,10 +375,13 @@ def predict(
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
     verify: Verify = True,
+    cache: Cache = None,
+    cache_limit: CacheLimit = None,
 ) -> None:
     """Predict keypoints for every image (or every hand box); with labels, write an error report.
     Under torchrun the inputs are split across the ranks and merged into one result."""
     from handpose.predict import predict as run
+    from handpose.remote import make_cache
 
     run(
         model,
@@ -368,6 +397,7 @@ def predict(
         workers=workers,
         device=device,
         verify=verify,
+        cache=make_cache(cache, cache_limit),
     )
 
 
@@ -407,15 +437,23 @@ def bench_pack(
 
 @bench_app.command("loader", epilog=EXAMPLES["bench loader"])
 def bench_loader(
-    shards: Annotated[Path, typer.Argument(help="A packed shards folder.")],
+    shards: Annotated[str, typer.Argument(help="A packed shards folder (or URL).")],
     kind: Annotated[str, typer.Option(help="wds | dali.")] = "wds",
     workers: Annotated[int, typer.Option(help="Loader workers.")] = 2,
     batches: Annotated[int, typer.Option(help="Batches to time.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 48,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each figure keeps its best.")] = 3,
     verify: Verify = True,
+    url: Annotated[
+        Optional[str],
+        typer.Option(help="The same shards at a URL: also timed streamed, unchecked and from a warm cache."),
+    ] = None,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve SHARDS over http://127.0.0.1 and time that as --url.")
+    ] = False,
 ) -> None:
-    """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline."""
+    """Loader samples/s vs the decode and decode+warp limits and a tutorial-style baseline (and,
+    with --url or --serve, from a URL against the same shards read locally)."""
     from handpose.bench.loader import bench_loader as run
 
     run(
@@ -426,6 +464,8 @@ def bench_loader(
         batch_size=batch_size,
         rounds=rounds,
         verify=verify,
+        url=url,
+        serve=serve,
     )
 
 

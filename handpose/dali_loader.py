@@ -361,6 +361,14 @@ class DaliLoader:
         self.stats = LoaderStats()  # DALI cannot skip samples: stays at zero
         self._iterators: list[Any] | None = None
         self._next_epoch = o.epoch  # the epoch the live iterators are positioned at
+        # DALI reads local files: a remote pack's shards are fetched into the cache first (every
+        # block checked); without a cache that is one line saying so
+        self._paths = [
+            list(s.shards)
+            if s.manifest.store is None
+            else s.manifest.store.local_files([p.rsplit("/", 1)[-1] for p in s.shards])
+            for s in sets
+        ]
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HandposeError(f"device {self.device} requested but CUDA is not available")
 
@@ -381,7 +389,7 @@ class DaliLoader:
         )
         s = self.sets[i]
         pipe = build_pipeline(
-            list(s.shards),
+            self._paths[i],
             crop=s.crop,
             pad=s.pad,
             batch_size=self.shares[i] if self.train else self.batch_size,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
+from handpose.remote import Cache, location_name
 
 if TYPE_CHECKING:
     import torch
@@ -76,8 +77,10 @@ def open_sets(
     crops: Sequence[str],
     pad: float,
     weights: Sequence[float] | None = None,
+    cache: Cache | None = None,
 ) -> list[ShardSet]:
-    """The sets of `roots` for `split`; `crops` has one mode per root or one for all."""
+    """The sets of `roots` (folders or URLs) for `split`; `crops` has one mode per root or one for
+    all; `cache`: where the shards of URLs are kept (remote.Cache; None: streamed)."""
     if not roots:
         raise HandposeError("no shards folder given")
     weights = list(weights) if weights else [1.0] * len(roots)
@@ -96,7 +99,7 @@ def open_sets(
     for root, crop, weight, name in zip(roots, crops, weights, names, strict=True):
         if crop not in CROPS:
             raise HandposeError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
-        manifest, shards = split_shards(root, split)
+        manifest, shards = split_shards(root, split, cache=cache)
         counts = tuple(manifest.shard_samples(split))
         sets.append(ShardSet(manifest, tuple(str(p) for p in shards), counts, crop, pad, float(weight), name))
     return sets
@@ -139,7 +142,7 @@ def share_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
 def set_names(roots: Iterable[str | Path], crops: Sequence[str] = ()) -> list[str]:
     """Short unique names for reports: the folder names; a folder given twice is told apart by
     its crop mode (`hands-box`, `hands-image`), else by its position."""
-    base = [Path(r).resolve().name or "shards" for r in roots]
+    base = [location_name(r) or "shards" for r in roots]
     modes = list(crops) or [""] * len(base)
     pairs = list(zip(base, modes, strict=True))
     return [

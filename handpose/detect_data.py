@@ -41,6 +41,7 @@ from handpose.datasets import LoaderOptions, ShardSet
 from handpose.errors import HandposeError
 from handpose.geometry import Square, apply_affine, canvas_region, compose, in_frame, move_boxes, place_matrix
 from handpose.imageio import image_size, warp_to_input
+from handpose.remote import Store
 from handpose.shards import READ_LABELS, decode_annotation, read_samples, same_photo
 from handpose.skeleton import NUM_JOINTS
 from handpose.wds_loader import (
@@ -81,16 +82,17 @@ Item = tuple[int, list[Photo], list[Square]]  # (set index, photos, their square
 
 
 def read_photos(
-    tasks: Iterable[tuple[str, ShardTask]], skipped: list[tuple[str, str, str]]
+    tasks: Iterable[tuple[str, ShardTask]], skipped: list[tuple[str, str, str]], store: Store | None = None
 ) -> Iterator[Photo]:
     """The photos each task owns: those whose first hand's position lies in [start, stop). Reads
     from the sample before `start` (to tell whether `start` continues a photo) until the first
     photo that starts at or after `stop`. A sample with a data error (missing member, bad label)
-    is skipped and recorded in `skipped`; the rest of its photo stays."""
+    is skipped and recorded in `skipped`; the rest of its photo stays. (`store`: a remote pack's
+    reader, as in `wds_loader._read`.)"""
     for url, task in tasks:
         first = max(task.start - 1, 0)
         run: list[tuple[int, dict]] = []
-        for pos, sample in enumerate(read_samples(url, PHOTO_MEMBERS, first), first):
+        for pos, sample in enumerate(read_samples(url, PHOTO_MEMBERS, first, store=store), first):
             if run and same_photo(run[-1][1], sample):
                 run.append((pos, sample))
                 continue
@@ -275,7 +277,7 @@ class PhotoStream(_ShardStream):
         """Every photo this slot owns, once, letterboxed."""
         square = plain_layout(self.spec.image_size)
         for i, tasks in self._eval_plan(slot, slots):
-            for photo in read_photos(tasks, skipped):
+            for photo in read_photos(tasks, skipped, self.spec.sets[i].store):
                 yield (i, [photo], square)
 
     def _train_photos(
@@ -289,18 +291,18 @@ class PhotoStream(_ShardStream):
         if not (spec.resample or sum(s.counts) < slots):
             for tasks in self._passes(s, i, slot, slots):
                 n = 0
-                for photo in self._shuffle(read_photos(tasks, skipped), set_rng):
+                for photo in self._shuffle(read_photos(tasks, skipped, s.store), set_rng):
                     n += 1
                     yield photo
                 if n == 0:
                     break  # a run inside one photo owns nothing: draw whole shards instead
-        yield from self._shuffle(read_photos(self._resampled(s, set_rng), skipped), set_rng)
+        yield from self._shuffle(read_photos(self._resampled(s, set_rng), skipped, s.store), set_rng)
 
     def _shuffle(self, photos: Iterator[Photo], rng: np.random.Generator) -> Iterator[Photo]:
         """The keypoint loader's shuffle buffer (`_ShardStream._shuffled`), over photos."""
         return self._shuffled(photos, rng)  # type: ignore[arg-type, return-value]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _batches(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         worker, workers, slot, slots, rng, shared = self._slot()
         skipped: list[tuple[str, str, str]] = []

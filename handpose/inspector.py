@@ -27,6 +27,7 @@ from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, fit_matrix
 from handpose.imageio import image_size, warp_to_input
+from handpose.remote import Cache, Store, Url, parse_location
 from handpose.shards import (
     READ_LABELS,
     SPLITS,
@@ -62,26 +63,30 @@ def inspect_shards(
     n: int = 16,
     png: str | Path | None = None,
     verify: bool = True,
+    cache: Cache | None = None,
 ) -> Path:
     """Print the manifest of `root` as tables and write a contact sheet of `n` samples of `split`.
 
     The shards drawn from are first checked against the manifest's sha256s (`verify=False`:
-    sizes only). Returns the PNG path (default: ROOT/inspect-{split}.png).
+    sizes only; a URL's are checked as they stream). Returns the PNG path (default:
+    ROOT/inspect-{split}.png; for a URL `png` must be given).
     """
     if n < 1:
         raise HandposeError(f"--n {n}: must be >= 1")
     if png is not None:
         check_output_file(png, "--png")
-    root = Path(root)
-    manifest, shards = split_shards(root, split)
+    location = parse_location(root)
+    if png is None and isinstance(location, Url):
+        raise HandposeError(f"{location}: a URL; give --png FILE for the contact sheet")
+    manifest, shards = split_shards(location, split, cache=cache)
     shards = shards[: covering(manifest.shard_samples(split), n)]
     if verify:
         verify_shards(manifest, manifest.entries(split)[: len(shards)])
     console = make_console()
     for table in manifest_tables(manifest):
         console.print(table)
-    samples = list(read_back(shards, n))
-    png = Path(png) if png is not None else root / f"inspect-{split}.png"
+    samples = list(read_back(shards, n, manifest.store))
+    png = Path(png) if png is not None else Path(root) / f"inspect-{split}.png"
     sheet = contact_sheet(samples)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
@@ -176,12 +181,12 @@ def hands_table(d: dict[str, Any]) -> Table:
     return table
 
 
-def read_back(shards: list[Path], n: int) -> Iterator[Drawable]:
+def read_back(shards: list[Path], n: int, store: Store | None = None) -> Iterator[Drawable]:
     """The first `n` samples of `shards` in order, decoded; a bad member is a HandposeError
-    naming the shard and key."""
+    naming the shard and key. (`store`: a remote pack's reader, its `Manifest.store`.)"""
     count = 0
     for shard in shards:
-        for sample in read_samples(shard, ("jpg", "json", *READ_LABELS), 0, n - count):
+        for sample in read_samples(shard, ("jpg", "json", *READ_LABELS), 0, n - count, store=store):
             key = sample["__key__"]
             try:
                 meta = json.loads(sample["json"])

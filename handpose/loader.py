@@ -30,6 +30,7 @@ from handpose.config import AugmentConfig, LayoutConfig
 from handpose.datasets import LoaderOptions, open_sets
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
+from handpose.remote import Cache
 from handpose.shards import SPLITS, Manifest
 
 KINDS = ("wds", "dali")
@@ -63,6 +64,7 @@ def make_loader(
     negatives: float = 0.0,
     task: str = "pose",
     layout: LayoutConfig | None = None,
+    cache: Cache | None = None,
 ) -> Any:
     """A loader over `split` of one packed folder, or of several (`source` a list, `weights` the
     share of each in every training batch, `crop` one mode for all or one per folder).
@@ -74,7 +76,8 @@ def make_loader(
     Val/test/eval: every sample of every folder exactly once per epoch across ranks and workers
     (ranks may get batch counts differing by one); `drop_last` (default False) drops a partial
     last batch. The loader has `set_epoch(epoch)`, `len()`, `stats` (skipped corrupt samples) and
-    `sets` (the `datasets.ShardSet`s, with their manifests).
+    `sets` (the `datasets.ShardSet`s, with their manifests). A folder may be a URL (http(s)://,
+    s3://, file://): its shards stream, or with `cache` (remote.Cache) are kept on local disk.
     `negatives` (train, WDS kind only): that share of the samples of box-crop folders is cropped,
     with the same augmentation, from a square of the photo (the size of its padded hand box) that
     overlaps none of the photo's hand boxes, where the photo leaves room; "present" is False for
@@ -101,7 +104,7 @@ def make_loader(
         raise HandposeError(NO_DALI_NEGATIVES)
     roots = [source] if isinstance(source, (str, Path)) else list(source)
     crops = [crop] if isinstance(crop, str) else list(crop)
-    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights)
+    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights, cache=cache)
     train = split == "train"
     options = LoaderOptions(
         batch_size=batch_size,

@@ -44,6 +44,7 @@ from handpose.cpu import cores
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg, image_format, image_size
 from handpose.shards import (
+    BLOCK_BYTES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -54,6 +55,7 @@ from handpose.shards import (
     is_shard_file,
     sample_key,
     sample_members,
+    sha256_blocks,
     sha256_file,
     shard_name,
 )
@@ -407,9 +409,12 @@ def write_shard(plan: ShardPlan, out: Path, on_error: str) -> dict[str, Any]:
     if writer.samples:
         os.replace(tmp_idx, idx_path)
         os.replace(tmp_tar, tar_path)
+        sha256, blocks = sha256_blocks(tar_path, BLOCK_BYTES)
         result.update(
             bytes=tar_path.stat().st_size,
-            sha256=sha256_file(tar_path),
+            sha256=sha256,
+            block_bytes=BLOCK_BYTES,
+            block_sha256=blocks,
             idx_bytes=idx_path.stat().st_size,
             idx_sha256=sha256_file(idx_path),
         )
@@ -702,6 +707,8 @@ def build_manifest(
                     "sha256": r["sha256"],
                     "index_bytes": r["idx_bytes"],
                     "index_sha256": r["idx_sha256"],
+                    "block_bytes": r["block_bytes"],
+                    "block_sha256": r["block_sha256"],
                 }
             )
     skipped.sort(key=_entry_order)

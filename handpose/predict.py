@@ -91,6 +91,7 @@ from handpose.predict_staging import (
     Staging,
     check_not_foreign,
 )
+from handpose.remote import Cache
 
 __all__ = ["predict"]
 
@@ -119,17 +120,19 @@ def predict(
     quiet: bool = False,
     channels_last: bool = True,
     verify: bool = True,
+    cache: Cache | None = None,
 ) -> dict[str, Any]:
     """Predict keypoints for every input image into `out`; with labels, write an error report.
 
     model: a checkpoint / state_dict path, or an already loaded (module with `decode`, ModelSpec)
     pair. boxes: None (whole images), "gt" (the labelled boxes), a COCO detections json or a YOLO
     labels folder. refine: passes in the predicted hand's box (None: `inference.default_refine`).
-    verify: check a shards folder's sha256s before reading it (sizes are always checked).
-    Returns a summary ({"images", "predictions", "errors", "seconds", "images_per_s", "report",
-    ...}; under torchrun rank 0's holds the whole run). Re-running an interrupted run resumes it.
-    Raises HandposeError for a user mistake, or when nothing could be predicted (after writing
-    errors.jsonl).
+    verify: check a shards folder's sha256s before reading it (sizes are always checked; a URL's
+    are checked as they stream). cache: where the shards of a shards URL are kept (remote.Cache;
+    None: streamed). Returns a summary ({"images", "predictions", "errors", "seconds",
+    "images_per_s", "report", ...}; under torchrun rank 0's holds the whole run). Re-running an
+    interrupted run resumes it. Raises HandposeError for a user mistake, or when nothing could be
+    predicted (after writing errors.jsonl).
     """
     _check_numbers(batch_size=batch_size, workers=workers, overlays=overlays, refine=refine)
     out = check_output_dir(out, "--out")
@@ -154,6 +157,7 @@ def predict(
         batch_size=batch_size,
         workers=workers,
         channels_last=channels_last,
+        cache=cache,
     )
     staging = Staging(out)
     mode = None
@@ -241,13 +245,14 @@ def _plan_job(
     batch_size: int | None,
     workers: int | None,
     channels_last: bool,
+    cache: Cache | None = None,
 ) -> _Job:
     """Check the inputs and options (HandposeError before anything is written) and scan the
     inputs once: their fingerprint and count."""
     label_set = load_coco_labels(labels) if labels is not None else None
     box_source = open_boxes(boxes)
     refine = _resolve_refine(refine, spec, box_source)
-    plan = plan_inputs(inputs, out)
+    plan = plan_inputs(inputs, out, cache=cache)
     check_split(plan, split)
     labelled = labelled_kinds(plan, label_set)
     if isinstance(box_source, LabelledBoxes) and not labelled:

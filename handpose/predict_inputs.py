@@ -2,6 +2,7 @@
 the boxes to predict in.
 
 INPUT kinds, detected in this order:
+  shards URL (http(s)://, s3://)      as a shards folder (remote.py: streamed, or kept in --cache)
   shards folder (has manifest.json)   the --split split [default test], read through
                                       `shards.read_samples` / `decode_annotation`; the samples of
                                       one photo (one per hand, consecutive) are one image
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from handpose import remote
 from handpose.errors import HandposeError
 from handpose.shards import (
     MANIFEST,
@@ -111,7 +113,8 @@ def read_bytes(src: Source) -> bytes:
     if src.sample < 0:
         with open(src.file, "rb") as f:
             return f.read()
-    for sample in read_samples(src.file, ("jpg",), src.sample, src.sample + 1):
+    store = remote.store_of(src.file) if remote.is_url(src.file) else None
+    for sample in read_samples(src.file, ("jpg",), src.sample, src.sample + 1, store=store):
         if "jpg" in sample:
             return sample["jpg"]
     raise ValueError("missing member jpg")
@@ -143,6 +146,12 @@ class Input:
 
     path: Path
     kind: str  # one of KINDS, or "missing" / "unsupported"
+    url: remote.Url | None = None  # a shards URL (then `path` is only its text)
+    cache: remote.Cache | None = None  # where a shards URL's shards are kept (--cache)
+
+    @property
+    def location(self) -> Path | remote.Url:
+        return self.path if self.url is None else self.url
 
 
 def classify(path: Path) -> Input:
@@ -163,11 +172,17 @@ def classify(path: Path) -> Input:
     return Input(path, "missing")
 
 
-def plan_inputs(inputs: Sequence[str | os.PathLike], out: Path) -> list[Input]:
-    """The INPUTs, classified, each real path once; a file or folder inside a folder input is
-    dropped (the folder's walk predicts it), and so is --out itself."""
-    classified = [classify(Path(p)) for p in inputs]
-    real = [os.path.realpath(i.path) for i in classified]
+def plan_inputs(
+    inputs: Sequence[str | os.PathLike], out: Path, *, cache: remote.Cache | None = None
+) -> list[Input]:
+    """The INPUTs, classified, each real path (or URL) once; a file or folder inside a folder input
+    is dropped (the folder's walk predicts it), and so is --out itself. A URL is a shards folder."""
+    locations = [remote.parse_location(p) for p in inputs]
+    classified = [
+        Input(Path(str(loc)), "shards", loc, cache) if isinstance(loc, remote.Url) else classify(loc)
+        for loc in locations
+    ]
+    real = [str(i.url) if i.url else os.path.realpath(i.path) for i in classified]
     walked = [r for r, i in zip(real, classified, strict=True) if i.kind == "folder"]
     out_real = os.path.realpath(out)
     plan, seen = [], set()
@@ -195,7 +210,7 @@ def check_split(plan: Sequence[Input], split: str | None) -> None:
                 f"--split {split!r}: a FreiHAND root ({i.path}) has the splits {', '.join(FREIHAND_SPLITS)}"
             )
         if i.kind == "shards":
-            _shard_set(i.path, split or DEFAULT_SPLIT)  # names the splits there are
+            _shard_set(i.location, split or DEFAULT_SPLIT, i.cache)  # names the splits there are
         if i.kind == "yolo":
             _yolo_folders(i.path, split)
 
@@ -266,7 +281,7 @@ def _units(i: Input, out: Path, split: str | None, labels: CocoLabels | None) ->
         for p in map(Path, walk(i.path, is_image, skip=out)):
             yield _plain(p, p.relative_to(i.path).as_posix(), labels)
     elif i.kind == "shards":
-        yield from _shard_units(i.path, split or DEFAULT_SPLIT)
+        yield from _shard_units(i.location, split or DEFAULT_SPLIT, i.cache)
     elif i.kind == "freihand":
         yield from _freihand_units(i.path, split)
     else:
@@ -289,10 +304,10 @@ def _plain(path: Path, name: str, labels: CocoLabels | None) -> Source:
     )
 
 
-def _shard_set(root: Path, split: str) -> list[Path]:
+def _shard_set(root: Path | remote.Url, split: str, cache: remote.Cache | None = None) -> list[Path]:
     """The tars of a shards folder's split, each one's size checked against the manifest
     (`shards.split_shards`; HandposeError names the splits there are, or the damaged shard)."""
-    _, tars = split_shards(root, split)
+    _, tars = split_shards(root, split, cache=cache)
     return tars
 
 
@@ -301,21 +316,25 @@ def verify_shard_inputs(plan: Sequence[Input], split: str | None, *, progress: b
     a changed label is an error, never a silently wrong score."""
     for i in plan:
         if i.kind == "shards":
-            manifest, _ = split_shards(i.path, split or DEFAULT_SPLIT)
+            manifest, _ = split_shards(i.location, split or DEFAULT_SPLIT, cache=i.cache)
             verify_shards(manifest, manifest.entries(split or DEFAULT_SPLIT), progress=progress)
 
 
-def _shard_units(root: Path, split: str) -> Iterator[Unit]:
+def _shard_units(root: Path | remote.Url, split: str, cache: remote.Cache | None = None) -> Iterator[Unit]:
     """One Source per photo: the consecutive samples `shards.same_photo` joins (their KEY.json
     "source"; the image bytes are not read here, so a sample without a source is a photo of its
     own) are the hands of one photo (pack stores each hand as a sample and cuts shards only
     between photos)."""
-    for tar in _shard_set(root, split):
-        st = tar.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    manifest, tars = split_shards(root, split, cache=cache)
+    for tar, entry in zip(tars, manifest.entries(split), strict=True):
+        if manifest.store is None:
+            st = tar.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        else:  # a URL's shard is known by its content
+            stamp = f"{entry['bytes']}:{entry['sha256']}"
         group: list[tuple[int, dict[str, Any], Any]] = []
         last: dict[str, Any] = {}  # the group's last sample
-        for k, sample in enumerate(read_samples(tar, ("json", *READ_LABELS))):
+        for k, sample in enumerate(read_samples(tar, ("json", *READ_LABELS), store=manifest.store)):
             path = f"{tar}/{sample['__key__']}.jpg"
             try:
                 ann = decode_annotation(sample)

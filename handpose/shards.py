@@ -1,4 +1,4 @@
-"""The shard format (format_version 2): its writer, its ONE reader, and the manifest.
+"""The shard format (format_version 3): its writer, its ONE reader, and the manifest.
 
 Every stage that touches shards (pack, both loader kinds, train, predict, inspect, bench) goes
 through this module; nothing else opens a shard's tar.
@@ -21,7 +21,11 @@ Each sample is ONE hand, in this member order, under a KEY with no dot (`sample_
                cannot carry strings (DALI) can still report keys
 "Source-image pixels" are those of the image as displayed (EXIF orientation applied), in the
 pixel convention of geometry.py. Only these members are ever decoded; nothing is unpickled.
-Version 1 (no vis/box members, one sample per image) is refused with "re-pack".
+Version 1 (no vis/box members, one sample per image) is refused with "re-pack". Version 3 adds
+to each shard entry a sha256 per `block_bytes` of the tar (`block_sha256`), so that part of a tar
+read from a URL can be checked on its own (remote.py); v2 packs still read from a folder, and from
+a URL through a cache. A shards location is a folder or a URL (`read_manifest`, `split_shards`,
+`read_samples` hand a URL to remote.py).
 
 Trust: `read_manifest` checks the manifest against `MANIFEST_SCHEMA` (one line per problem,
 naming the key path) and that its counts agree with its shards; `split_shards`, through which
@@ -37,6 +41,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import tarfile
@@ -44,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,8 +57,13 @@ from handpose import schema
 from handpose.errors import HandposeError
 from handpose.skeleton import NUM_JOINTS
 
+if TYPE_CHECKING:
+    from handpose.remote import Cache, Location, Store
+
 FORMAT_NAME = "handpose-shards"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)  # v2: no per-block digests (read from a folder, or from a URL via a cache)
+BLOCK_BYTES = 1 << 20  # v3: pack records a sha256 per MiB of each tar (`block_sha256`)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test", "eval")
 MEMBERS = ("jpg", "json", "kp.f32", "vis.u8", "box.f32", "sid.i64")
@@ -237,10 +247,16 @@ def read_index(path: str | Path) -> list[IndexEntry]:
     """
     try:
         with open(path, encoding="ascii") as f:
-            header = f.readline().split()
-            lines = f.read().splitlines()
+            text = f.read()
     except UnicodeDecodeError:
         raise HandposeError(f"{path}: not a DALI index (not ASCII text); re-run handpose pack") from None
+    return parse_index(text, str(path))
+
+
+def parse_index(text: str, path: str) -> list[IndexEntry]:
+    """The entries of an index's text (`path` names it in errors); see `read_index`."""
+    first, _, rest = text.partition("\n")
+    header, lines = first.split(), rest.splitlines()
     if len(header) != 2 or header[0] != "v1.2" or header[1] != str(len(lines)):
         raise HandposeError(f"{path}: bad index header {' '.join(header)!r} (expected 'v1.2 {len(lines)}')")
     entries: list[IndexEntry] = []
@@ -260,7 +276,12 @@ Sample = dict[str, Any]  # {"__key__": KEY, "__url__": shard path, EXT: member b
 
 
 def read_samples(
-    tar: str | Path, exts: Sequence[str], start: int = 0, stop: int | None = None
+    tar: str | Path | Location,
+    exts: Sequence[str],
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    store: Store | None = None,
 ) -> Iterator[Sample]:
     """Samples [start, stop) of one shard in tar order, each with the members `exts` as bytes.
 
@@ -268,9 +289,14 @@ def read_samples(
     at its offset; without it the tar is streamed (same order, so positions agree). Members not
     in `exts` are never read; a sample lacking one of them simply lacks the key (the caller
     decides whether that is an error). An unreadable shard raises HandposeError naming it.
+    A shard of a remote pack (`store`: its `Manifest.store`) is read by `remote.Store`, each
+    sample only after its bytes matched the manifest.
     """
-    tar = Path(tar)
-    index = _index_or_none(index_name(str(tar)))
+    if store is not None:
+        yield from store.read_samples(str(tar).rsplit("/", 1)[-1], exts, start, stop)
+        return
+    tar = Path(str(tar))
+    index = cached_index(index_name(str(tar)))
     try:
         if index is not None:
             yield from _read_by_index(tar, index[start:stop], exts)
@@ -285,8 +311,9 @@ def _cached_index(path: str, size: int, mtime_ns: int) -> list[IndexEntry]:
     return read_index(path)
 
 
-def _index_or_none(path: str) -> list[IndexEntry] | None:
-    """A shard's index, parsed once per process (keyed on size and mtime), or None if absent."""
+def cached_index(path: str) -> list[IndexEntry] | None:
+    """A shard's index, parsed once per process (keyed on size and mtime), or None if absent
+    (also what remote.py reads its cached copies' indexes by)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -403,12 +430,36 @@ def sha256_file(path: str | Path, on_bytes: Callable[[int], None] | None = None)
     return h.hexdigest()
 
 
+def sha256_blocks(
+    path: str | Path, block_bytes: int, on_bytes: Callable[[int], None] | None = None
+) -> tuple[str, list[str]]:
+    """The file's sha256 and the sha256 of each `block_bytes` of it (the last block shorter), in
+    one pass: what a v3 manifest records per shard (`on_bytes` as in `sha256_file`)."""
+    whole, blocks = hashlib.sha256(), []
+    buf = bytearray(block_bytes)
+    view = memoryview(buf)
+    with open(path, "rb") as f:  # buffered: readinto fills the whole block unless at the end
+        while n := f.readinto(buf):
+            whole.update(view[:n])
+            blocks.append(hashlib.sha256(view[:n]).hexdigest())
+            if on_bytes is not None:
+                on_bytes(n)
+    return whole.hexdigest(), blocks or [hashlib.sha256(b"").hexdigest()]
+
+
+def block_span(k: int, block_bytes: int, size: int) -> tuple[int, int]:
+    """The bytes [lo, hi) of block `k` of a file of `size` bytes (the last block shorter)."""
+    return k * block_bytes, min((k + 1) * block_bytes, size)
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """The parsed manifest.json of a shards folder."""
+    """The parsed manifest.json of a shards folder, or of a pack at a URL (`root` a remote.Url;
+    `store` reads its shards)."""
 
-    root: Path
+    root: Path | Any  # Path, or remote.Url (joined with `/` as a Path is)
     data: dict[str, Any]
+    store: Store | None = None
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -428,7 +479,7 @@ class Manifest:
         return [s for s in self.data["shards"] if split is None or s["split"] == split]
 
     def shards(self, split: str) -> list[Path]:
-        """Absolute paths of a split's shards, in order."""
+        """Absolute paths (a remote pack: URLs) of a split's shards, in order."""
         return [self.root / s["name"] for s in self.entries(split)]
 
     def shard_samples(self, split: str) -> list[int]:
@@ -463,7 +514,12 @@ SHARD_ENTRY = schema.table(
         "bytes": schema.integer(0),
         "sha256": _SHA256,
     },
-    {"index_bytes": schema.integer(0), "index_sha256": _SHA256},  # recorded by packs since they were added
+    {
+        "index_bytes": schema.integer(0),  # recorded by packs since they were added (always in v3)
+        "index_sha256": _SHA256,
+        "block_bytes": schema.integer(1),  # v3: a sha256 per block_bytes of the tar (the last shorter)
+        "block_sha256": schema.items(_SHA256),
+    },
 )
 
 # Required: what consumers cannot work without. Optional: what they read with a default (inspect's
@@ -535,7 +591,9 @@ def consistency_problems(data: dict[str, Any]) -> list[str]:
     entries = data["shards"]
     names = Counter(e["name"] for e in entries)
     problems += [f"shards: {name!r} is listed {n} times" for name, n in names.items() if n > 1]
+    v3 = data["format_version"] >= 3
     for i, e in enumerate(entries):
+        problems += block_problems(e, f"shards[{i}]") if v3 else []
         if e["index"] != index_name(e["name"]):
             problems.append(
                 f"shards[{i}].index: expected {index_name(e['name'])!r} (the index beside "
@@ -561,6 +619,20 @@ def consistency_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def block_problems(entry: dict[str, Any], where: str) -> list[str]:
+    """A v3 shard entry's index digests and per-block digests: present, one per block."""
+    missing = [k for k in ("index_bytes", "index_sha256", "block_bytes", "block_sha256") if k not in entry]
+    if missing:
+        return [f"{where}.{missing[0]}: missing (format v3 records it for every shard)"]
+    blocks = max(1, math.ceil(entry["bytes"] / entry["block_bytes"]))
+    if len(entry["block_sha256"]) != blocks:
+        return [
+            f"{where}.block_sha256: {len(entry['block_sha256'])} digests, but {entry['bytes']} bytes in "
+            f"blocks of {entry['block_bytes']} make {blocks}"
+        ]
+    return []
+
+
 def problems_error(problems: Sequence[str], limit: int = 20) -> HandposeError:
     """One error, one line per problem (at most `limit`, then how many more)."""
     lines = list(problems[:limit])
@@ -569,10 +641,16 @@ def problems_error(problems: Sequence[str], limit: int = 20) -> HandposeError:
     return HandposeError("\n".join(lines))
 
 
-def read_manifest(root: str | Path) -> Manifest:
+def read_manifest(root: str | Path | Location, *, cache: Cache | None = None) -> Manifest:
     """Read OUT/manifest.json, checked against MANIFEST_SCHEMA; a clear error if the folder is not
-    a complete handpose pack or the manifest was damaged or edited (one line per problem)."""
-    root = Path(root)
+    a complete handpose pack or the manifest was damaged or edited (one line per problem).
+    `root` may be a URL (remote.py fetches the manifest; `cache`: where its shards are kept)."""
+    from handpose import remote
+
+    location = remote.parse_location(root)
+    if isinstance(location, remote.Url):
+        return remote.open_manifest(location, cache=cache)
+    root = location
     path = root / MANIFEST
     if not root.is_dir():
         what = "is a file" if root.exists() else "does not exist"
@@ -585,6 +663,12 @@ def read_manifest(root: str | Path) -> Manifest:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HandposeError(f"{path}: unreadable manifest: {getattr(e, 'strerror', None) or e}") from None
+    return manifest_from(data, str(path), root)
+
+
+def manifest_from(data: Any, path: str, root: Any) -> Manifest:
+    """The Manifest of parsed manifest.json `data` (read from `path`, of the pack at `root`),
+    checked: format and version, schema, consistency (one line per problem)."""
     if not isinstance(data, dict):
         raise HandposeError(f"{path}: expected a JSON object, got {schema.show(data)}")
     if data.get("format") == FORMAT_NAME and data.get("format_version") == 1:
@@ -592,10 +676,10 @@ def read_manifest(root: str | Path) -> Manifest:
             f"{path}: shard format v1 (no hand boxes or visibility); re-pack the data with this "
             f"version of handpose (handpose pack SRC {root} --overwrite)"
         )
-    if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:
+    if data.get("format") != FORMAT_NAME or data.get("format_version") not in READ_VERSIONS:
         raise HandposeError(
             f"{path}: format {data.get('format')!r} v{data.get('format_version')!r}, "
-            f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
+            f"expected {FORMAT_NAME!r} v{' or v'.join(map(str, READ_VERSIONS))}"
         )
     problems = manifest_problems(data)
     if problems:
@@ -603,17 +687,23 @@ def read_manifest(root: str | Path) -> Manifest:
     return Manifest(root=root, data=data)
 
 
-def split_shards(root: str | Path, split: str) -> tuple[Manifest, list[Path]]:
+def split_shards(
+    root: str | Path | Location, split: str, *, cache: Cache | None = None
+) -> tuple[Manifest, list[Path]]:
     """Manifest and the shard paths of `split`, each shard's size checked against the manifest
     (one stat per file); a clear error if the split is empty or a shard is missing or truncated.
 
     Every consumer opens shards through here (the loaders via `datasets.open_sets`), so none
-    reads a shard the manifest does not describe."""
-    m = read_manifest(root)
+    reads a shard the manifest does not describe. For a URL the shards are URLs: their bytes are
+    checked as they are read (`remote.Store`), and what cannot be read safely is refused here."""
+    m = read_manifest(root, cache=cache)
     entries = m.entries(split)
     if not entries:
         have = sorted({s["split"] for s in m.data["shards"]})
         raise HandposeError(f"{root}: no shards for split {split!r} (have: {', '.join(have) or 'none'})")
+    if m.store is not None:
+        m.store.check([e["name"] for e in entries])
+        return m, [m.root / e["name"] for e in entries]
     problems = size_problems(m.root, entries)
     if problems:
         raise problems_error(problems)
@@ -626,23 +716,52 @@ REPACK = "re-run handpose pack"
 
 
 def file_problem(
-    path: Path, size: int | None, sha256: str | None = None, on_bytes: Callable[[int], None] | None = None
+    path: Path,
+    size: int | None,
+    sha256: str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    blocks: tuple[int, Sequence[str]] | None = None,
 ) -> str | None:
     """THE integrity check of a packed file, in its one wording: None when `path` has `size` bytes
-    (None: not checked) and, when `sha256` is given, bytes that hash to it; else what is wrong
-    (missing, unreadable, truncated or changed, damaged). The size comes first: one stat, and a
-    file of the wrong size is not worth hashing. `on_bytes` as in `sha256_file`."""
+    (None: not checked) and, when `sha256` is given, bytes that hash to it (and with `blocks`,
+    (block_bytes, block_sha256) of a v3 entry, each block to its digest, in the same pass); else
+    what is wrong (missing, unreadable, truncated or changed, damaged). The size comes first: one
+    stat, and a file of the wrong size is not worth hashing. `on_bytes` as in `sha256_file`."""
     try:
         actual = path.stat().st_size
         if size is not None and actual != size:
-            return f"{actual} bytes, the manifest says {size} (truncated or changed since packing)"
-        if sha256 is not None and sha256_file(path, on_bytes) != sha256:
-            return "sha256 differs from the manifest (damaged or changed since packing)"
+            return size_problem(actual, size)
+        if sha256 is None:
+            return None
+        if blocks is None:
+            return None if sha256_file(path, on_bytes) == sha256 else sha256_problem()
+        whole, got = sha256_blocks(path, blocks[0], on_bytes)
+        if whole != sha256:
+            return sha256_problem()
+        # the counts agree (`block_problems` checked the manifest): a difference is a wrong digest
+        bad = next((k for k, (a, b) in enumerate(zip(got, blocks[1], strict=False)) if a != b), None)
+        return None if bad is None else sha256_problem(block_span(bad, blocks[0], actual))
     except FileNotFoundError:
         return "missing"
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    return None
+
+
+def size_problem(actual: int, size: int) -> str:
+    """THE wording of a packed file (or a URL's) whose size is not the manifest's."""
+    return f"{actual} bytes, the manifest says {size} (truncated or changed since packing)"
+
+
+def sha256_problem(span: tuple[int, int] | None = None) -> str:
+    """THE wording of bytes whose sha256 is not the manifest's: a whole file, or the bytes
+    [lo, hi) of it (`span`: a v3 block, which remote reads check on their own)."""
+    what = "sha256" if span is None else f"sha256 of bytes {span[0]}..{span[1]}"
+    return f"{what} differs from the manifest (damaged or changed since packing)"
+
+
+def entry_blocks(entry: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """A shard entry's (block_bytes, block_sha256) for `file_problem`; None before format v3."""
+    return (entry["block_bytes"], entry["block_sha256"]) if "block_sha256" in entry else None
 
 
 def size_problems(root: Path, entries: Sequence[dict[str, Any]]) -> list[str]:
@@ -660,7 +779,10 @@ def size_problems(root: Path, entries: Sequence[dict[str, Any]]) -> list[str]:
 
 def hashed_files(root: Path, entries: Sequence[dict[str, Any]]) -> list[tuple[Path, str, int | None]]:
     """(path, recorded sha256, bytes or None) of every file of `entries` the manifest has a
-    digest for: each shard, and its index when recorded and present."""
+    digest for: each shard, and its index when recorded and present. None for a remote pack: its
+    bytes are checked block by block as they are read (remote.py)."""
+    if not isinstance(root, Path):
+        return []
     files: list[tuple[Path, str, int | None]] = []
     for e in entries:
         files.append((root / e["name"], e["sha256"], e["bytes"]))

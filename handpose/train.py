@@ -59,6 +59,7 @@ from handpose.errors import ConfigError, HandposeError
 from handpose.geometry import BOX_PAD
 from handpose.loader import NO_DALI_NEGATIVES, make_loader
 from handpose.model import DETECTORS, ModelConfig, PoseModel, model_from_config
+from handpose.remote import make_cache
 from handpose.resume import resume as resume_run
 from handpose.resume import run_recipe
 from handpose.shards import read_manifest
@@ -78,7 +79,9 @@ class TrainConfig(ModelConfig):
     """
 
     shards: tuple[str, ...] = setting(
-        (), "packed folder(s) (handpose pack); several = a weighted mix; one for several crops", fixed=DATA
+        (),
+        "packed folder(s) or URL(s) (handpose pack); several = a weighted mix; one for several crops",
+        fixed=DATA,
     )
     weights: tuple[float, ...] = setting(
         (), "share of each folder in every training batch [default: equal]", fixed=DATA
@@ -191,6 +194,12 @@ class TrainConfig(ModelConfig):
     verify: bool = setting(
         True, "check the shards' sha256s at start (--no-verify); sizes are always checked", resume=HOW
     )
+    cache_dir: str = setting(
+        "", 'shards URLs: keep each verified tar here, on local disk ("": stream each epoch)', resume=HOW
+    )
+    cache_limit: str = setting(
+        "", 'bound on cache_dir, e.g. 50G or 200GiB; least recently used out ("": none)', resume=HOW
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's bounds, and the model's rules
@@ -226,6 +235,7 @@ class TrainConfig(ModelConfig):
                 ("augment.aspect", "augment.perspective_deg", "arch"),
                 "a detector's canvas augmentation has no aspect or perspective: set them to 0",
             )
+        make_cache(self.cache_dir, self.cache_limit, keys=("cache_dir", "cache_limit"))  # checks both
 
 
 def train(
@@ -421,6 +431,7 @@ def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None =
         negatives=cfg.negatives if train else 0.0,
         task="detect" if cfg.arch in DETECTORS else "pose",
         layout=cfg.layout if train else None,
+        cache=make_cache(cfg.cache_dir, cfg.cache_limit),
     )
 
 

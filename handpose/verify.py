@@ -1,7 +1,7 @@
 """`handpose verify SHARDS`: check everything about a packed folder that needs no model.
 
 1. the manifest against its schema (`shards.read_manifest`: one line per problem);
-2. every shard's and index's size and sha256 against the manifest;
+2. every shard's and index's size and sha256 against the manifest (v3: and each block's sha256);
 3. every index: as many lines as the manifest's sample count, each member inside its tar right
    after a ustar header that names it with the same size, members in increasing order, all of
    `shards.MEMBERS` present, the fixed-size ones of their format size (kp.f32 168 bytes, vis.u8
@@ -30,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from handpose.errors import HandposeError
+from handpose.remote import shard_folder
 from handpose.shards import (
     MEMBER_BYTES,
     MEMBERS,
@@ -37,6 +38,7 @@ from handpose.shards import (
     SPLITS,
     IndexEntry,
     decode_annotation,
+    entry_blocks,
     file_problem,
     hash_progress,
     read_index,
@@ -47,7 +49,8 @@ MAX_SAMPLE_PROBLEMS = 3  # per shard: the first few bad samples are named, the r
 
 
 def verify(root: str | Path) -> dict[str, Any]:
-    """Check the packed folder `root` (see the module docstring); print the tables.
+    """Check the packed folder `root` (see the module docstring; a URL: each shard and index is
+    downloaded to a temporary folder, one at a time, and checked there); print the tables.
 
     Returns {"shards": n, "samples": n, "bytes": n} when everything is intact; raises
     HandposeError naming each damaged shard otherwise."""
@@ -58,7 +61,8 @@ def verify(root: str | Path) -> dict[str, Any]:
     damaged: dict[str, list[str]] = {}
     with hash_progress(total) as advance:
         for e in entries:
-            problems = shard_problems(manifest.root, e, advance)
+            with shard_folder(manifest, e) as folder:  # a URL's shard: downloaded, then checked here
+                problems = shard_problems(folder, e, advance)
             if problems:
                 damaged[e["name"]] = problems
     console.print(split_table(entries, damaged))
@@ -76,7 +80,8 @@ def verify(root: str | Path) -> dict[str, Any]:
 def shard_problems(root: Path, entry: dict[str, Any], on_bytes: Callable[[int], None]) -> list[str]:
     """Everything wrong with one shard and its index, one line each (empty: intact)."""
     tar, idx = root / entry["name"], root / entry["index"]
-    problems = named(tar, file_problem(tar, entry["bytes"], entry["sha256"], on_bytes))
+    # v3: each block's sha256 too (what remote reads check), in the same pass
+    problems = named(tar, file_problem(tar, entry["bytes"], entry["sha256"], on_bytes, entry_blocks(entry)))
     if not tar.is_file():
         return problems
     if not idx.is_file():

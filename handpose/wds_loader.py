@@ -61,8 +61,10 @@ from handpose.datasets import (
     n_batches,
     train_batches_per_rank,
 )
+from handpose.errors import HandposeError
 from handpose.geometry import apply_matrix, in_frame, source_region
 from handpose.imageio import image_size, warp_to_input
+from handpose.remote import Store
 from handpose.shards import READ_LABELS, decode_annotation, decode_box, read_samples, same_photo
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ class _SetSpec:
     counts: tuple[int, ...]
     crop: str
     pad: float
+    store: Store | None = None  # a remote pack's reader (its manifest's), None for a folder
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class _Spec:
         come from the same streams): training batches per rank, each set's share of a batch."""
         train = split == "train"
         return cls(
-            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad) for s in sets),
+            sets=tuple(_SetSpec(s.shards, s.counts, s.crop, s.pad, s.manifest.store) for s in sets),
             shares=tuple(apportion(o.batch_size, [s.weight for s in sets])),
             train=train,
             augment=o.augment,
@@ -182,13 +185,26 @@ class _Spec:
         )
 
 
-def _read(tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
+def _read(tasks: Iterable[tuple[str, ShardTask]], store: Store | None = None) -> Iterator[dict]:
     """Samples {"__key__", "__url__", "jpg", "kp.f32", "vis.u8", "box.f32"} of each task."""
     for url, task in tasks:
-        yield from read_samples(url, READ_MEMBERS, task.start, task.stop)
+        yield from read_samples(url, READ_MEMBERS, task.start, task.stop, store=store)
 
 
-def _photo_boxes(tasks: Iterable[tuple[str, ShardTask]], counts: dict[str, int]) -> Iterator[dict]:
+def _reported(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A worker's batches; a HandposeError (a shard that cannot be read, or whose bytes do not
+    match its manifest) travels to the main process as a last item, which `WdsLoader` raises
+    there as the one line it is (torch would re-raise it wrapped in the worker's traceback).
+    Nothing of the bad bytes is in any batch before it: readers check before they yield."""
+    try:
+        yield from batches
+    except HandposeError as e:
+        yield {"error": str(e), "skipped": []}
+
+
+def _photo_boxes(
+    tasks: Iterable[tuple[str, ShardTask]], counts: dict[str, int], store: Store | None = None
+) -> Iterator[dict]:
     """`_read`, each sample with PHOTO_BOXES: the boxes (N, 4) of every hand of its photo (the run
     of consecutive samples `shards.same_photo` joins), or None where the run may go on beyond
     this task (it starts the task and the task does not start the shard, or it ends the task
@@ -196,7 +212,8 @@ def _photo_boxes(tasks: Iterable[tuple[str, ShardTask]], counts: dict[str, int])
     for url, task in tasks:
         run: list[dict] = []
         first = True
-        for sample in itertools.chain(read_samples(url, READ_MEMBERS, task.start, task.stop), [None]):
+        samples = read_samples(url, READ_MEMBERS, task.start, task.stop, store=store)
+        for sample in itertools.chain(samples, [None]):
             if run and (sample is None or not same_photo(run[-1], sample)):
                 cut = (first and task.start > 0) or (sample is None and task.stop < counts[url])
                 yield from _with_boxes(run, known=not cut)
@@ -391,6 +408,9 @@ class _ShardStream(IterableDataset):
         return worker, workers, spec.rank * workers + worker, spec.world_size * workers, rng, info is not None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _reported(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         worker, workers, slot, slots, rng, shared = self._slot()
         skipped: list[tuple[str, str, str]] = []
@@ -406,7 +426,8 @@ class _ShardStream(IterableDataset):
                 yield _collate(chunk, size=spec.image_size, colour=colour, skipped=skipped, shared=shared)
         else:
             items = itertools.chain.from_iterable(
-                self._items(i, _read(tasks), rng, skipped) for i, tasks in self._eval_plan(slot, slots)
+                self._items(i, _read(tasks, spec.sets[i].store), rng, skipped)
+                for i, tasks in self._eval_plan(slot, slots)
             )
             while chunk := list(itertools.islice(items, spec.batch_size)):
                 if spec.drop_last and len(chunk) < spec.batch_size:
@@ -439,8 +460,8 @@ class _ShardStream(IterableDataset):
     def _read_train(self, s: _SetSpec, tasks: Iterable[tuple[str, ShardTask]]) -> Iterator[dict]:
         """Training reads; with negatives, each sample knows its photo's hand boxes."""
         if self._negatives(s) > 0:
-            return _photo_boxes(tasks, dict(zip(s.urls, s.counts, strict=True)))
-        return _read(tasks)
+            return _photo_boxes(tasks, dict(zip(s.urls, s.counts, strict=True)), s.store)
+        return _read(tasks, s.store)
 
     def _eval_plan(self, slot: int, slots: int) -> Iterator[tuple[int, list[tuple[str, ShardTask]]]]:
         """val/test/eval: the sets' shards back to back, dealt out exactly once over all slots."""
@@ -536,6 +557,8 @@ class WdsLoader:
             prefetch_factor=4 if self.workers else None,
         )
         for batch in loader:
+            if "error" in batch:
+                raise HandposeError(batch["error"])
             if batch["skipped"]:
                 self.stats.add(batch["skipped"])
             if "image" in batch:

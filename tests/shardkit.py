@@ -12,6 +12,7 @@ import simplejpeg
 from handpose.config import AugmentConfig
 from handpose.geometry import keypoints_box
 from handpose.shards import (
+    BLOCK_BYTES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -19,6 +20,7 @@ from handpose.shards import (
     index_name,
     sample_key,
     sample_members,
+    sha256_blocks,
     sha256_file,
     shard_name,
 )
@@ -109,8 +111,10 @@ def write_pack(
     *,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
+    block_bytes: int = BLOCK_BYTES,
 ) -> Path:
-    """Write {split: [shard samples, ...]} with ShardWriter plus a minimal manifest.json."""
+    """Write {split: [shard samples, ...]} with ShardWriter plus a minimal manifest.json (v3: with
+    index digests and a sha256 per `block_bytes` of each tar)."""
     root.mkdir(parents=True, exist_ok=True)
     entries, counts = [], {}
     for split, shards in splits.items():
@@ -129,6 +133,7 @@ def write_pack(
                 }
                 writer.write(key, members)
             writer.close()
+            sha256, blocks = sha256_blocks(root / name, block_bytes)
             entries.append(
                 {
                     "name": name,
@@ -136,7 +141,11 @@ def write_pack(
                     "split": split,
                     "samples": len(samples),
                     "bytes": (root / name).stat().st_size,
-                    "sha256": sha256_file(root / name),
+                    "sha256": sha256,
+                    "index_bytes": (root / index_name(name)).stat().st_size,
+                    "index_sha256": sha256_file(root / index_name(name)),
+                    "block_bytes": block_bytes,
+                    "block_sha256": blocks,
                 }
             )
     manifest = {

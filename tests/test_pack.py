@@ -90,7 +90,7 @@ def test_round_trip_labels_images_and_keys(packed: Path, synth_root: Path) -> No
 
 def test_manifest_fields_and_stats(packed: Path, synth_root: Path) -> None:
     m = read_manifest(packed).data
-    assert m["format_version"] == 2 and m["tool_version"] and m["skipped"] == []
+    assert m["format_version"] == 3 and m["tool_version"] and m["skipped"] == []
     assert m["source"]["format"] == "freihand" and m["options"]["versions"] == "all"
     for shard in m["shards"]:
         tar = packed / shard["name"]

@@ -28,6 +28,7 @@ from handpose.loader import make_loader
 from handpose.predict import predict
 from handpose.shards import (
     MANIFEST,
+    file_problem,
     index_name,
     manifest_problems,
     read_index,
@@ -36,7 +37,7 @@ from handpose.shards import (
     split_shards,
     verify_shards,
 )
-from handpose.verify import verify
+from handpose.verify import shard_problems, verify
 
 BIN = Path(sys.executable).parent
 REPACK = "re-run handpose pack"
@@ -147,6 +148,58 @@ def test_what_pack_writes_is_valid_and_records_the_indexes(packed: Path) -> None
     for e in data["shards"]:
         idx = packed / index_name(e["name"])
         assert (e["index_bytes"], e["index_sha256"]) == (idx.stat().st_size, sha256_file(idx))
+
+
+def test_v3_records_a_sha256_per_block_of_each_tar(packed: Path, tmp_path: Path) -> None:
+    """pack's block digests are those of each MiB of the tar read back; a wrong count or a missing
+    one is one line; a v2 manifest (no blocks) still reads from a folder."""
+    import hashlib
+
+    from handpose.shards import BLOCK_BYTES
+
+    data = json.loads((packed / MANIFEST).read_text())
+    assert data["format_version"] == 3
+    for e in data["shards"]:
+        raw = (packed / e["name"]).read_bytes()
+        blocks = [raw[i : i + BLOCK_BYTES] for i in range(0, len(raw), BLOCK_BYTES)]
+        assert e["block_bytes"] == BLOCK_BYTES
+        assert e["block_sha256"] == [hashlib.sha256(b).hexdigest() for b in blocks]
+    bad = json.loads(json.dumps(data))
+    bad["shards"][2]["block_sha256"].append(bad["shards"][2]["sha256"])
+    del bad["shards"][4]["block_bytes"]
+    assert manifest_problems(bad) == [
+        f"shards[2].block_sha256: 2 digests, but {bad['shards'][2]['bytes']} bytes in blocks of "
+        f"{BLOCK_BYTES} make 1",
+        "shards[4].block_bytes: missing (format v3 records it for every shard)",
+    ]
+    root = tmp_path / "v2"
+    shutil.copytree(packed, root)
+    for e in data["shards"]:
+        del e["block_bytes"], e["block_sha256"]
+    data["format_version"] = 2
+    (root / MANIFEST).write_text(json.dumps(data))
+    assert verify(root)["shards"] == len(data["shards"])
+    assert len(list(make_loader(root, "val", batch_size=4, workers=0))) > 0
+
+
+def test_verify_checks_the_block_digests(pack: Path, tmp_path: Path) -> None:
+    first = _first(pack)
+    _edit_manifest(pack, lambda m: m["shards"][0]["block_sha256"].__setitem__(0, "0" * 64))
+    with pytest.raises(HandposeError, match=rf"1 of \d+ shards damaged \({first}\)"):
+        verify(pack)
+    # the one check of a packed file (file_problem) names the block's bytes in its one wording
+    rng = np.random.default_rng(3)
+    root = write_pack(
+        tmp_path / "small", {"train": [[dot_sample(i, rng) for i in range(6)]]}, block_bytes=4096
+    )
+    e = read_manifest(root).entries("train")[0]
+    assert len(e["block_sha256"]) > 2
+    tar, digests = root / e["name"], list(e["block_sha256"])
+    assert file_problem(tar, e["bytes"], e["sha256"], blocks=(4096, digests)) is None
+    digests[1] = "0" * 64
+    problem = "sha256 of bytes 4096..8192 differs from the manifest (damaged or changed since packing)"
+    assert file_problem(tar, e["bytes"], e["sha256"], blocks=(4096, digests)) == problem
+    assert shard_problems(root, {**e, "block_sha256": digests}, lambda n: None) == [f"{e['name']}: {problem}"]
 
 
 # ----------------------------------------------------------------------------- sizes, on opening

@@ -16,17 +16,27 @@ On the same train-split images and the same cores:
    constant bilinear `warp_affine`: on a CPU that warp alone caps any warping DALI graph far below
    the decode rate (about half on the 2-core VM), which is why DALI's CPU target is out of reach.
 
+5. with `url` (the same shards at a URL; `serve=True`: this bench serves SHARDS itself over
+   http://127.0.0.1 from a separate process, with Range support): the loader from the URL
+   streaming (no cache: every sample's bytes fetched and checked block by block), the same with
+   the sha256 checks off (what verification while streaming costs), and from a warm cache (filled
+   by one untimed pass; each worker still checks the blocks it reads once), each against the
+   local folder in the same run.
+
 Every measurement but the baseline runs `rounds` times, interleaved, and keeps its best.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +47,22 @@ from PIL import Image
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
+from handpose import remote
 from handpose.augment import params_matrix, sample_params
 from handpose.config import AugmentConfig
 from handpose.console import make_console
+from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, image_region, in_frame
 from handpose.imageio import decode_jpeg, image_size, warp_to_input
 from handpose.loader import make_loader
-from handpose.shards import READ_LABELS, decode_annotation, read_samples, split_shards, verify_shards
+from handpose.shards import (
+    READ_LABELS,
+    decode_annotation,
+    read_manifest,
+    read_samples,
+    split_shards,
+    verify_shards,
+)
 from handpose.skeleton import NUM_JOINTS
 
 IMAGE_SIZE = 128
@@ -61,19 +80,52 @@ def bench_loader(
     batch_size: int = 48,
     rounds: int = 3,
     verify: bool = True,
+    url: str | None = None,
+    serve: bool = False,
 ) -> dict[str, Any]:
     """Time the loader and its limits/baseline on `shards`; print a table, then one JSON line.
-    `verify`: first check the train shards against the manifest's sha256s (untimed)."""
+    `verify`: first check the train shards against the manifest's sha256s (untimed). `url`: the
+    same shards at a URL, timed streamed, unchecked and from a warm cache (`serve`: serve
+    `shards` on 127.0.0.1 for it)."""
     console = make_console()
     if verify:
         manifest, _ = split_shards(shards, "train")
         verify_shards(manifest, manifest.entries("train"))
     augment = AugmentConfig(flip=True)
     samples = _read_samples(shards, LIMIT_SAMPLES)
+    cache = None
+    with contextlib.ExitStack() as stack:
+        if serve:
+            url = stack.enter_context(_serving(Path(shards)))
+        if url is not None:
+            _check_same_pack(shards, url)
+            cache = remote.Cache(
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="handpose-cache-")))
+            )
+            _fill(url, cache)
+        return _bench(
+            shards, kind, workers, batches, batch_size, rounds, augment, samples, console, url, cache
+        )
 
+
+def _bench(
+    shards: str | Path,
+    kind: str,
+    workers: int,
+    batches: int,
+    batch_size: int,
+    rounds: int,
+    augment: AugmentConfig,
+    samples: list[tuple[bytes, np.ndarray]],
+    console: Any,
+    url: str | None,
+    cache: remote.Cache | None,
+) -> dict[str, Any]:
     # Rounds interleave every measurement and keep each one's best: a neighbour's burst on a
     # shared machine then slows one round of everything rather than one row of the table.
     best: dict[str, tuple[float, ...]] = {}
+    best_cpu: dict[str, float] = {}
+    timed = (kind, workers, batches, batch_size, augment, "image")
     for _ in range(rounds):
         runs: dict[str, Any] = {
             "loader": lambda: _time_loader(shards, kind, workers, batches, batch_size, augment, "image"),
@@ -85,10 +137,16 @@ def bench_loader(
         if kind == "dali":
             runs["dali_decode"] = lambda: (_time_dali(shards, workers, batches, batch_size, warp=False),)
             runs["dali_warp"] = lambda: (_time_dali(shards, workers, batches, batch_size, warp=True),)
+        if url is not None:
+            runs["url"] = lambda: _time_loader(url, *timed)
+            runs["url_unchecked"] = lambda: _unchecked(lambda: _time_loader(url, *timed))
+            runs["url_cache"] = lambda: _time_loader(url, *timed, cache=cache)
         for name, run in runs.items():
             got = run()
             if name not in best or got[0] > best[name][0]:
                 best[name] = got
+            if len(got) > 1:  # the best samples per CPU-second too, whichever round gave it
+                best_cpu[name] = max(best_cpu.get(name, 0.0), got[1])
     loader_rate, loader_cpu_rate, cores = best["loader"]
     box_rate = best["box"][0]
     limit_rate, decode_rate = best["limit"][0], best["decode"][0]
@@ -114,6 +172,10 @@ def bench_loader(
     if dali_decode is not None and dali_warp is not None:
         rows.append(("DALI decode only (reader + decoder)", dali_decode))
         rows.append(("DALI decode + one constant warp_affine (no augmentation)", dali_warp))
+    if url is not None:
+        rows.append((f"the same from {url}, streamed, every block checked", best["url"][0]))
+        rows.append(("  the same with the sha256 checks off", best["url_unchecked"][0]))
+        rows.append(("  the same through a warm cache (local disk)", best["url_cache"][0]))
     for name, rate in rows:
         table.add_row(name, f"{rate:,.0f}", f"{loader_rate / rate:.2f}")
     console.print(table)
@@ -143,6 +205,30 @@ def bench_loader(
         "loader_cores_used": round(cores, 2),
         "vs_baseline": round(loader_rate / baseline_rate, 2),
     }
+    if url is not None:
+        streamed, unchecked, cached = best["url"][0], best["url_unchecked"][0], best["url_cache"][0]
+        # per CPU-second of the loader's processes (the server's excluded): what the URL costs the
+        # loader itself, robust to a contended machine where wall-clock rates swing by tens of %
+        cpu = best_cpu
+        result.update(
+            url=url,
+            url_samples_per_s=round(streamed, 1),
+            url_vs_local=round(streamed / loader_rate, 3),  # target >= 0.9
+            url_unchecked_samples_per_s=round(unchecked, 1),
+            verify_cost_pct=round(100 * (1 - streamed / unchecked), 1),  # target <= 5
+            url_cache_samples_per_s=round(cached, 1),
+            url_cache_vs_local=round(cached / loader_rate, 3),  # target >= 0.98
+            url_vs_local_cpu=round(cpu["url"] / cpu["loader"], 3),
+            url_cache_vs_local_cpu=round(cpu["url_cache"] / cpu["loader"], 3),
+            verify_cost_cpu_pct=round(100 * (1 - cpu["url"] / cpu["url_unchecked"]), 1),
+        )
+        console.print(
+            f"from the URL vs local: streamed {streamed / loader_rate:.2f}x samples/s "
+            f"({result['url_vs_local_cpu']:.2f}x per CPU-second), warm cache {cached / loader_rate:.2f}x "
+            f"({result['url_cache_vs_local_cpu']:.2f}x); checking every block costs "
+            f"{result['verify_cost_pct']:.1f}% of samples/s "
+            f"({result['verify_cost_cpu_pct']:.1f}% per CPU-second)"
+        )
     if dali_decode is not None:
         result["dali_decode_samples_per_s"] = round(dali_decode, 1)
         result["vs_dali_decode"] = round(loader_rate / dali_decode, 3)
@@ -173,6 +259,7 @@ def _time_loader(
     batch_size: int,
     augment: AugmentConfig,
     crop: str,
+    cache: remote.Cache | None = None,
 ) -> tuple[float, float, float]:
     """(samples/s, samples per CPU-second of the main process + its workers, cores used)."""
     # resampled with a fixed length, so any train split is long enough for the requested batches
@@ -186,6 +273,7 @@ def _time_loader(
         workers=workers,
         samples_per_epoch=(batches + WARMUP_BATCHES) * batch_size,
         device="cuda" if torch.cuda.is_available() else "cpu",
+        cache=cache,
     )
     it = iter(loader)
     for _ in range(WARMUP_BATCHES):
@@ -202,6 +290,87 @@ def _time_loader(
     return n / wall, n / cpu, cpu / wall
 
 
+def _unchecked(run: Any) -> tuple[float, float, float]:
+    """`run()` with the remote reader's sha256 checks off (its forked workers inherit the switch)."""
+    remote.HASH_BLOCKS = False
+    try:
+        return run()
+    finally:
+        remote.HASH_BLOCKS = True
+
+
+def _check_same_pack(shards: str | Path, url: str) -> None:
+    """The URL must hold the same pack as SHARDS (the comparison is meaningless otherwise)."""
+    if read_manifest(url).data["shards"] != read_manifest(shards).data["shards"]:
+        raise HandposeError(f"--url {url}: not the same pack as {shards} (their manifests' shards differ)")
+
+
+def _fill(url: str, cache: remote.Cache) -> None:
+    """Fetch the train shards of `url` into `cache` (untimed: the warm-cache row reads them)."""
+    manifest, shards = split_shards(url, "train", cache=cache)
+    assert manifest.store is not None
+    manifest.store.local_files([str(s).rsplit("/", 1)[-1] for s in shards])
+
+
+@contextlib.contextmanager
+def _serving(folder: Path) -> Iterator[str]:
+    """`folder` served over http://127.0.0.1 (a free port) by a forked process with its own
+    interpreter lock, so serving takes nothing from the loader's main process."""
+    ctx = mp.get_context("fork")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=_serve, args=(folder, ready), daemon=True)
+    proc.start()
+    _NOT_LOADER.add(str(proc.pid))
+    try:
+        yield f"http://127.0.0.1:{ready.get(timeout=30)}"
+    finally:
+        _NOT_LOADER.discard(str(proc.pid))
+        proc.terminate()
+        proc.join()
+
+
+def _serve(folder: Path, ready: Any) -> None:
+    """A threaded static file server with single-range Range support (http.server has none)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = folder / self.path.lstrip("/").split("?")[0]
+            if "/" in self.path.lstrip("/") or not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            size = path.stat().st_size
+            got = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            start = int(got.group(1)) if got else 0
+            stop = min(int(got.group(2)) + 1, size) if got and got.group(2) else size
+            self.send_response(206 if got else 200)
+            if got:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+            self.send_header("Content-Length", str(stop - start))
+            self.end_headers()
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = stop - start
+                while left and (data := f.read(min(1 << 20, left))):
+                    self.wfile.write(data)
+                    left -= len(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    ready.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+_NOT_LOADER: set[str] = set()  # pids of this process's children that are not the loader's
+
+
 def _cpu_seconds() -> float:
     """CPU seconds of this process plus its live child processes (the loader's workers)."""
     total = time.process_time()
@@ -212,7 +381,7 @@ def _cpu_seconds() -> float:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited meanwhile
-        if fields[1] == me:  # ppid
+        if fields[1] == me and stat.parent.name not in _NOT_LOADER:  # ppid; not the bench's server
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
 
