@@ -351,13 +351,15 @@ def report_rows(runs: Sequence[Prediction], evals: Path) -> list[dict[str, Any]]
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table; a figure a row does not have is `-`."""
+    """The Markdown table; a figure a row does not have (or a NaN: no hand to measure) is `-`."""
     lines = [
         "| model | photos | input | " + " | ".join(c[0] for c in COLUMNS) + " |",
         "|---|---|---|" + "---|" * len(COLUMNS),
     ]
     for r in rows:
-        cells = ["-" if r.get(key) is None else format(r[key], fmt) for _, key, fmt in COLUMNS]
+        cells = [
+            "-" if r.get(key) is None or r[key] != r[key] else format(r[key], fmt) for _, key, fmt in COLUMNS
+        ]
         lines.append(f"| {r['model']} | {r['photos']} | {r['input']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
