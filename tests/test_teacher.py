@@ -522,3 +522,20 @@ def test_backgrounds_from_several_sets_with_and_without_voc(tmp_path: Path) -> N
         if Path(p["photo"]).name.startswith("pl"):
             x0, y0, side = p["crop"]
             assert composite.iou(np.array([x0, y0, x0 + side, y0 + side]), grown) == 0.0
+
+
+def test_the_tool_imports_only_what_the_teachers_environment_holds(tmp_path: Path) -> None:
+    """.venv-teacher has mediapipe, numpy<2 and pillow (and what mediapipe pulls), none of
+    handpose's own dependencies: the tool starts with them blocked (so it never imports
+    handpose.sources.yolo, which needs pyyaml)."""
+    blocked = ["yaml", "torch", "simplejpeg", "webdataset", "typer", "rich", "nvidia"]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        f"sys.argv = ['teacher_label.py', {str(tmp_path / 'none')!r}, {str(tmp_path / 'out')!r}]\n"
+        f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+        "import teacher_label\n"
+        "teacher_label.main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: {tmp_path / 'none'}: not a folder", p.stderr
