@@ -212,7 +212,8 @@ def test_make_hands_with_extra_and_val_photo_folders_and_the_detector(tmp_path: 
     # the keypoint run: DATA in box and image crops, EXTRA as a box crop, VAL scored, never trained on
     cfg = load_config(TrainConfig, out / "run" / "config.toml")
     assert cfg.shards == (str(out / "shards"), str(out / "shards"), str(out / "extra-shards"))
-    assert (cfg.crop, cfg.weights) == (("box", "image", "box"), (0.75, 0.25, 0.75))
+    size = extra["train"] / json.loads((out / "shards" / "manifest.json").read_text())["counts"]["train"]
+    assert (cfg.crop, cfg.weights) == (("box", "image", "box"), (0.75, 0.25, round(0.75 * size, 4)))
     assert cfg.val_shards == (str(out / "val" / "digits"),) and cfg.val_crop == ("box", "image")
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["digits-box/val_samples"] == 6 and "digits-image/val_error_px" in metrics[-1]
@@ -273,28 +274,48 @@ def test_make_hands_with_extra_and_val_photo_folders_and_the_detector(tmp_path: 
 def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() -> None:
     two = {"crop": ["box", "image"], "weights": [0.75, 0.25]}
     three = {"crop": ["box", "image", "box"], "weights": [0.5, 0.25, 0.25]}
-    assert hands.recipe_layout(two, 0) == (["box", "image"], [0.75, 0.25], 2)
-    assert hands.recipe_layout(two, 1) == (
-        ["box", "image", "box"],
-        [0.75, 0.25, 0.75],
+    assert hands.recipe_layout(two, []) == (["box", "image"], [0.75, 0.25], 2)
+    # no slot: DATA box's crop, its weight x the folder's size / DATA's
+    assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.75, 0.25, 0.3], 2)
+    assert hands.recipe_layout(three, []) == (["box", "image"], [0.5, 0.25], 2)  # EXTRA's slot dropped
+    assert hands.recipe_layout(three, [0.4]) == (["box", "image", "box"], [0.5, 0.25, 0.25], 2)
+    assert hands.recipe_layout(three, [0.4, 2.0]) == (
+        ["box", "image", "box", "box"],
+        [0.5, 0.25, 0.25, 1.0],
         2,
-    )  # DATA box's weight
-    assert hands.recipe_layout(three, 0) == (["box", "image"], [0.5, 0.25], 2)  # EXTRA's slot dropped
-    assert hands.recipe_layout(three, 1) == (["box", "image", "box"], [0.5, 0.25, 0.25], 2)
-    assert hands.recipe_layout(three, 2) == (["box", "image", "box", "box"], [0.5, 0.25, 0.25, 0.5], 2)
-    assert hands.recipe_layout({"crop": "image"}, 1) == (["image", "image"], None, 1)  # the detector's
-    assert hands.recipe_layout({}, 0) == (["image"], None, 1)
+    )
+    assert hands.recipe_layout({"crop": "image"}, [0.5]) == (
+        ["image", "image"],
+        [1.0, 0.5],
+        1,
+    )  # the detector's
+    assert hands.recipe_layout({"crop": "image"}, [1.0]) == (
+        ["image", "image"],
+        None,
+        1,
+    )  # equal: the default
+    assert hands.recipe_layout({}, []) == (["image"], None, 1)
 
 
 def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> None:
+    from shardkit import photo_samples, write_pack
+
+    rng = np.random.default_rng(0)
+    d, e, v, o = (tmp_path / x for x in ("d", "e", "v", "o"))
+    write_pack(d, {"train": [[s for i in range(10) for s in photo_samples(i, rng, 1)]]})
+    write_pack(e, {"train": [[s for i in range(4) for s in photo_samples(i, rng, 1)]]})
     recipe = tmp_path / "r.toml"
     recipe.write_text('crop = ["box", "image", "box"]\nweights = [0.5, 0.25, 0.25]\n')
-    d, e, v, o = (tmp_path / x for x in ("d", "e", "v", "o"))
     base = ["train", "--config", str(recipe)]
     assert hands.train_args(recipe, d, [e], [], o) == [*base, "--shards", f"{d},{d},{e}", "--out", str(o)]
     assert hands.train_args(recipe, d, [], [v], o) == [
         *(*base, "--shards", str(d), "--crop", "box,image", "--weights", "0.5,0.25"),
         *("--val_shards", str(v), "--out", str(o)),
+    ]
+    recipe.write_text('crop = ["box", "image"]\nweights = [0.75, 0.25]\n')
+    assert hands.train_args(recipe, d, [e], [], o) == [
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.75,0.25,0.3"),
+        *("--out", str(o)),
     ]
 
 

@@ -23,8 +23,9 @@ made (delete it to redo that step). The steps:
  4. the keypoint model: `handpose train --config RECIPE` (pipelines/hands_cpu.toml). The recipe's
     crop/weights lists are read as slots: the first slot of each crop mode is DATA's (the one
     photo folder in each crop), a later slot of a mode already seen is for the EXTRA pack (then
-    --synth's generated hands); an extra folder without a slot gets a box crop with the weight of
-    DATA's box slot; unused slots are dropped. The VAL packs are its `val_shards`: scored at every
+    --synth's generated hands); an extra folder without a slot is cropped like DATA's box slot
+    and weighted by its weight x the folder's size / DATA's (each photo drawn about as often as
+    each of DATA's); unused slots are dropped. The VAL packs are its `val_shards`: scored at every
     validation, never trained on. -> OUT/run
  5. the multi-hand test: tools/multihand.py (seeded) on DATA's val photos -> OUT/multihand (a YOLO
     dataset, photos without a hand included), packed val-only -> OUT/multihand-shards.
@@ -218,9 +219,14 @@ def extra_yaml(out: Path, folders: Sequence[Path]) -> str:
 # ---- the recipe's layout -------------------------------------------------------------------------
 
 
-def recipe_layout(recipe: dict[str, Any], extras: int) -> tuple[list[str], list[float] | None, int]:
-    """(crop per folder, weights or None, DATA's folder count) for DATA and `extras` more folders,
-    from a recipe's crop/weights slots (the module doc's rule)."""
+def recipe_layout(
+    recipe: dict[str, Any], extras: Sequence[float]
+) -> tuple[list[str], list[float] | None, int]:
+    """(crop per folder, weights or None, DATA's folder count) for DATA and one more folder per
+    item of `extras` (each its train samples / DATA's), from a recipe's crop/weights slots (the
+    module doc's rule). An extra folder without a slot is cropped like DATA's box slot (else its
+    first) and weighted by that slot's weight x its size: each of its photos is drawn about as
+    often as each of DATA's."""
     crops = recipe.get("crop", ["image"])
     crops = [crops] if isinstance(crops, str) else list(crops)
     weights = [float(w) for w in recipe["weights"]] if recipe.get("weights") else None
@@ -230,27 +236,31 @@ def recipe_layout(recipe: dict[str, Any], extras: int) -> tuple[list[str], list[
         (spare if mode in seen else data).append(i)
         seen.append(mode)
     out_crops = [crops[i] for i in data]
-    out_weights = [weights[i] for i in data] if weights else None
-    fill = "box" if "box" in out_crops else out_crops[0]
-    for k in range(extras):
+    slot_weights = [weights[i] for i in data] if weights else [1.0] * len(data)
+    fill = out_crops.index("box") if "box" in out_crops else 0
+    for k, size in enumerate(extras):
         if k < len(spare):
             out_crops.append(crops[spare[k]])
-            if out_weights is not None and weights is not None:
-                out_weights.append(weights[spare[k]])
+            slot_weights.append(weights[spare[k]] if weights else 1.0)
         else:
-            out_crops.append(fill)
-            if out_weights is not None and weights is not None:
-                out_weights.append(weights[data[out_crops.index(fill)]])
-    return out_crops, out_weights, len(data)
+            out_crops.append(out_crops[fill])
+            slot_weights.append(round(slot_weights[fill] * size, 4))
+    equal = weights is None and len(set(slot_weights)) == 1  # the recipe's default: equal shares
+    return out_crops, None if equal else slot_weights, len(data)
 
 
 def train_args(
-    recipe_path: Path, data: Path, extras: Sequence[Path], vals: Sequence[Path], out: Path
+    recipe_path: Path,
+    data: Path,
+    extras: Sequence[Path],
+    vals: Sequence[Path],
+    out: Path,
 ) -> list[str]:
     """`handpose train` for a recipe on DATA (+ extra folders, + val_shards): --crop and --weights
-    only where the layout is not the recipe's own."""
+    only where the layout is not the recipe's own. Reads the packs' train counts."""
     recipe = tomllib.loads(recipe_path.read_text())
-    crops, weights, n_data = recipe_layout(recipe, len(extras))
+    n = read_manifest(data).count("train")
+    crops, weights, n_data = recipe_layout(recipe, [read_manifest(e).count("train") / n for e in extras])
     folders = [data] * n_data + list(extras)
     own = recipe.get("crop", ["image"])
     own = [own] if isinstance(own, str) else list(own)
