@@ -156,17 +156,18 @@ class Steps:
         self.done: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self.log: list[dict[str, Any]] = []
 
-    def run(self, name: str, argv: Sequence[str], output: Path, key: str = "") -> None:
-        """Run `argv` unless `output` exists: then it is reused, unless another command made it
-        (HandposeError: delete it to redo). `key` stands for inputs the command line does not show
-        (a file it reads)."""
+    def run(self, name: str, argv: Sequence[str], output: Path, key: str = "", *, check: bool = True) -> None:
+        """Run `argv` unless `output` (a file in the step's folder) exists: then it is reused,
+        unless another command made it (HandposeError: delete the folder to redo; `check=False`
+        skips that, for a step that makes an environment rather than an output). `key` stands
+        for inputs the command line does not show (a file it reads)."""
         command = shown(argv)
         record = self.done.get(name)
         if output.exists():
-            if record is not None and (record["command"], record.get("key", "")) != (command, key):
+            if check and record is not None and (record["command"], record.get("key", "")) != (command, key):
                 raise HandposeError(
-                    f"{output}: made by another command than `{command}` (the recorded one: "
-                    f"`{record['command']}`); delete it to redo this step, or give another --out"
+                    f"{output.parent}: made by another command than `{command}` (the recorded one: "
+                    f"`{record['command']}`); delete that folder to redo this step, or give another --out"
                 )
             self.log.append(
                 {"step": name, "command": command, "minutes": (record or {}).get("minutes"), "reused": True}
@@ -570,7 +571,9 @@ def label_sets(steps: Steps, out: Path, sets: Sequence[PhotoSet], venv: Path, se
     """Teacher labels of every EXTRA and VAL set (the teacher's environment made first), then the
     cut-out sets pasted onto the other EXTRA sets' photos."""
     if sets and not os.environ.get(TEST_TEACHER):
-        steps.run("teacher-env", ["make", "teacher-env", f"TEACHER_VENV={venv}"], venv / ".installed")
+        steps.run(
+            "teacher-env", ["make", "teacher-env", f"TEACHER_VENV={venv}"], venv / ".installed", check=False
+        )
     teacher = teacher_command(venv)
     for s in sets:
         dest = out / "teacher" / s.name
