@@ -342,6 +342,10 @@ def test_photo_sets_marks_names_and_teacher_options(tmp_path: Path) -> None:
         hands.photo_sets([], [f"{tmp_path / 'voc'}:cutout"])
     with pytest.raises(HandposeError, match="is not a folder"):
         hands.photo_sets([str(tmp_path / "nope:one")], [])
+    named = hands.photo_sets([], [f"{tmp_path / 'voc'}:one,name=digits", f"{tmp_path / 'a'}:name=digits"])
+    assert [(s.name, s.one) for s in named] == [("digits", True), ("digits-2", False)]
+    with pytest.raises(HandposeError, match="name '../x'"):
+        hands.photo_sets([], [f"{tmp_path / 'voc'}:name=../x"])
 
 
 def _report(k: int, detector: bool) -> dict:

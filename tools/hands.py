@@ -12,8 +12,9 @@ made (delete it to redo that step). The steps:
     the teacher's environment (`make teacher-env` when it is missing) -> OUT/teacher/NAME; the
     answers are cached there, so a re-run never asks MediaPipe twice. VAL photos go to the val
     split. A folder with Pascal VOC files (NAME.xml beside the photos) is labelled with --voc.
-    Marks after the folder, `DIR:mark[,mark]`: `one` (one hand per photo: --keep-hands 1) and, for
-    EXTRA, `cutout` (hands photographed on black).
+    Marks after the folder, `DIR:mark[,mark]`: `one` (one hand per photo: --keep-hands 1),
+    `name=NAME` (its name in OUT and in the table; default the folder's name) and, for EXTRA,
+    `cutout` (hands photographed on black).
  2. cut-out sets onto backgrounds: tools/composite.py pastes each onto hand-free crops of the
     other EXTRA sets' photos (their train photos with a kept hand, clear of every hand the teacher
     answered and of their VOC boxes) -> OUT/composite/NAME.
@@ -56,6 +57,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -104,18 +106,19 @@ class PhotoSet:
 
 
 def photo_sets(extra: Sequence[str], val: Sequence[str]) -> list[PhotoSet]:
-    """`DIR[:mark,...]` of each EXTRA and VAL folder -> PhotoSets with names unique in OUT (the
-    folder's name, then -2, -3, ...; never a training folder's name). A folder given twice, or in
-    both lists, or inside another, is refused: a VAL set must never reach training."""
+    """`DIR[:mark,...]` of each EXTRA and VAL folder (marks: cutout, one, name=NAME) ->
+    PhotoSets with names unique in OUT (name=, else the folder's name; then -2, -3, ...; never a
+    training folder's name). A folder given twice, or in both lists, or inside another, is
+    refused: a VAL set must never reach training."""
     sets: list[PhotoSet] = []
     taken = set(TRAINING_FOLDERS)
     for role, specs in (("extra", extra), ("val", val)):
         flag = f"--{role}"
         for spec in specs:
-            folder, marks = spec, set()
+            folder, marks = spec, [""]
             head, _, tail = spec.rpartition(":")
-            if head and tail and set(tail.split(",")) <= set(MARKS):
-                folder, marks = head, set(tail.split(","))
+            if head and tail and all(m in MARKS or m.startswith("name=") for m in tail.split(",")):
+                folder, marks = head, tail.split(",")
             path = Path(os.path.abspath(folder))
             if not path.is_dir():
                 raise HandposeError(f"{flag} {spec}: {folder} is not a folder")
@@ -126,10 +129,14 @@ def photo_sets(extra: Sequence[str], val: Sequence[str]) -> list[PhotoSet]:
             for other in sets:
                 if path == other.path or path in other.path.parents or other.path in path.parents:
                     raise HandposeError(f"{flag} {spec}: overlaps --{other.role} {other.path}")
-            name, k = path.name or "photos", 1
+            given = [m[len("name=") :] for m in marks if m.startswith("name=")]
+            base = given[-1] if given else path.name or "photos"
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", base):
+                raise HandposeError(f"{flag} {spec}: name {base!r}: use letters, digits, '.', '_' and '-'")
+            name, k = base, 1
             while name in taken:
                 k += 1
-                name = f"{path.name}-{k}"
+                name = f"{base}-{k}"
             taken.add(name)
             sets.append(PhotoSet(path, name, role, "cutout" in marks, "one" in marks))
     return sets
