@@ -27,12 +27,17 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py --out $(DEMO)
 
-# Real photos in, a scored model out: make hands DATA=ROOT [TUTORIAL=model_final] [HANDS=hands]
-# (ROOT: any YOLO-pose root or dataset yaml; README says how to get the hand-keypoints photos)
+# Real photos in, scored models out (tools/hands.py; README "Real hand photos, one command"):
+#   make hands DATA=ROOT [EXTRA="DIR[:cutout,one] ..."] [VAL="DIR[:one] ..."] [HANDS=hands]
+#              [TUTORIAL=model_final] [MONITOR=NAME-box/val_error_px]
+# (ROOT: any YOLO-pose root or dataset yaml; EXTRA/VAL: photo folders the MediaPipe teacher labels,
+# in $(TEACHER_VENV), made by `make teacher-env` when missing)
 HANDS ?= hands
 hands: $(STAMP)
-	@test -n "$(DATA)" || { echo "usage: make hands DATA=ROOT [TUTORIAL=model_final] [HANDS=out-folder]"; exit 1; }
-	$(PY) tools/hands.py --data "$(DATA)" --out "$(HANDS)" $(if $(TUTORIAL),--tutorial "$(TUTORIAL)")
+	@test -n "$(DATA)" || { echo 'usage: make hands DATA=ROOT [EXTRA="DIR ..."] [VAL="DIR ..."] [HANDS=out-folder]'; exit 1; }
+	$(PY) tools/hands.py --data "$(DATA)" --out "$(HANDS)" --teacher-venv "$(TEACHER_VENV)" \
+		$(if $(EXTRA),--extra $(EXTRA)) $(if $(VAL),--val $(VAL)) \
+		$(if $(TUTORIAL),--tutorial "$(TUTORIAL)") $(if $(MONITOR),--monitor "$(MONITOR)")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check handpose tools tests

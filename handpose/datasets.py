@@ -37,6 +37,7 @@ from handpose.shards import (
 )
 
 CROPS = ("image", "box")
+Norm = tuple[tuple[float, float, float], tuple[float, float, float]]  # pixel (mean, std), RGB in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,15 @@ class ShardSet:
     pad: float = BOX_PAD
     weight: float = 1.0
     name: str = ""
+    norm: Norm | None = None  # (mean, std) to normalise with instead of the manifest's own
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        return self.manifest.mean
+        return self.norm[0] if self.norm is not None else self.manifest.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return self.manifest.std
+        return self.norm[1] if self.norm is not None else self.manifest.std
 
     @property
     def samples(self) -> int:
@@ -78,9 +80,12 @@ def open_sets(
     pad: float,
     weights: Sequence[float] | None = None,
     cache: Cache | None = None,
+    norm: Norm | None = None,
 ) -> list[ShardSet]:
     """The sets of `roots` (folders or URLs) for `split`; `crops` has one mode per root or one for
-    all; `cache`: where the shards of URLs are kept (remote.Cache; None: streamed)."""
+    all; `cache`: where the shards of URLs are kept (remote.Cache; None: streamed). `norm` replaces
+    every set's own pixel statistics (a folder the model never trained on is fed as the model's
+    first training folder is: predict's normalisation)."""
     if not roots:
         raise HandposeError("no shards folder given")
     weights = list(weights) if weights else [1.0] * len(roots)
@@ -101,7 +106,9 @@ def open_sets(
             raise HandposeError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
         manifest, shards = split_shards(root, split, cache=cache)
         counts = tuple(manifest.shard_samples(split))
-        sets.append(ShardSet(manifest, tuple(str(p) for p in shards), counts, crop, pad, float(weight), name))
+        sets.append(
+            ShardSet(manifest, tuple(str(p) for p in shards), counts, crop, pad, float(weight), name, norm)
+        )
     return sets
 
 

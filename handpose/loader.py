@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from handpose.config import AugmentConfig, LayoutConfig
-from handpose.datasets import LoaderOptions, open_sets
+from handpose.datasets import LoaderOptions, Norm, open_sets
 from handpose.errors import HandposeError
 from handpose.geometry import BOX_PAD
 from handpose.remote import Cache
@@ -65,6 +65,7 @@ def make_loader(
     task: str = "pose",
     layout: LayoutConfig | None = None,
     cache: Cache | None = None,
+    norm: Norm | None = None,
 ) -> Any:
     """A loader over `split` of one packed folder, or of several (`source` a list, `weights` the
     share of each in every training batch, `crop` one mode for all or one per folder).
@@ -82,6 +83,9 @@ def make_loader(
     with the same augmentation, from a square of the photo (the size of its padded hand box) that
     overlaps none of the photo's hand boxes, where the photo leaves room; "present" is False for
     them. Whole-photo ("image") folders always show their hands.
+
+    `norm` (mean, std) normalises every folder instead of its own statistics (validating a folder
+    the model never trained on, as predict feeds it: with the first training folder's).
 
     `task="detect"`: detection items (one per photo, every hand of it; `layout` lays out the train
     split's items); crop must be "image". Its val/test/eval loaders have no `len()`.
@@ -104,7 +108,7 @@ def make_loader(
         raise HandposeError(NO_DALI_NEGATIVES)
     roots = [source] if isinstance(source, (str, Path)) else list(source)
     crops = [crop] if isinstance(crop, str) else list(crop)
-    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights, cache=cache)
+    sets = open_sets(roots, split, crops=crops, pad=box_pad, weights=weights, cache=cache, norm=norm)
     train = split == "train"
     options = LoaderOptions(
         batch_size=batch_size,

@@ -46,7 +46,7 @@ from handpose.config import (
     to_dict,
     to_toml,
 )
-from handpose.datasets import ShardSet, apportion, verify_sets
+from handpose.datasets import ShardSet, apportion, set_names, verify_sets
 from handpose.distributed import (
     World,
     all_gather_objects,
@@ -65,6 +65,7 @@ from handpose.resume import run_recipe
 from handpose.shards import read_manifest
 
 HOW = "at once (how the run is executed)"
+MONITORED = ("val_loss", "val_error_px", "val_ap50")  # the figures `monitor` may name
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,17 @@ class TrainConfig(ModelConfig):
     crop: tuple[Literal["image", "box"], ...] = setting(("image",), "per folder, or one for all", fixed=DATA)
     box_pad: float = setting(
         BOX_PAD, 'crop = "box": the square box\'s side x this fills the input', fixed=DATA, ge=1
+    )
+    val_shards: tuple[str, ...] = setting(
+        (),
+        "packed folders never trained on: their val split is scored at every validation, in each "
+        "val_crop mode, under NAME/val_* keys (NAME: the folder's name, -CROP with several modes)",
+        resume="the coming validations score the new folders",
+    )
+    val_crop: tuple[Literal["image", "box"], ...] = setting(
+        (),
+        "the crops every val_shards folder is scored in [default: each mode of crop]",
+        resume="the coming validations use them",
     )
     negatives: float = setting(
         0.0,
@@ -171,9 +183,11 @@ class TrainConfig(ModelConfig):
     )
     channels_last: bool = setting(True, "CUDA only", resume=HOW)
     compile: bool = setting(False, "torch.compile the model", resume=HOW)
-    monitor: Literal["val_loss", "val_error_px", "val_ap50"] = setting(
+    monitor: str = setting(
         "val_loss",
-        "best.pt and early stopping (the first folder's figure); val_ap50 (a detector's) is maximised",
+        "best.pt and early stopping: val_loss, val_error_px or val_ap50 (the first folder's; val_ap50, "
+        "a detector's, is maximised), or NAME/KEY: that figure of a val_shards set (or, with several "
+        "shards folders, of a training folder), e.g. digits-box/val_error_px",
         fixed=STATE,
     )
     patience: int = setting(
@@ -221,12 +235,15 @@ class TrainConfig(ModelConfig):
         detector = self.arch in DETECTORS
         if detector and any(c != "image" for c in self.crop):
             raise ConfigError(("crop", "arch"), "a detector trains on whole photos: crop must be 'image'")
-        if not detector and (self.layout.enabled or self.monitor == "val_ap50"):
+        if self.val_shards:
+            self._check_val_shards(detector)
+        metric = self._check_monitor()
+        if not detector and (self.layout.enabled or metric == "val_ap50"):
             raise ConfigError(
                 ("layout.mosaic", "layout.canvas", "monitor", "arch"),
                 f"layouts and val_ap50 are for a detector (arch centernet), not arch {self.arch!r}",
             )
-        if detector and self.monitor == "val_error_px":
+        if detector and metric == "val_error_px":
             raise ConfigError(
                 ("monitor", "arch"), "a detector has no val_error_px: monitor val_ap50 or val_loss"
             )
@@ -236,6 +253,58 @@ class TrainConfig(ModelConfig):
                 "a detector's canvas augmentation has no aspect or perspective: set them to 0",
             )
         make_cache(self.cache_dir, self.cache_limit, keys=("cache_dir", "cache_limit"))  # checks both
+
+    def _check_val_shards(self, detector: bool) -> None:
+        """val_crop resolved (each mode of crop by default); no val_shards folder is a training
+        folder, and no val set's name is a training folder's (their keys would mix)."""
+        if not self.val_crop:
+            object.__setattr__(self, "val_crop", tuple(dict.fromkeys(self.crop)))
+        if detector and any(c != "image" for c in self.val_crop):
+            raise ConfigError(
+                ("val_crop", "arch"), "a detector validates on whole photos: val_crop must be 'image'"
+            )
+        trained = {Path(s).resolve() for s in self.shards}
+        for folder in self.val_shards:
+            if Path(folder).resolve() in trained:
+                raise ConfigError(
+                    ("val_shards", "shards"),
+                    f"{folder} is also a training folder (val_shards are folders training never reads)",
+                )
+        clash = sorted({name for _, _, name in self.val_sets} & set(self.train_names))
+        if clash:
+            raise ConfigError(
+                ("val_shards", "shards"),
+                f"a val_shards set and a training folder are both named {clash[0]!r}: "
+                "their keys would mix; give the folders different names",
+            )
+
+    def _check_monitor(self) -> str:
+        """The figure `monitor` names (val_loss, val_error_px or val_ap50), its set checked."""
+        name, _, metric = self.monitor.rpartition("/")
+        if metric not in MONITORED:
+            raise ConfigError(
+                "monitor", f"{self.monitor!r}: the figure must be one of {', '.join(MONITORED)}"
+            )
+        sets = [n for _, _, n in self.val_sets] + (self.train_names if len(self.shards) > 1 else [])
+        if name and name not in sets:
+            raise ConfigError(
+                "monitor",
+                f"{self.monitor!r}: no set named {name!r} "
+                f"(named sets: {', '.join(sets) or 'none; the first folder is the plain key'})",
+            )
+        return metric
+
+    @property
+    def train_names(self) -> list[str]:
+        """The training folders' names (`datasets.set_names`: their NAME/val_* keys)."""
+        return set_names(self.shards, self.crop * len(self.shards) if len(self.crop) == 1 else self.crop)
+
+    @property
+    def val_sets(self) -> list[tuple[str, str, str]]:
+        """(folder, crop, name) of every val_shards set: each folder in each val_crop mode."""
+        pairs = [(f, c) for f in self.val_shards for c in self.val_crop]
+        names = set_names([f for f, _ in pairs], [c for _, c in pairs])
+        return [(f, c, n) for (f, c), n in zip(pairs, names, strict=True)]
 
 
 def train(
@@ -270,6 +339,16 @@ def check_inputs(cfg: TrainConfig, sources: Sources) -> None:
             read_manifest(folder)
         except HandposeError as e:
             raise HandposeError(f"{sources.name('shards')}: {e}") from None
+    for folder in cfg.val_shards:
+        try:
+            manifest = read_manifest(folder)
+        except HandposeError as e:
+            raise HandposeError(f"{sources.name('val_shards')}: {e}") from None
+        if not manifest.count("val"):
+            raise HandposeError(
+                f"{sources.name('val_shards')}: {folder} has no val split "
+                "(pack a validation-only set with --split 0,1,0)"
+            )
 
 
 def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
@@ -279,12 +358,13 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
     raw, model, opt, scaler = build(cfg, world)
     train_loader = loader_for(cfg, world, "train")
     val_loaders = [loader_for(cfg, world, "val", only=i) for i in range(len(cfg.shards))]
+    others = other_loaders(cfg, world, train_loader.sets[0])
     steps = agree_steps(cfg.batches_per_epoch or len(train_loader), world)
     sched = make_scheduler(cfg, opt, steps)
     st = LoopState.restored(resume_run(cfg, world, run, raw, opt, sched, scaler, required=resume), cfg)
     if cfg.verify:  # the shards' sha256s, each rank hashing its share (sizes: on opening)
         verify_sets(
-            [*train_loader.sets, *(s for v in val_loaders for s in v.sets)],
+            [*train_loader.sets, *(s for v in [*val_loaders, *others.values()] for s in v.sets)],
             rank=world.rank,
             world_size=world.world_size,
             gather=lambda problems: all_gather_objects(problems, world),
@@ -307,8 +387,10 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
             if n % cfg.log_every == 0:
                 log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
         seconds = time.perf_counter() - t0
-        val = validate(raw, val_loaders, cfg, world, [s.name for s in train_loader.sets])
-        skipped = float(train_loader.stats.skipped + sum(v.stats.skipped for v in val_loaders))
+        val = validate(raw, val_loaders, cfg, world, [s.name for s in train_loader.sets], others)
+        skipped = float(
+            train_loader.stats.skipped + sum(v.stats.skipped for v in [*val_loaders, *others.values()])
+        )
         sums = reduce_sums({"loss": loss_sum, "batches": float(n), "skipped": skipped}, world)
         metrics = {
             "epoch": epoch + 1,
@@ -334,7 +416,7 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
 
 def monitored(metrics: dict[str, Any], key: str) -> float:
     """The value best.pt and early stopping minimise: the metric, negated where higher is better."""
-    return -metrics[key] if key in HIGHER_IS_BETTER else metrics[key]
+    return -metrics[key] if key.rpartition("/")[2] in HIGHER_IS_BETTER else metrics[key]
 
 
 HIGHER_IS_BETTER = frozenset({"val_ap50"})
@@ -400,22 +482,34 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None = None) -> Any:
+def loader_for(
+    cfg: TrainConfig,
+    world: World,
+    split: str,
+    *,
+    only: int | None = None,
+    other: tuple[str, str, ShardSet] | None = None,
+) -> Any:
     """The real loader (`loader.make_loader`) for `split` of every shards folder (or only folder
-    `only`); the GLOBAL rank picks its shard of the data."""
+    `only`, or `other`: a val_shards folder, its crop, and the first training set, whose pixel
+    statistics feed it as predict does); the GLOBAL rank picks its shard of the data."""
     train = split == "train"
     crops = cfg.crop * len(cfg.shards) if len(cfg.crop) == 1 else cfg.crop
     pick = range(len(cfg.shards)) if only is None else [only]
+    roots, modes = [cfg.shards[i] for i in pick], [str(crops[i]) for i in pick]
+    if other is not None:
+        roots, modes = [other[0]], [other[1]]
     return make_loader(
-        [cfg.shards[i] for i in pick],
+        roots,
         split,
         kind=cfg.loader,
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
         augment=cfg.augment if (train and cfg.augment.enabled) else None,
-        crop=[crops[i] for i in pick],
+        crop=modes,
         box_pad=cfg.box_pad,
-        weights=[cfg.weights[i] for i in pick] if cfg.weights else None,
+        weights=[cfg.weights[i] for i in pick] if cfg.weights and other is None else None,
+        norm=(other[2].mean, other[2].std) if other is not None else None,
         rank=world.rank,
         world_size=world.world_size,
         workers=cfg.workers,
@@ -433,6 +527,15 @@ def loader_for(cfg: TrainConfig, world: World, split: str, *, only: int | None =
         layout=cfg.layout if train else None,
         cache=make_cache(cfg.cache_dir, cfg.cache_limit),
     )
+
+
+def other_loaders(cfg: TrainConfig, world: World, first: ShardSet) -> dict[str, Any]:
+    """{name: val loader} of every val_shards set (val_sets), fed with the first training set's
+    pixel statistics: the model sees them as predict shows it a photo."""
+    return {
+        name: loader_for(cfg, world, "val", other=(folder, crop, first))
+        for folder, crop, name in cfg.val_sets
+    }
 
 
 def train_step(
@@ -466,23 +569,32 @@ def train_step(
 
 @torch.no_grad()
 def validate(
-    raw: PoseModel, loaders: list[Any], cfg: TrainConfig, world: World, names: list[str]
+    raw: PoseModel,
+    loaders: list[Any],
+    cfg: TrainConfig,
+    world: World,
+    names: list[str],
+    others: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every folder's val split apart, keyed `NAME/val_*` (`names`: the training sets' names);
     the first folder's figures are also the plain `val_*` keys (the ones `monitor`, best.pt and
-    early stopping use)."""
+    early stopping use by default). `others` ({name: loader}, the val_shards sets) are scored the
+    same way under their own keys only, against the first folder's mean training pose."""
     sync_buffers(raw, world)  # every rank evaluates (and rank 0 saves) the same BN statistics
     raw.eval()
     out: dict[str, Any] = {}
-    for i, (loader, name) in enumerate(zip(loaders, names, strict=True)):
+    first = loaders[0].sets[0].manifest
+    scored = [(loader, name, loader.sets[0].manifest) for loader, name in zip(loaders, names, strict=True)]
+    scored += [(loader, name, first) for name, loader in (others or {}).items()]
+    for i, (loader, name, poses) in enumerate(scored):
         s = loader.sets[0]
         if cfg.arch in DETECTORS:
             figures = evaluate_detection(raw, loader, cfg, world)
         else:
-            figures = evaluate(raw, loader, cfg, world, s.manifest.mean_pose(s.crop, cfg.image_size, s.pad))
+            figures = evaluate(raw, loader, cfg, world, poses.mean_pose(s.crop, cfg.image_size, s.pad))
         if i == 0:
             out.update(figures)
-        if len(loaders) > 1:
+        if len(loaders) > 1 or i >= len(loaders):
             out.update({f"{name}/{k}": v for k, v in figures.items()})
     return out
 
@@ -715,6 +827,12 @@ class RunLog:
             for s, share in zip(sets, apportion(cfg.batch_size, [s.weight for s in sets]), strict=True)
         )
         print(f"{folders}; {world.world_size} process(es) on {world.device}", flush=True)
+        if cfg.val_sets:
+            print(
+                "scored, never trained on: "
+                + "; ".join(f"{name} (val of {folder}, crop {crop})" for folder, crop, name in cfg.val_sets),
+                flush=True,
+            )
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         self.t_epoch, self.epoch = time.perf_counter(), epoch
@@ -766,8 +884,8 @@ class RunLog:
             else ""
         )
         others = "".join(
-            f"  [{k[: -len('/val_error_px')]} {v:.2f} px]"
-            for k, v in m.items()
+            f"  [{self._set_figures(m, k[: -len('/val_error_px')])}]"
+            for k in m
             if k.endswith("/val_error_px")
         )
         print(
@@ -779,6 +897,14 @@ class RunLog:
             + ("  *" if improved else ""),
             flush=True,
         )
+
+    @staticmethod
+    def _set_figures(m: dict[str, Any], name: str) -> str:
+        """One set's figures in the epoch line: error px, and for box crops % of box and PCK."""
+        text = f"{name} {m[f'{name}/val_error_px']:.2f} px"
+        if f"{name}/val_pck_box" in m:
+            text += f", {m[f'{name}/val_error_pct_box']:.2f}% of box, PCK {m[f'{name}/val_pck_box']:.3f}"
+        return text
 
     def _detection_line(self, m: dict[str, Any], improved: bool) -> str:
         others = "".join(
@@ -811,6 +937,13 @@ class RunLog:
             "best_val_ap50": best.get("val_ap50"),
             "best_val_recall": best.get("val_recall"),
             "best_val_precision": best.get("val_precision"),
+            "monitor": self.cfg.monitor,
+            "best_monitored": best.get(self.cfg.monitor),
+            # the val_shards sets' figures at the best epoch (the other-source validation)
+            "val_sets": {
+                name: {k[len(name) + 1 :]: v for k, v in best.items() if k.startswith(f"{name}/")}
+                for _, _, name in self.cfg.val_sets
+            },
             "final": last,
             "mean_pose_error_px": last.get("mean_pose_error_px"),
             "image_size": self.cfg.image_size,
@@ -830,9 +963,11 @@ class RunLog:
                     flush=True,
                 )
             elif last:
+                others = "".join(f"; {self._set_figures(best, name)}" for _, _, name in self.cfg.val_sets)
                 print(
-                    f"best epoch {st.best_epoch}: validation error {summary['best_val_error_px']:.2f} px vs "
-                    f"{summary['mean_pose_error_px']:.2f} px for the mean pose",
+                    f"best epoch {st.best_epoch} (by {self.cfg.monitor}): validation error "
+                    f"{summary['best_val_error_px']:.2f} px vs {summary['mean_pose_error_px']:.2f} px for "
+                    f"the mean pose{others}",
                     flush=True,
                 )
         return summary

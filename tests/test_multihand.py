@@ -181,3 +181,17 @@ def test_json_says_what_each_image_is(tmp_path: Path, kind: str) -> None:
     assert len(entries) == COUNTS[f"{kind}s"]
     assert all(len(e["photos"]) == (4 if kind == "mosaic" else 1) for e in entries)
     assert summary["hands"] == sum(e["hands"] for e in summary["images"])
+
+
+def test_a_dataset_of_symlinked_photos(tmp_path: Path) -> None:
+    """Photos and labels that are symlinks to another folder (a subset of a big set, made with
+    ln -s): the val photos are found as a folder walk finds them."""
+    truth = dot_dataset(tmp_path / "real", n=3)
+    for sub in ("images", "labels"):
+        (tmp_path / "links" / "val" / sub).mkdir(parents=True)
+        for f in (tmp_path / "real" / "val" / sub).iterdir():
+            (tmp_path / "links" / "val" / sub / f.name).symlink_to(f)
+    summary = multihand.build(tmp_path / "links", tmp_path / "out", **COUNTS, seed=0)
+    assert summary["hands"] > 0 and {Path(n).name for n in truth} >= {
+        Path(p).name for e in summary["images"] for p in e["photos"]
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -473,3 +474,68 @@ def test_composites_keep_the_labels_and_the_hand_and_are_seeded(tmp_path: Path) 
     files = sorted(p.relative_to(tmp_path / "c1") for p in (tmp_path / "c1").rglob("*.jpg"))
     assert all((tmp_path / "c1" / f).read_bytes() == (tmp_path / "c2" / f).read_bytes() for f in files)
     assert any((tmp_path / "c1" / f).read_bytes() != (tmp_path / "c3" / f).read_bytes() for f in files)
+
+
+def plain_background_set(root: Path) -> Path:
+    """What teacher_label.py leaves without --voc: report.json (src), the photos it kept a hand in
+    under train/images, and the cache of answers about every photo (kept or not)."""
+    src, out = root / "plain-photos", root / "plain-labelled"
+    src.mkdir(parents=True)
+    for k, kept in enumerate((True, True, False)):
+        rng = np.random.default_rng(200 + k)
+        Image.fromarray(rng.integers(0, 256, (200, 300, 3)).astype(np.uint8)).save(src / f"pl{k}.jpg")
+        hands = [answer(hand_uv(60, 60, 50)).to_json()] if kept else []
+        entry = {"size": [300, 200], "photo": hands, "mirror": []}
+        (out / ".teacher-cache").mkdir(parents=True, exist_ok=True)
+        (out / ".teacher-cache" / f"pl{k}.jpg.json").write_text(json.dumps(entry))
+        if kept:
+            (out / "train" / "images").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / f"pl{k}.jpg", out / "train" / "images" / f"pl{k}.jpg")
+    (out / "report.json").write_text(json.dumps({"src": str(src)}))
+    return out
+
+
+def test_backgrounds_from_several_sets_with_and_without_voc(tmp_path: Path) -> None:
+    """Two background sets, one with VOC boxes and one without: composites take crops of the
+    train photos of both; of the set without VOC, only photos with a kept hand, each crop clear
+    of every hand the teacher answered."""
+    plain = plain_background_set(tmp_path)
+    found = composite.read_backgrounds(plain, "train")
+    assert [b.path.name for b in found] == ["pl0.jpg", "pl1.jpg"]  # pl2: no kept hand, maybe a missed one
+    assert len(found[0].avoid) == 1 and found[0].path == tmp_path / "plain-photos" / "pl0.jpg"
+    with pytest.raises(composite.HandposeError, match="no val photos to take backgrounds from"):
+        composite.read_backgrounds(plain, "val")
+
+    hands = tmp_path / "hands"
+    (hands / "train" / "images").mkdir(parents=True)
+    (hands / "train" / "labels").mkdir(parents=True)
+    for k in range(12):
+        Image.fromarray(cutout(k)).save(hands / "train" / "images" / f"h{k}.jpeg", quality=98)
+        (hands / "train" / "labels" / f"h{k}.txt").write_text(f"0 0.5 0.5 0.6 0.8 {'0.5 0.5 1 ' * 21}\n")
+    log = composite.run([str(hands), str(background_set(tmp_path)), str(plain), str(tmp_path / "out")])
+    used = {Path(p["photo"]).name for p in log["photos"]}
+    assert used <= {"bg0.jpg", "bg1.jpg", "pl0.jpg", "pl1.jpg"} and used & {"pl0.jpg", "pl1.jpg"}
+    grown = composite.hand_box(composite.to_pixels(answer(hand_uv(60, 60, 50)).uv, 300, 200), 300, 200)
+    pad = composite.AVOID_PAD * (grown[2:] - grown[:2])
+    grown = np.concatenate([grown[:2] - pad, grown[2:] + pad])
+    for p in log["photos"]:
+        if Path(p["photo"]).name.startswith("pl"):
+            x0, y0, side = p["crop"]
+            assert composite.iou(np.array([x0, y0, x0 + side, y0 + side]), grown) == 0.0
+
+
+def test_the_tool_imports_only_what_the_teachers_environment_holds(tmp_path: Path) -> None:
+    """.venv-teacher has mediapipe, numpy<2 and pillow (and what mediapipe pulls), none of
+    handpose's own dependencies: the tool starts with them blocked (so it never imports
+    handpose.sources.yolo, which needs pyyaml)."""
+    blocked = ["yaml", "torch", "simplejpeg", "webdataset", "typer", "rich", "nvidia"]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        f"sys.argv = ['teacher_label.py', {str(tmp_path / 'none')!r}, {str(tmp_path / 'out')!r}]\n"
+        f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+        "import teacher_label\n"
+        "teacher_label.main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: {tmp_path / 'none'}: not a folder", p.stderr

@@ -354,6 +354,162 @@ def test_every_folder_is_validated_and_the_first_chooses_best(
     assert second["val_loss"] == 2.0 and _best_epoch(run) == 1  # the second folder's 0.1 chooses nothing
 
 
+def _photo_pack(root: Path, first_sid: int, *, mean: tuple, std: tuple, splits: tuple[str, ...]) -> Path:
+    """Photos of one bright hand box each (shardkit.photo_samples), sids from `first_sid`, the
+    given pixel statistics: 8 per split."""
+    from shardkit import photo_samples, write_pack
+
+    rng = np.random.default_rng(first_sid)
+    shards = {}
+    for k, split in enumerate(splits):
+        shards[split] = [
+            [s for i in range(8) for s in photo_samples(first_sid + 100 * k + i, rng, 1, 160, 120, 40)]
+        ]
+    return write_pack(root, shards, mean=mean, std=std)
+
+
+def test_val_shards_are_scored_right_and_never_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A val_shards folder (a val-only pack with other pixel statistics and another mean pose):
+    none of its samples reaches a training batch; each of its crops is scored at every validation
+    under its own keys, in the epoch line and in summary.json; the figures are what predict
+    reports for the saved model on the same photos (box crops and whole photos: the same crop and
+    the first training folder's normalisation), and its mean-pose baseline is the training one."""
+    from handpose.geometry import apply_affine, crop_matrix, source_region
+    from handpose.predict import predict
+    from handpose.shards import decode_annotation, read_manifest, read_samples
+
+    train_root = _photo_pack(
+        tmp_path / "train", 0, mean=(0.5, 0.45, 0.4), std=(0.25, 0.2, 0.3), splits=("train", "val")
+    )
+    other = _photo_pack(tmp_path / "other", 10**6, mean=(0.2, 0.3, 0.6), std=(0.4, 0.1, 0.2), splits=("val",))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["mean_pose"]["box"] = [[0.2, -0.1]] * NUM_JOINTS  # not the training folder's (the centre)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    record = tmp_path / "record"
+    record.mkdir()
+    monkeypatch.setenv("HANDPOSE_TEST_RECORD", str(record))
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(train_root), "out": str(run), "epochs": "2", "batches_per_epoch": "2"}
+    summary = train(None, {**args, "crop": "box,image", "weights": "3,1", "val_shards": str(other)})
+    monkeypatch.delenv("HANDPOSE_TEST_RECORD")
+
+    trained = {
+        k for line in (record / "keys-rank0.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]
+    }
+    assert trained and all(int(k) < 100 for k in trained)  # the training folder's train split only
+
+    metrics = _metrics(run)
+    for m in metrics:
+        for name in ("other-box", "other-image"):
+            assert m[f"{name}/val_samples"] == 8 and m[f"{name}/val_error_px"] > 0
+        assert {"other-box/val_error_pct_box", "other-box/val_pck_box"} <= m.keys()
+        assert "other-image/val_pck_box" not in m  # a whole photo has no box to measure by
+    out = capsys.readouterr().out
+    assert "scored, never trained on: other-box" in out
+    assert f"[other-box {metrics[-1]['other-box/val_error_px']:.2f} px, " in out
+    best = next(m for m in metrics if m["epoch"] == summary["best_epoch"])
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["val_sets"]["other-box"] == {
+        k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("other-box/")
+    }
+    assert saved["val_sets"]["other-image"]["val_error_px"] == best["other-image/val_error_px"]
+
+    # predict's report of best.pt on the same photos
+    model = run / "checkpoints" / "best.pt"
+    boxes = predict(model, [other], tmp_path / "p-boxes", split="val", boxes="gt", quiet=True)["report"]
+    whole = predict(model, [other], tmp_path / "p-whole", split="val", refine=0, quiet=True)["report"]
+    assert best["other-box/val_error_pct_box"] == pytest.approx(boxes["mean_error_pct_box"], rel=1e-4)
+    assert best["other-box/val_pck_box"] == pytest.approx(boxes["pck_0.2_box"], abs=1e-9)
+    assert best["other-image/val_error_pct"] == pytest.approx(whole["mean_error_pct"], rel=1e-4)
+
+    # the baseline: the training folder's mean pose (the box centre), not the other folder's
+    pad, size, errors = 1.25, 32, []
+    for tar in read_manifest(other).shards("val"):
+        for sample in read_samples(tar, ("kp.f32", "vis.u8", "box.f32")):
+            ann = decode_annotation(sample)
+            uv = apply_affine(crop_matrix(source_region(160, 120, ann.box, pad), size), ann.uv)
+            errors += list(np.linalg.norm(uv - size / 2, axis=1))
+    assert best["other-box/mean_pose_error_px"] == pytest.approx(np.mean(errors), rel=1e-5)
+
+
+def test_monitor_may_choose_best_pt_on_a_val_shards_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """monitor = NAME/val_error_px: best.pt and the summary follow that set's figure, not the
+    training folder's."""
+    import handpose.train as T
+
+    train_root = _photo_pack(
+        tmp_path / "train", 0, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("train", "val")
+    )
+    other = _photo_pack(tmp_path / "other", 10**6, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("val",))
+    script = {"train": [5.0, 4.0, 6.0], "other": [3.0, 2.5, 1.0]}
+    calls: dict[str, int] = defaultdict(int)
+
+    def evaluate(raw, loader, cfg, world, mean_uv):  # noqa: ANN001, ANN202 - evaluate's signature
+        folder = loader.sets[0].manifest.root.name
+        err = script[folder][calls[folder]]
+        calls[folder] += 1
+        return {"val_loss": err, "val_error_px": err, "val_error_pct": err, "mean_pose_error_px": 9.0}
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(train_root), "out": str(run), "epochs": "3", "batches_per_epoch": "1"}
+    summary = train(None, {**args, "val_shards": str(other), "monitor": "other/val_error_px"})
+    assert _best_epoch(run) == summary["best_epoch"] == 3
+    assert summary["best_monitored"] == 1.0 and summary["best_val_error_px"] == 6.0
+    assert [m["other/val_error_px"] for m in _metrics(run)] == [3.0, 2.5, 1.0]
+
+
+def test_val_shards_may_change_on_resume(tmp_path: Path) -> None:
+    """A finished run continued with a val_shards folder added: the coming epochs score it."""
+    train_root = _photo_pack(
+        tmp_path / "train", 0, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("train", "val")
+    )
+    other = _photo_pack(tmp_path / "other", 10**6, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("val",))
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(train_root), "out": str(run), "batches_per_epoch": "1"}
+    train(None, {**args, "epochs": "1"})
+    train(None, {"out": str(run), "epochs": "2", "val_shards": str(other)})
+    first, second = _metrics(run)
+    assert "other/val_error_px" not in first and second["other/val_samples"] == 8
+    assert load_config(TrainConfig, run / "config.toml").val_shards == (str(other),)
+
+
+def test_val_shards_mistakes_are_one_line(tmp_path: Path) -> None:
+    train_root = _photo_pack(
+        tmp_path / "train", 0, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("train", "val")
+    )
+    no_val = _photo_pack(
+        tmp_path / "noval", 10**6, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("train",)
+    )
+    other = _photo_pack(tmp_path / "other", 10**6, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), splits=("val",))
+    twin = _photo_pack(tmp_path / "x" / "train", 10**6, mean=(0.5,) * 3, std=(0.2,) * 3, splits=("val",))
+    args = {**TINY, "shards": str(train_root), "out": str(tmp_path / "run")}
+    cases = [
+        ({"val_shards": str(no_val)}, r"--val_shards: .*noval has no val split \(pack a validation-only set"),
+        ({"val_shards": str(train_root)}, r"--val_shards: .*train is also a training folder"),
+        ({"val_shards": str(twin)}, r"--val_shards: .*both named 'train'"),
+        ({"val_shards": str(other), "monitor": "others/val_error_px"}, r"--monitor: .*no set named 'others'"),
+        ({"val_shards": str(other), "monitor": "other/val_pck"}, r"--monitor: .*must be one of val_loss"),
+        ({"monitor": "train/val_error_px"}, r"--monitor: .*no set named 'train'"),
+        (
+            {"val_shards": str(other), "val_crop": "box", "arch": "centernet", "loss": "focal"},
+            r"val_crop: a detector validates",
+        ),
+    ]
+    for extra, message in cases:
+        with pytest.raises(HandposeError, match=message):
+            train(None, {**args, **extra})
+    cfg = load_config(TrainConfig, None, {**args, "crop": "box,image", "val_shards": str(other)})
+    assert cfg.val_crop == ("box", "image") and [n for _, _, n in cfg.val_sets] == [
+        "other-box",
+        "other-image",
+    ]
+
+
 def test_grad_scaler_and_grad_clip() -> None:
     """One step with the fp16 grad scaler on (scaled loss, unscaled before clipping) and
     grad_clip: the update is the clipped gradient times the rate, exactly as without the scaler."""

@@ -1,14 +1,16 @@
 """Paste cut-out hands (photos of hands on black) onto hand-free crops of other photos.
 
-    .venv/bin/python tools/composite.py HANDS BACKGROUNDS DEST [--copies 1] [--seed 0]
+    .venv/bin/python tools/composite.py HANDS BACKGROUNDS [BACKGROUNDS ...] DEST [--copies 1] [--seed 0]
 
 HANDS is a YOLO-pose dataset of photos whose background is black (the ASL set labelled by
-tools/teacher_label.py); BACKGROUNDS is a teacher_label.py output written with --voc (the
-HandsDataset photos): its voc.json lists every photo with its VOC hand boxes, its cache every
-hand the teacher answered (kept or not, in the photo or its mirror). A background is a random
-square crop of one of those photos that overlaps none of these boxes (each grown by AVOID_PAD);
-only photos of --background-split (default train) are used, so a validation split of the
-background set never leaks into training photos.
+tools/teacher_label.py); each BACKGROUNDS is a teacher_label.py output of other photos. Written
+with --voc (the HandsDataset photos), its voc.json lists every photo with its VOC hand boxes;
+without, its photos are the ones it kept a hand in ({split}/images), since a photo where the
+teacher answered nothing may still show a hand it missed. Its cache holds every hand the teacher
+answered (kept or not, in the photo or its mirror). A background is a random square crop of one
+of those photos that overlaps none of these boxes (each grown by AVOID_PAD); only photos of
+--background-split (default train) are used, so a validation split of the background set never
+leaks into training photos.
 
 Each hand photo gives --copies new photos in DEST/{split}/images/REL_bgK.jpg with the hand photo's
 label file copied unchanged beside them (DEST/{split}/labels/REL_bgK.txt): the hand stays where it
@@ -93,14 +95,25 @@ class Background:
 
 
 def read_backgrounds(folder: Path, split: str) -> list[Background]:
-    """The photos of a teacher_label.py --voc output that may give backgrounds, with the boxes of
-    every hand in them: its VOC boxes and every hand the teacher answered (photo or mirror)."""
+    """The photos of a teacher_label.py output that may give backgrounds, with the boxes of
+    every hand in them: its VOC boxes (with --voc) and every hand the teacher answered (photo or
+    mirror). Without voc.json: the photos of `split` it kept a hand in."""
     try:
         report = json.loads((folder / "report.json").read_text())
-        rows = json.loads((folder / "voc.json").read_text())
+        rows = json.loads((folder / "voc.json").read_text()) if (folder / "voc.json").is_file() else None
     except (OSError, ValueError) as e:
-        raise HandposeError(f"{folder}: not a teacher_label.py --voc output ({e})") from None
+        raise HandposeError(f"{folder}: not a teacher_label.py output ({e})") from None
     src = Path(report["src"])
+    if rows is None:
+        images = folder / split / "images"
+        rows = (
+            [
+                {"photo": os.path.relpath(p, images).replace(os.sep, "/"), "split": split, "boxes": []}
+                for p in list_images(images)
+            ]
+            if images.is_dir()
+            else []
+        )
     out = []
     for row in rows:
         if row["split"] != split:
@@ -147,7 +160,7 @@ def run(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hands", type=Path, help="YOLO-pose dataset of hands on black")
     p.add_argument(
-        "backgrounds", type=Path, help="teacher_label.py --voc output whose photos give backgrounds"
+        "backgrounds", type=Path, nargs="+", help="teacher_label.py outputs whose photos give backgrounds"
     )
     p.add_argument("dest", type=Path, help="output folder (a YOLO-pose dataset)")
     p.add_argument("--copies", type=int, default=1, help="composites per hand photo [1]")
@@ -160,7 +173,7 @@ def run(argv: list[str] | None = None) -> dict:
         raise HandposeError(f"--copies {args.copies}: must be >= 1")
     hands = Path(os.path.abspath(args.hands))
     folders, _ = find_folders(hands, resplit=False)
-    backgrounds = read_backgrounds(args.backgrounds, args.background_split)
+    backgrounds = [b for folder in args.backgrounds for b in read_backgrounds(folder, args.background_split)]
     check_output_dir(args.dest, "DEST")
     dest = Path(os.path.abspath(args.dest))
     if dest == hands or hands in dest.parents or dest in hands.parents:
@@ -192,7 +205,12 @@ def run(argv: list[str] | None = None) -> dict:
                 write_bytes(out_label, label.read_bytes())
                 log.append({"image": f"{split}/images/{name}.jpg", "hand": image, **where})
             index += 1
-    summary = {"hands": str(hands), "backgrounds": str(args.backgrounds), "seed": args.seed, "photos": log}
+    summary = {
+        "hands": str(hands),
+        "backgrounds": [str(b) for b in args.backgrounds],
+        "seed": args.seed,
+        "photos": log,
+    }
     write_json(dest / "composite.json", summary)
     yaml = ["path: .", *[f"{s}: {s}/images" for s in ("train", "val", "test") if (dest / s).is_dir()]]
     write_bytes(

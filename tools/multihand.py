@@ -78,7 +78,7 @@ def split_folders(data: Path, split: str) -> list[Path]:
         _, folders, _ = yolo.read_dataset_yaml(data, resplit=False)
     else:
         folders, _ = yolo.find_folders(data, resplit=False)
-    return [Path(os.path.realpath(f.images)) for f in folders if f.split == split]
+    return [Path(os.path.abspath(f.images)) for f in folders if f.split == split]
 
 
 def read_photos(data: Path, split: str) -> list[Photo]:
@@ -87,8 +87,9 @@ def read_photos(data: Path, split: str) -> list[Photo]:
     folders = split_folders(data, split)
     by_path: dict[Path, list] = {}
     for r in dataset.records:
-        real = Path(os.path.realpath(r.path))
-        if any(f in real.parents for f in folders):
+        # by the path as found and as resolved: a photo may be a symlink, or a folder may be
+        real = [Path(os.path.abspath(r.path)), Path(os.path.realpath(r.path))]
+        if any(f in p.parents or Path(os.path.realpath(f)) in p.parents for f in folders for p in real):
             by_path.setdefault(r.path, []).append(r)
     photos = []
     for path, records in sorted(by_path.items(), key=lambda kv: kv[1][0].file):

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from handpose.atomic import check_output_dir, inside, write_json, write_text  # noqa: E402
 from handpose.errors import HandposeError  # noqa: E402
-from handpose.sources.yolo import list_images  # noqa: E402
+from handpose.sources.files import walk  # noqa: E402  (not sources.yolo: it needs pyyaml)
 from handpose.teacher import (  # noqa: E402
     REASONS,
     Answer,
@@ -211,7 +211,7 @@ def find_photos(args: argparse.Namespace) -> list[Photo]:
     val_names = _read_list(args.val_list) if args.val_list else set()
     photos = []
     start = len(str(src)) + 1
-    for path in list_images(src):
+    for path in walk(src):
         rel = path[start:].replace(os.sep, "/")
         folder = rel.split("/")[0] if "/" in rel else "."
         to_val = (
