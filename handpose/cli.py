@@ -492,11 +492,32 @@ def bench_predict(
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many images.")] = 512,
+    detector: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A detector checkpoint: time the detector path against both models' forward passes."
+        ),
+    ] = None,
+    min_score: Annotated[
+        Optional[float], typer.Option(help="--detector: predict's --min-score [default: the detector's].")
+    ] = None,
+    max_hands: Annotated[
+        Optional[int], typer.Option(help="--detector: predict's --max-hands [default: 4].")
+    ] = None,
 ) -> None:
-    """Predict images/s end to end vs model-only forward vs a tutorial-style loop."""
+    """Predict images/s end to end vs model-only forward vs a tutorial-style loop; with --detector,
+    detector + keypoints end to end vs the two models' forward passes alone."""
     from handpose.bench.predict import bench_predict as run
 
-    run(model, images, batch_size=batch_size, limit=limit)
+    run(
+        model,
+        images,
+        detector=detector,
+        min_score=min_score,
+        max_hands=max_hands,
+        batch_size=batch_size,
+        limit=limit,
+    )
 
 
 @bench_app.command("onnx", epilog=EXAMPLES["bench onnx"])

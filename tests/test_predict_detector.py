@@ -521,3 +521,53 @@ def test_an_interrupted_detector_run_resumes_to_the_same_bytes(tmp_path: Path) -
     ]
     assert len(read_jsonl(out / "predictions.jsonl")) == 60 and not (out / STAGING).exists()
     assert json.loads((out / "report.json").read_text())["recall"] == 1.0
+
+
+def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`handpose bench predict --detector` runs both models' files end to end: the hands per photo
+    are what predict kept (2 each: min_score 0, max_hands 2), the forward-only rate combines the
+    two models' rows as 1 / (1/D + h/K), the ratio is end to end over it, and the JSON line
+    printed is the result returned."""
+    from handpose.bench.predict import DETECTOR_E2E, FORWARD_ONLY, bench_predict
+    from handpose.model import model_from_config
+
+    torch.manual_seed(0)
+    _save_detector(tmp_path / "det.pt", CenterNet(4, 1, stride=8).eval())
+    config = {"arch": "strided", "width": 4, "depth": 1, "image_size": 32, "sigma": 3.0, "loss": "l1"}
+    checkpoint.save(
+        tmp_path / "kp.pt",
+        {
+            "model": model_from_config(config).state_dict(),
+            "config": config,
+            "norm": {"mean": [0.45, 0.4, 0.35], "std": [0.25, 0.2, 0.22]},
+            "epoch": 1,
+            "step": 1,
+            "sets": [{"crop": "box"}],
+            "boxes": {"box_to_keypoints": 1.33},
+        },
+    )
+    (tmp_path / "in").mkdir()
+    for k, (w, h) in enumerate([(200, 150), (120, 160), (64, 64)]):
+        (tmp_path / "in" / f"{k}.jpg").write_bytes(encode(smooth_image(w, h, k), "JPEG", quality=90))
+    capsys.readouterr()
+    result = bench_predict(
+        tmp_path / "kp.pt",
+        tmp_path / "in",
+        detector=tmp_path / "det.pt",
+        min_score=0.0,
+        max_hands=2,
+        batch_size=2,
+        repeats=1,
+        device="cpu",
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    t, rows = result["threads"], result["rows"]
+    assert result["images"] == 3 and result["hands_per_photo"] == 2.0
+    det = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
+    kp = rows[f"keypoint forward alone, {t} thread(s) (crops/s)"]
+    assert rows[f"{FORWARD_ONLY}, {t} thread(s)"] == pytest.approx(1 / (1 / det + 2 / kp), rel=1e-2)
+    e2e = rows[f"{DETECTOR_E2E}, {t} thread(s)"]
+    assert result["detector_images_per_s"] == pytest.approx(e2e, abs=0.01)
+    ratio = e2e / result["forward_only_images_per_s"]
+    assert result["detector_vs_forward_only"] == pytest.approx(ratio, rel=1e-2)
+    assert all(v > 0 for v in rows.values()) and result["whole_image_images_per_s"] > 0
