@@ -359,7 +359,7 @@ def predict(
         typer.Option(
             help="Whole images and the detector's boxes: N more passes, each in the box of the "
             "keypoints the last pass found (grown to the training data's box size, padded as in "
-            "training) [default: with --detector 0; else 1 for models trained on box crops, 0 for "
+            "training) [default: with --detector 1; else 1 for models trained on box crops, 0 for "
             "whole-image models, where a pass zooms in on the hand]."
         ),
     ] = None,

@@ -62,9 +62,9 @@ from handpose.skeleton import NUM_JOINTS
 
 ImageData = bytes | np.ndarray  # encoded image bytes, or RGB uint8 (H, W, 3) as displayed
 DEFAULT_REFINE = 1  # refinement passes for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
-# With a detector. Provisional (no trained detector measured yet): the detector's boxes are the
-# labelled-box kind of crop the keypoint model was trained on, so no second pass by default.
-DEFAULT_DETECTOR_REFINE = 0
+# With a detector: one pass in the box of the keypoints the detector's crop gave beat none on
+# every pose figure of the val photos (BENCHMARKS.md; a detector mid-training, so provisional).
+DEFAULT_DETECTOR_REFINE = 1
 DEFAULT_MAX_HANDS = 4  # hands per photo with a detector
 # Hands whose presence probability is below this are dropped where the path finds the hands
 # itself (whole image, detector); with given boxes nothing is dropped unless asked. Provisional:

@@ -36,7 +36,7 @@ from handpose import checkpoint
 from handpose.detector import CenterNet, detect_photos, load_detector
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, box_region, crop_matrix, invert
-from handpose.inference import Predictor
+from handpose.inference import Predictor, refine_region
 from handpose.metrics import THRESHOLDS
 from handpose.model import ModelSpec, build_model
 from handpose.predict import predict
@@ -95,7 +95,7 @@ def test_photos_with_0_1_and_3_hands_give_0_1_and_3_rows(tmp_path: Path) -> None
     in the photo's pixels, paired with its label (OKS 1); the photo without a hand gives no row
     and is counted in run.json and the report; Predictor gives the same hands."""
     root, truth, det, model = _multihand(tmp_path)
-    summary = predict((model, WARP), [root], tmp_path / "out", detector=(det, DETECT), quiet=True)
+    summary = predict((model, WARP), [root], tmp_path / "out", detector=(det, DETECT), refine=0, quiet=True)
     rows = _by_photo(tmp_path / "out")
     assert {name: len(rows.get(name, [])) for name in truth} == {"p0": 0, "p1": 1, "p3": 3}
     for name, hands in truth.items():
@@ -118,7 +118,7 @@ def test_photos_with_0_1_and_3_hands_give_0_1_and_3_rows(tmp_path: Path) -> None
     assert "| OKS (pose) | 1.000 | 1.000 | 1.000 | 1.000 |" in (tmp_path / "out" / "report.md").read_text()
     assert summary["report"]["recall"] == 1.0
 
-    predictor = Predictor(model, WARP, detector=(det, DETECT))
+    predictor = Predictor(model, WARP, detector=(det, DETECT), refine=0)
     for name in truth:
         hands = predictor((root / "images" / f"{name}.jpg").read_bytes())
         got = [
@@ -145,7 +145,7 @@ def test_min_score_and_max_hands(tmp_path: Path) -> None:
         ({"max_hands": 2, "min_score": 0.7}, [0.9], [True] * 2),
     ]:
         out = tmp_path / f"out-{len(p3)}-{sorted(kw.items())}"
-        predict((model, WARP), [root], out, detector=(det, DETECT), quiet=True, **kw)
+        predict((model, WARP), [root], out, detector=(det, DETECT), refine=0, quiet=True, **kw)
         rows = _by_photo(out)
         assert [r["box_score"] for r in rows.get("p3", [])] == p3, kw
         assert [r["hand"] for r in rows.get("p3", [])] == list(range(len(p3)))
@@ -165,14 +165,16 @@ def test_presence_drops_what_is_not_a_hand(tmp_path: Path) -> None:
     root, _, det, model = _multihand(tmp_path, presence=[0.97] * 4, extra={"p0": [face]})
     model.default = np.full((NUM_JOINTS, 2), 64.0)  # the background patch: some answer
     model.default_presence = 0.1
-    predict((model, WARP), [root], tmp_path / "a", detector=(det, DETECT), quiet=True)
+    predict((model, WARP), [root], tmp_path / "a", detector=(det, DETECT), refine=0, quiet=True)
     rows = _by_photo(tmp_path / "a")
     assert "p0" not in rows and all(r["score"] == 0.97 for rs in rows.values() for r in rs)
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     assert run["hands_dropped"] == 1 and run["images_without_hands"] == 1 and run["images_without_boxes"] == 0
     assert json.loads((tmp_path / "a" / "report.json").read_text())["precision"] == 1.0
 
-    predict((model, WARP), [root], tmp_path / "b", detector=(det, DETECT), quiet=True, min_presence=0.0)
+    predict(
+        (model, WARP), [root], tmp_path / "b", detector=(det, DETECT), refine=0, quiet=True, min_presence=0.0
+    )
     (fp,) = _by_photo(tmp_path / "b")["p0"]
     assert fp["score"] == 0.1 and fp["box_score"] == 0.7 and "oks" not in fp
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
@@ -183,7 +185,15 @@ def test_presence_drops_what_is_not_a_hand(tmp_path: Path) -> None:
     )
     assert rep["box_ap50"] == pytest.approx(91 / 101)
     with pytest.raises(HandposeError, match="--min-presence 1.5: must be between 0 and 1"):
-        predict((model, WARP), [root], tmp_path / "x", detector=(det, DETECT), min_presence=1.5, quiet=True)
+        predict(
+            (model, WARP),
+            [root],
+            tmp_path / "x",
+            detector=(det, DETECT),
+            refine=0,
+            min_presence=1.5,
+            quiet=True,
+        )
 
 
 def test_presence_on_whole_images_and_given_boxes(tmp_path: Path) -> None:
@@ -237,7 +247,7 @@ def test_oks_report_against_hand_computed_values(tmp_path: Path) -> None:
     assert 0.5 < want_oks < 0.95  # a hit at some thresholds, a miss at others
     det = lookup_detector([(data, np.stack([box_a, box_b]), np.array([0.9, 0.8]))])
     model = lookup_model([(data, box_a, uv_a), (data, box_b, uv_b + d)], WARP)
-    predict((model, WARP), [root], tmp_path / "out", detector=(det, DETECT), quiet=True)
+    predict((model, WARP), [root], tmp_path / "out", detector=(det, DETECT), refine=0, quiet=True)
     rows = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert rows[0]["oks"] == 1.0 and rows[1]["oks"] == pytest.approx(want_oks, abs=1e-4)
     assert rows[1]["error_px"] == pytest.approx(d * math.sqrt(2), abs=1e-3)
@@ -276,15 +286,8 @@ def test_a_detector_checkpoint_round_trips_through_predict(tmp_path: Path) -> No
         (tmp_path / "in" / f"{k}.jpg").write_bytes(encode(smooth_image(w, h, k), "JPEG", quality=90))
     pose = np.random.default_rng(0).uniform(20, 100, (NUM_JOINTS, 2))
     spec = ModelSpec(**{**WARP.__dict__, "pad": 1.3})
-    predict(
-        (FixedPoseModel(pose, spec.size), spec),
-        [tmp_path / "in"],
-        tmp_path / "out",
-        detector=tmp_path / "det.pt",
-        min_score=0.0,
-        max_hands=2,
-        quiet=True,
-    )
+    opts = {"detector": tmp_path / "det.pt", "min_score": 0.0, "max_hands": 2, "quiet": True}
+    predict((FixedPoseModel(pose, spec.size), spec), [tmp_path / "in"], tmp_path / "out", refine=0, **opts)
     rows = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     net, dspec = load_detector(tmp_path / "det.pt")
     assert dspec.min_score == 0.25 and len(dspec.digest) == 64
@@ -297,6 +300,14 @@ def test_a_detector_checkpoint_round_trips_through_predict(tmp_path: Path) -> No
             assert np.abs(np.array(r["box"]) - box).max() < 2e-3 and r["box_score"] == round(float(s), 4)
             uv = apply_affine(invert(crop_matrix(box_region(box, 1.3), spec.size)), pose)
             assert np.abs(np.array(r["keypoints"])[:, :2] - uv).max() < 2e-3
+    # The default with a detector: one refinement pass, in the box of the keypoints the detector's
+    # crop gave (the row's box stays the detector's).
+    predict((FixedPoseModel(pose, spec.size), spec), [tmp_path / "in"], tmp_path / "r", **opts)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["refine"] == 1
+    for r, first in zip(read_jsonl(tmp_path / "r" / "predictions.jsonl"), rows, strict=True):
+        region, _, _ = refine_region(np.array(first["keypoints"])[:, :2], spec)
+        uv = apply_affine(invert(crop_matrix(region, spec.size)), pose)
+        assert r["box"] == first["box"] and np.abs(np.array(r["keypoints"])[:, :2] - uv).max() < 2e-3
 
 
 def test_detector_and_model_file_mistakes_are_one_line(
@@ -504,7 +515,7 @@ def test_an_interrupted_detector_run_resumes_to_the_same_bytes(tmp_path: Path) -
         crops += [(data, b, uv) for b, uv in hands]
     det = lookup_detector(photos)
     model = _Interrupting(lookup_model(crops, WARP))
-    opts = {"detector": (det, DETECT), "batch_size": 4, "overlays": 2, "quiet": True}
+    opts = {"detector": (det, DETECT), "refine": 0, "batch_size": 4, "overlays": 2, "quiet": True}
     predict((model, WARP), [root], tmp_path / "clean", coco=tmp_path / "clean" / "c.json", **opts)
     full = model.calls
     model.calls, model.interrupt_at = 0, full - 2  # in the second chunk
