@@ -246,7 +246,10 @@ def model_and_spec(state: dict[str, Any], where: str | os.PathLike) -> tuple[Pos
     (OLD_FILES' values where the file predates a key). HandposeError names `where`."""
     config = {**OLD_FILES, **state["config"]}
     if config.get("arch") in DETECTORS:
-        raise HandposeError(f"{where}: is a hand detector (arch {config['arch']!r}), not a keypoint model")
+        raise HandposeError(
+            f"{where}: is a hand detector (arch {config['arch']!r}), not a keypoint model "
+            "(predict takes a detector with --detector)"
+        )
     try:
         net = model_from_config(config)
     except HandposeError as e:

@@ -122,6 +122,7 @@ Examples:
   handpose predict runs/demo/checkpoints/best.pt ~/photos --out runs/photos --overlays 8
   handpose predict runs/demo/checkpoints/best.pt data/shards --split test --out runs/test
   handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
+  handpose predict keypoints.pt --detector detector.pt ~/photos --out runs/hands --max-hands 2
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
     "export": """\b
@@ -147,7 +148,8 @@ Example:
   handpose bench train data/shards --config pipelines/cpu_demo.toml --steps 20""",
     "bench predict": """\b
 Example:
-  handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256""",
+  handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256
+  handpose bench predict keypoints.pt photos-224/ --detector detector.pt""",
 }
 
 
@@ -323,7 +325,7 @@ def predict(
     model: Annotated[
         Path,
         typer.Argument(
-            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+            help="A handpose keypoint checkpoint (any architecture), or a bare state_dict (tutorial weights)."
         ),
     ],
     inputs: Annotated[
@@ -355,14 +357,48 @@ def predict(
             "([{image_id or file_name, bbox, score}]) or a YOLO labels folder [default: the whole image]."
         ),
     ] = None,
+    detector: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A hand detector checkpoint (arch centernet): predict every hand it finds "
+            "(one line per hand) [default: the whole image]."
+        ),
+    ] = None,
+    min_score: Annotated[
+        Optional[float],
+        typer.Option(
+            help="--detector: keep boxes scoring at least this [default: the detector's own min_score]."
+        ),
+    ] = None,
+    max_hands: Annotated[
+        Optional[int], typer.Option(help="--detector: at most this many hands per photo [default: 4].")
+    ] = None,
+    min_presence: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Models with a presence head: drop hands whose presence probability is lower "
+            "[default: 0.5 for whole images and the detector's boxes, 0 for --boxes]."
+        ),
+    ] = None,
     refine: Annotated[
         Optional[int],
         typer.Option(
-            help="Whole images: N more passes, each in the box of the keypoints the last pass "
-            "found (grown to the training data's box size, padded as in training) [default: 1 for "
-            "models trained on box crops, 0 for whole-image models, where a pass zooms in on the hand]."
+            help="Whole images and the detector's boxes: N more passes, each in the box of the "
+            "keypoints the last pass found (grown to the training data's box size, padded as in "
+            "training) [default: with --detector 1; else 1 for models trained on box crops, 0 for "
+            "whole-image models, where a pass zooms in on the hand]."
         ),
     ] = None,
+    refine_mode: Annotated[
+        str,
+        typer.Option(
+            help="box | upright: the refinement crop turned so that wrist -> middle knuckle points up "
+            "(MediaPipe's second pass; implies --refine 1 unless given)."
+        ),
+    ] = "box",
+    flip_test: Annotated[
+        bool, typer.Option(help="Average each crop's keypoints with its mirror's (2x the model's work).")
+    ] = False,
     coco: Annotated[
         Optional[Path], typer.Option(help="Also write COCO keypoint results: a new file inside --out.")
     ] = None,
@@ -387,10 +423,16 @@ def predict(
         model,
         inputs,
         out,
+        detector=detector,
+        min_score=min_score,
+        max_hands=max_hands,
+        min_presence=min_presence,
         split=split,
         labels=labels,
         boxes=boxes,
         refine=refine,
+        refine_mode=refine_mode,
+        flip_test=flip_test,
         coco=coco,
         overlays=overlays,
         batch_size=batch_size,
@@ -490,11 +532,32 @@ def bench_predict(
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many images.")] = 512,
+    detector: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A detector checkpoint: time the detector path against both models' forward passes."
+        ),
+    ] = None,
+    min_score: Annotated[
+        Optional[float], typer.Option(help="--detector: predict's --min-score [default: the detector's].")
+    ] = None,
+    max_hands: Annotated[
+        Optional[int], typer.Option(help="--detector: predict's --max-hands [default: 4].")
+    ] = None,
 ) -> None:
-    """Predict images/s end to end vs model-only forward vs a tutorial-style loop."""
+    """Predict images/s end to end vs model-only forward vs a tutorial-style loop; with --detector,
+    detector + keypoints end to end vs the two models' forward passes alone."""
     from handpose.bench.predict import bench_predict as run
 
-    run(model, images, batch_size=batch_size, limit=limit)
+    run(
+        model,
+        images,
+        detector=detector,
+        min_score=min_score,
+        max_hands=max_hands,
+        batch_size=batch_size,
+        limit=limit,
+    )
 
 
 @bench_app.command("onnx", epilog=EXAMPLES["bench onnx"])

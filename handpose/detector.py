@@ -22,8 +22,9 @@ Decoding (`CenterNet.decode`): sigmoid, keep the cells equal to their 3x3 max-po
 suppression), the top K peaks -> boxes (x0, y0, x1, y1) in input px and scores, best first.
 
 For `predict`: `load_detector(path, device)` -> (model, DetectorSpec); `detect(model, spec, images)`
-runs letterboxed uint8 inputs; `detect_photos(model, spec, photos)` takes image bytes, letterboxes
-them (imageio.warp_to_input, the loaders' preprocessing) and returns boxes in the photos' pixels.
+runs letterboxed uint8 inputs; `photo_input` letterboxes one photo (bytes or pixels) and
+`photo_boxes` maps boxes back to it (the inference path, `inference.Runner`, calls these three);
+`detect_photos(model, spec, photos)` does all of it for a list of image bytes.
 
 The encoder reuses model.py's building blocks (stem of `_conv_bn`, stages of `BasicBlock`s):
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,7 @@ class DetectorSpec:
     mean: tuple[float, float, float]  # RGB normalisation of [0, 1] pixels
     std: tuple[float, float, float]
     min_score: float = DEFAULT_MIN_SCORE  # the checkpoint's default score threshold
+    digest: str = field(default="", compare=False)  # the checkpoint's sha256 (a resumed predict must match)
 
 
 def load_detector(
@@ -271,6 +273,7 @@ def load_detector(
         mean=tuple(float(v) for v in norm["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in norm["std"]),  # type: ignore[arg-type]
         min_score=float(cfg.get("min_score", DEFAULT_MIN_SCORE)),
+        digest=str(state["sha256"]),
     )
     return net.eval().to(device), spec
 
@@ -289,14 +292,39 @@ def detect(
     best first."""
     threshold = spec.min_score if min_score is None else min_score
     device = next(net.parameters()).device
-    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    # Normalised in NHWC, then viewed as NCHW (channels_last memory): two elementwise passes
+    # over contiguous memory instead of three over the permuted uint8.
+    x = torch.as_tensor(images).to(device).float()
+    shift = torch.tensor([255.0 * m for m in spec.mean], device=device)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = net((x / 255.0 - mean) / std)
+        out = net(((x - shift) * scale).permute(0, 3, 1, 2))
     boxes, scores = net.decode(out, max_hands)
     boxes_np, scores_np = boxes.cpu().numpy().astype(np.float64), scores.cpu().numpy().astype(np.float64)
     return [(b[s >= threshold], s[s >= threshold]) for b, s in zip(boxes_np, scores_np, strict=True)]
+
+
+def photo_input(
+    image: bytes | np.ndarray, width: int, height: int, spec: DetectorSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """A photo (encoded bytes, or RGB uint8 pixels (H, W, 3) as displayed) letterboxed into the
+    detector's input: (uint8 (size, size, 3), M), M = `geometry.fit_matrix` (photo px -> input
+    px); `imageio.warp_to_input` for bytes (the loaders' preprocessing, JPEG DCT shrink included),
+    `warp_image_to_input` for pixels. Boxes come back with `photo_boxes(M, boxes)`."""
+    from handpose.geometry import fit_matrix
+    from handpose.imageio import warp_image_to_input, warp_to_input
+
+    M = fit_matrix(width, height, spec.size)
+    if isinstance(image, np.ndarray):
+        return warp_image_to_input(image, M, spec.size), M
+    return warp_to_input(image, M, spec.size), M
+
+
+def photo_boxes(M: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Boxes (n, 4) in the detector's input px -> the photo's px (M from `photo_input`)."""
+    from handpose.geometry import invert, move_boxes
+
+    return move_boxes(invert(M), boxes).reshape(-1, 4)
 
 
 def detect_photos(
@@ -308,18 +336,17 @@ def detect_photos(
     max_hands: int = TOP_K,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Image bytes -> per photo (boxes (n, 4) in the photo's own pixels as displayed, scores (n,)):
-    each photo letterboxed into the detector's input (`imageio.warp_to_input` with
-    `geometry.fit_matrix`, as the loaders do) and the boxes mapped back through that matrix.
-    A photo that cannot be decoded raises ValueError (a data error)."""
-    from handpose.geometry import fit_matrix, invert, move_boxes
-    from handpose.imageio import image_size, warp_to_input
+    each photo letterboxed into the detector's input (`photo_input`) and the boxes mapped back
+    through that matrix (`photo_boxes`). A photo that cannot be decoded raises ValueError (a data
+    error)."""
+    from handpose.imageio import image_size
 
     if not photos:
         return []
     matrices, inputs = [], []
     for data in photos:
-        M = fit_matrix(*image_size(data), spec.size)
+        x, M = photo_input(data, *image_size(data), spec)
         matrices.append(M)
-        inputs.append(warp_to_input(data, M, spec.size))
+        inputs.append(x)
     found = detect(net, spec, np.stack(inputs), min_score=min_score, max_hands=max_hands)
-    return [(move_boxes(invert(M), b), s) for M, (b, s) in zip(matrices, found, strict=True)]
+    return [(photo_boxes(M, b), s) for M, (b, s) in zip(matrices, found, strict=True)]

@@ -1,25 +1,37 @@
-"""The per-image inference path: a loaded model and one image -> keypoints in original pixels.
+"""The per-image inference path: loaded models and one image -> hands, keypoints in original pixels.
 
   an image (its encoded bytes, or decoded RGB pixels as displayed) and its hand boxes (None: the
-  whole image)
+  detector's hands when there is a detector, else the whole image)
+  -> with a detector (`Finder`): the photo letterboxed into its input (`detector.photo_input`),
+     batched `detector.detect` (boxes scoring >= min_score, at most max_hands, best first), the
+     boxes back in the photo's pixels (`detector.photo_boxes`)
   -> per box the source square (`geometry.source_region`, the loaders' crop) and its matrix
      (`geometry.crop_matrix`) -> the model input (`preprocess`: `imageio.warp_to_input` for
      handpose checkpoints, what the loaders feed the model; the tutorial's own Pillow resize for
      its weights)
-  -> batched forward and the model's own `decode` (`forward`)
+  -> batched forward and the model's own `decode` (`forward_hands`; with `flip_test` each crop
+     and its mirror, averaged: `model.flip_test`), and its hand-presence probability when it has
+     a presence head
   -> back to original pixels through the inverse matrix (`to_source`)
-  -> `refine` more passes for the whole-image crops, each in the box of the keypoints the last
-     pass found, grown to the training data's box size (`refine_box`) and padded as in training.
+  -> `refine` more passes for the crops the path found itself (the whole image, the detector's
+     boxes), each in the crop of the keypoints the last pass found (`refine_region`): the box
+     of the keypoints grown to the training data's box size (`refine_box`) and padded as in
+     training, or (refine_mode "upright") that crop turned so that wrist -> middle MCP points up
+     (`geometry.upright_region`, MediaPipe's second-pass crop)
+  -> hands whose presence probability is under `min_presence` are dropped (`shows_hand`).
 
-`Runner` runs the crops of any number of images in batches; `handpose predict` (the job: inputs,
+`Runner` runs the photos of any number of images in batches; `handpose predict` (the job: inputs,
 chunks, ranks, resume, outputs) feeds it chunk by chunk. `Predictor` is the same path for one
-image in memory, so its keypoints are predict's for that image and model:
+image in memory, so its hands are predict's for that image and those models:
 
     net, spec = checkpoint.load_model("best.pt", torch.device("cpu"))
     hands = Predictor(net, spec)(Path("photo.jpg").read_bytes())   # [Crop(uv=..., score=...)]
+    det = detector.load_detector("detector.pt")
+    hands = Predictor(net, spec, detector=det)(pixels)              # every hand the detector finds
 
 A model comes with its `model.ModelSpec` (input size, normalisation, preprocessing, the crop it
-was trained on, box_pad, box_to_keypoints), from `checkpoint.load_model`.
+was trained on, box_pad, box_to_keypoints), from `checkpoint.load_model`; a detector with its
+`detector.DetectorSpec`, from `detector.load_detector`.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handpose.detector import DetectorSpec, detect, photo_boxes, photo_input
 from handpose.geometry import (
     Region,
     apply_affine,
@@ -41,22 +54,37 @@ from handpose.geometry import (
     invert,
     keypoints_box,
     source_region,
+    upright_region,
 )
 from handpose.imageio import decode_image, image_size, warp_image_to_input, warp_to_input
-from handpose.model import ModelSpec
+from handpose.model import ModelSpec, flip_test
 from handpose.skeleton import NUM_JOINTS
 
 ImageData = bytes | np.ndarray  # encoded image bytes, or RGB uint8 (H, W, 3) as displayed
 DEFAULT_REFINE = 1  # refinement passes for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
+# With a detector: one pass in the box of the keypoints the detector's crop gave beat none on
+# every pose figure of the val photos (BENCHMARKS.md; a detector mid-training, so provisional).
+DEFAULT_DETECTOR_REFINE = 1
+DEFAULT_MAX_HANDS = 4  # hands per photo with a detector
+# Hands whose presence probability is below this are dropped where the path finds the hands
+# itself (whole image, detector); with given boxes nothing is dropped unless asked. Provisional:
+# the middle of the logit's range, until measured on photos with and without hands.
+DEFAULT_MIN_PRESENCE = 0.5
+REFINE_MODES = ("box", "upright")
 MIN_SIDE_PX = 8  # smaller images cannot show a hand
 # Data errors while reading or decoding one image: that image fails, the others go on.
 DATA_ERRORS = (OSError, ValueError, EOFError, SyntaxError)
 
 
-def default_refine(spec: ModelSpec) -> int:
-    """Refinement passes when none are asked for: DEFAULT_REFINE for models trained on box crops
-    (a whole image is not what they saw), 0 for whole-image models."""
-    return DEFAULT_REFINE if spec.crop == "box" else 0
+def default_refine(spec: ModelSpec, *, detector: bool = False, refine_mode: str = "box") -> int:
+    """Refinement passes when none are asked for: with a detector DEFAULT_DETECTOR_REFINE;
+    otherwise DEFAULT_REFINE for models trained on box crops (a whole image is not what they
+    saw), 0 for whole-image models; at least 1 in refine_mode "upright" (a mode of that pass)."""
+    if detector:
+        n = DEFAULT_DETECTOR_REFINE
+    else:
+        n = DEFAULT_REFINE if spec.crop == "box" else 0
+    return max(n, 1) if refine_mode == "upright" else n
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -93,6 +121,8 @@ def preprocess(image: ImageData, M: np.ndarray, spec: ModelSpec) -> np.ndarray:
     preprocessing, never a DCT-scaled decode (which moves its keypoints by pixels).
     """
     if spec.preprocess == "tutorial":
+        if abs(M[0, 1]) > 1e-12 or abs(M[1, 0]) > 1e-12:
+            raise TypeError("the tutorial's preprocessing (a Pillow resize) cannot turn a crop")
         pixels = image if isinstance(image, np.ndarray) else decode_image(image)[0]
         return letterbox(pixels, M, spec.size)
     if isinstance(image, np.ndarray):
@@ -145,19 +175,105 @@ def _snap(v: float, limit: int) -> float:
 
 @dataclass
 class Crop:
-    """One model input of an image (one hand box, or the whole image) and what the model answered."""
+    """One hand of an image (in a given box, in a box the detector found, or the whole image):
+    the model input of its last pass and what the models answered."""
 
-    box: np.ndarray | None  # (4,) x0, y0, x1, y1 original px: the box given (None: the whole image)
+    box: np.ndarray | None  # (4,) x0, y0, x1, y1 original px: the box given or found (None: the whole image)
     region: Region  # the source square the model input of the last pass showed
     input: np.ndarray | None = None  # uint8 (size, size, 3) until the model has seen it
     uv: np.ndarray | None = None  # (21, 2) original px
     score: np.ndarray | None = None  # (21,) in [0, 1], the model's decoder's
-    refined: np.ndarray | None = None  # a whole-image crop's box of its last refinement pass
+    refined: np.ndarray | None = None  # the hand's box after a refinement pass: the keypoints' box, grown
+    angle: float = 0.0  # the last pass's rotation, degrees (refine_mode "upright")
+    presence: float | None = None  # the keypoint model's hand-presence probability (presence head)
+    box_score: float | None = None  # the detector's score of `box` (or the --boxes file's)
+    found: bool = False  # the detector found `box` (refinement passes apply, as to the whole image)
+    hand: int = 0  # index within its image: the given box's, or the rank of a found hand
+    label: int | None = None  # --boxes gt: the labelled hand the box is
 
     @property
     def final_box(self) -> np.ndarray | None:
         """The box the keypoints were found in: the refined box, else the given one."""
         return self.refined if self.refined is not None else self.box
+
+    @property
+    def given(self) -> bool:
+        """A box the caller gave (--boxes): no refinement, no presence threshold unless asked."""
+        return self.box is not None and not self.found
+
+    @property
+    def hand_score(self) -> float:
+        """How sure the keypoint model is that this is a hand: its presence probability with a
+        presence head, else the mean of its joint scores."""
+        if self.presence is not None:
+            return float(self.presence)
+        return float(np.mean(self.score)) if self.score is not None else float("nan")
+
+    @property
+    def rank_score(self) -> float:
+        """The score that ranks hands for average precision and COCO results: the box's score
+        when a detector (or a --boxes file) gave one, else `hand_score`."""
+        return float(self.box_score) if self.box_score is not None else self.hand_score
+
+
+def shows_hand(crop: Crop, min_presence: float | None) -> bool:
+    """Whether a hand is kept: its presence probability (none without a presence head: kept) is
+    at least `min_presence`; None: DEFAULT_MIN_PRESENCE where the path found the hand itself
+    (whole image, detector), no threshold for a given box."""
+    if crop.presence is None:
+        return True
+    threshold = (0.0 if crop.given else DEFAULT_MIN_PRESENCE) if min_presence is None else min_presence
+    return crop.presence >= threshold
+
+
+@dataclass(frozen=True)
+class Finder:
+    """The detector step: a loaded detector (`detector.load_detector`), the boxes it keeps
+    (score >= min_score, at most max_hands per photo, best first)."""
+
+    net: torch.nn.Module
+    spec: DetectorSpec
+    min_score: float
+    max_hands: int = DEFAULT_MAX_HANDS
+
+
+Reader = Callable[[], ImageData]  # an image's pixels, read again for each later pass
+
+
+@dataclass
+class Photo:
+    """One image on the path: how to read it again, its size, and its hands. Before `Runner.run`
+    `crops` are the first pass's (given boxes, or the whole image) or, with a detector, empty
+    and `detector_input` is the photo letterboxed for it; after, `crops` are the hands kept."""
+
+    read: Reader
+    width: int
+    height: int
+    crops: list[Crop]
+    detector_input: np.ndarray | None = None  # uint8 (S, S, 3) until the detector has run
+    matrix: np.ndarray | None = None  # photo px -> detector input px
+    boxes: int = 0  # hands the first pass took: boxes given, found, or 1 for the whole image
+    dropped: int = 0  # hands under the presence threshold
+
+
+def photo_of(
+    image: ImageData,
+    width: int,
+    height: int,
+    boxes: Sequence[np.ndarray | None] | None,
+    spec: ModelSpec,
+    finder: Finder | None = None,
+    read: Reader | None = None,
+) -> Photo:
+    """An image ready for `Runner.run`: `boxes` given (a list, maybe empty: no hand) -> their
+    crops; None -> the detector's input when there is a `finder`, else the whole image's crop.
+    `read` gives the image again for later passes (default: this image, held in memory)."""
+    again: Reader = read if read is not None else (lambda: image)
+    if boxes is None and finder is not None:
+        x, M = photo_input(image, width, height, finder.spec)
+        return Photo(again, width, height, [], x, M)
+    crops = crops_of(image, width, height, [None] if boxes is None else list(boxes), spec)
+    return Photo(again, width, height, crops, boxes=len(crops))
 
 
 def crops_of(
@@ -176,6 +292,21 @@ def forward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21),
     through the model's own `decode`."""
+    uv, score, _ = forward_hands(net, images, spec, channels_last=channels_last)
+    return uv, score
+
+
+def forward_hands(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    spec: ModelSpec,
+    *,
+    channels_last: bool = True,
+    flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels, scores (B, 21) and
+    the hand-presence probability (B,) (None without a presence head), through the model's own
+    `decode` and `presence`; `flip`: each input and its mirror, averaged (`model.flip_test`)."""
     device = next(net.parameters()).device
     # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -184,14 +315,22 @@ def forward(
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     x = (x / 255.0 - mean) / std
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = net(x)
-    uv, score = net.decode(out)  # type: ignore[operator]
-    return uv.float().cpu().numpy().astype(np.float64), score.float().cpu().numpy()
+        if flip:
+            uv, score, presence = flip_test(net, x)
+        else:
+            out = net(x)
+            uv, score = net.decode(out)  # type: ignore[operator]
+            presence = net.presence(out) if hasattr(net, "presence") else None  # type: ignore[operator]
+    return (
+        uv.float().cpu().numpy().astype(np.float64),
+        score.float().cpu().numpy(),
+        None if presence is None else presence.float().cpu().numpy(),
+    )
 
 
-def to_source(uv: np.ndarray, region: Region, size: int) -> np.ndarray:
+def to_source(uv: np.ndarray, region: Region, size: int, angle: float = 0.0) -> np.ndarray:
     """Model-input keypoints -> original pixels through the inverse of the crop's matrix."""
-    return apply_affine(invert(crop_matrix(region, size)), uv)
+    return apply_affine(invert(crop_matrix(region, size, angle_deg=angle)), uv)
 
 
 def refine_box(uv: np.ndarray, ratio: float) -> np.ndarray:
@@ -205,12 +344,25 @@ def refine_box(uv: np.ndarray, ratio: float) -> np.ndarray:
     return np.array([cx - half[0], cy - half[1], cx + half[0], cy + half[1]])
 
 
-Reader = Callable[[], ImageData]  # an image's pixels, read again for each refinement pass
+def refine_region(uv: np.ndarray, spec: ModelSpec, mode: str = "box") -> tuple[Region, float, np.ndarray]:
+    """The crop of a refinement pass from the last pass's keypoints (original px): (region,
+    angle_deg, the hand's box). "box": `refine_box` padded by the model's box_pad; "upright":
+    `geometry.upright_region` padded by box_to_keypoints x box_pad (the same growth as "box"),
+    turned so that wrist -> middle MCP points up; its side at least MIN_SIDE_PX x box_pad."""
+    box = refine_box(uv, spec.box_to_keypoints)
+    if mode == "box":
+        return box_region(box, spec.pad), 0.0, box
+    if mode != "upright":
+        raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
+    (cx, cy, side), angle = upright_region(uv, pad=spec.pad * spec.box_to_keypoints)
+    return (cx, cy, max(side, MIN_SIDE_PX * spec.pad)), angle, box
 
 
 class Runner:
-    """A loaded model with how it is run: crops in batches of `batch_size`, then `refine` passes
-    for the whole-image crops; `pool` (threads) reads and crops the refinement passes' images."""
+    """Loaded models with how they are run: the detector's photos in batches (with a `finder`),
+    then every crop in batches of `batch_size` (`flip_test`: with its mirror), then `refine`
+    passes (`refine_mode`) for the crops the path found itself, then the presence threshold
+    (`min_presence`, see `shows_hand`); `pool` (threads) reads and crops the later passes' images."""
 
     def __init__(
         self,
@@ -219,81 +371,162 @@ class Runner:
         *,
         batch_size: int,
         refine: int = 0,
+        refine_mode: str = "box",
+        flip_test: bool = False,
+        min_presence: float | None = None,
+        finder: Finder | None = None,
         channels_last: bool = True,
         pool: ThreadPoolExecutor | None = None,
     ):
+        if refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {refine_mode!r}")
         self.net, self.spec, self.batch_size, self.refine = net, spec, batch_size, refine
-        self.channels_last, self.pool = channels_last, pool
+        self.refine_mode, self.flip_test, self.min_presence = refine_mode, flip_test, min_presence
+        self.finder, self.channels_last, self.pool = finder, channels_last, pool
 
-    def run(self, images: Sequence[tuple[Reader, list[Crop]]]) -> None:
-        """Fill in every crop's uv and score: one pass over every crop's input (then freed), then
-        `refine` passes for the whole-image crops, each in the box the last pass found. An image
-        that cannot be read again (gone since the first pass) keeps its last pass."""
-        flat = [(read, crop) for read, crops in images for crop in crops]
-        uv, score = self._model([crop.input for _, crop in flat])  # type: ignore[misc]
-        for (_, crop), u, s in zip(flat, uv, score, strict=True):
-            crop.uv, crop.score, crop.input = to_source(u, crop.region, self.spec.size), s, None
-        todo = [(read, crop) for read, crop in flat if crop.box is None]
+    def run(self, photos: Sequence[Photo]) -> None:
+        """Find, predict and keep the hands of every photo (see the class docstring): each
+        photo's `crops` end as its hands, keypoints in original pixels. An image that cannot be
+        read again (gone since the first pass) keeps its last pass (no hand, before the first)."""
+        self._find(photos)
+        flat = [crop for photo in photos for crop in photo.crops]
+        uv, score, presence = self._model([crop.input for crop in flat])  # type: ignore[misc]
+        for n, crop in enumerate(flat):
+            crop.uv, crop.score, crop.input = to_source(uv[n], crop.region, self.spec.size), score[n], None
+            crop.presence = None if presence is None else float(presence[n])
+        todo = [(photo.read, crop) for photo in photos for crop in photo.crops if not crop.given]
         for _ in range(self.refine if todo else 0):
-            boxes = [refine_box(crop.uv, self.spec.box_to_keypoints) for _, crop in todo]  # type: ignore[arg-type]
-            jobs = [(read, box_region(b, self.spec.pad)) for (read, _), b in zip(todo, boxes, strict=True)]
+            passes = [refine_region(crop.uv, self.spec, self.refine_mode) for _, crop in todo]  # type: ignore[arg-type]
+            jobs = [(read, region, angle) for (read, _), (region, angle, _) in zip(todo, passes, strict=True)]
             inputs = list(self.pool.map(self._again, jobs)) if self.pool else [self._again(j) for j in jobs]
             kept = [n for n, x in enumerate(inputs) if x is not None]
-            uv, score = self._model([inputs[n] for n in kept])  # type: ignore[misc]
-            for n, u, s in zip(kept, uv, score, strict=True):
-                crop, region = todo[n][1], jobs[n][1]
-                crop.uv, crop.score = to_source(u, region, self.spec.size), s
-                crop.refined, crop.region = boxes[n], region
+            uv, score, presence = self._model([inputs[n] for n in kept])  # type: ignore[misc]
+            for k, n in enumerate(kept):
+                crop, (region, angle, box) = todo[n][1], passes[n]
+                crop.uv, crop.score = to_source(uv[k], region, self.spec.size, angle), score[k]
+                crop.presence = None if presence is None else float(presence[k])
+                crop.refined, crop.region, crop.angle = box, region, angle
+        for photo in photos:
+            kept_crops = [c for c in photo.crops if shows_hand(c, self.min_presence)]
+            photo.dropped = len(photo.crops) - len(kept_crops)
+            photo.crops = kept_crops
+            rank = 0
+            for crop in photo.crops:
+                if crop.found:
+                    crop.hand, rank = rank, rank + 1
 
-    def _again(self, job: tuple[Reader, Region]) -> np.ndarray | None:
-        """A refinement crop: the image is read again (a chunk does not hold every image's bytes)."""
-        read, region = job
+    def _find(self, photos: Sequence[Photo]) -> None:
+        """The detector over the photos waiting for it, in batches; each box found becomes a crop
+        (the image read again: in `pool`)."""
+        waiting = [p for p in photos if p.detector_input is not None]
+        if not waiting:
+            return
+        assert self.finder is not None, "a photo waits for a detector the runner does not have"
+        f = self.finder
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        for k in range(0, len(waiting), self.batch_size):
+            batch = np.stack([p.detector_input for p in waiting[k : k + self.batch_size]])  # type: ignore[misc]
+            found += detect(f.net, f.spec, batch, min_score=f.min_score, max_hands=f.max_hands)  # type: ignore[arg-type]
+        jobs = [
+            (p, photo_boxes(p.matrix, boxes), scores)  # type: ignore[arg-type]
+            for p, (boxes, scores) in zip(waiting, found, strict=True)
+        ]
+        crops = (
+            list(self.pool.map(self._found_crops, jobs))
+            if self.pool
+            else [self._found_crops(j) for j in jobs]
+        )
+        for (photo, boxes, _), made in zip(jobs, crops, strict=True):
+            photo.crops, photo.detector_input, photo.boxes = made, None, len(boxes)
+
+    def _found_crops(self, job: tuple[Photo, np.ndarray, np.ndarray]) -> list[Crop]:
+        """The crops of the boxes found in a photo (the image read again; none when it is gone)."""
+        photo, boxes, scores = job
+        if not len(boxes):
+            return []
         try:
-            return preprocess(read(), crop_matrix(region, self.spec.size), self.spec)
+            crops = crops_of(photo.read(), photo.width, photo.height, list(boxes), self.spec)
+        except DATA_ERRORS:
+            return []
+        for k, (crop, s) in enumerate(zip(crops, scores, strict=True)):
+            crop.box_score, crop.found, crop.hand = float(s), True, k
+        return crops
+
+    def _again(self, job: tuple[Reader, Region, float]) -> np.ndarray | None:
+        """A refinement crop: the image is read again (a chunk does not hold every image's bytes)."""
+        read, region, angle = job
+        try:
+            return preprocess(read(), crop_matrix(region, self.spec.size, angle_deg=angle), self.spec)
         except DATA_ERRORS:
             return None
 
-    def _model(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Model-input keypoints (N, 21, 2) and scores (N, 21) of N inputs, in batches."""
-        uv, score = [], []
+    def _model(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Model-input keypoints (N, 21, 2), scores (N, 21) and presence (N,) or None of N inputs,
+        in batches."""
+        uv, score, presence = [], [], []
         for k in range(0, len(inputs), self.batch_size):
             batch = torch.from_numpy(np.stack(inputs[k : k + self.batch_size]))
-            u, s = forward(self.net, batch, self.spec, channels_last=self.channels_last)
+            u, s, p = forward_hands(
+                self.net, batch, self.spec, channels_last=self.channels_last, flip=self.flip_test
+            )
             uv.append(u)
             score.append(s)
+            if p is not None:
+                presence.append(p)
         if not uv:
-            return np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS))
-        return np.concatenate(uv), np.concatenate(score)
+            return np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS)), None
+        return np.concatenate(uv), np.concatenate(score), np.concatenate(presence) if presence else None
 
 
 class Predictor:
     """The inference path for one image in memory: `Predictor(net, spec)(image, boxes)` returns one
-    Crop per box (default: the whole image) with its keypoints in original pixels, as `handpose
-    predict` gives them for that image (the same Runner, crops and refinement)."""
+    Crop per hand with its keypoints in original pixels, as `handpose predict` gives them for that
+    image with the same options (the same Runner, crops, detector, refinement and thresholds).
+
+    detector: a (`detector.CenterNet`, `DetectorSpec`) pair from `detector.load_detector`: without
+    boxes, the hands it finds (min_score: default its spec's; at most max_hands). Without a
+    detector and without boxes: the whole image. Given boxes always win."""
 
     def __init__(
         self,
         net: torch.nn.Module,
         spec: ModelSpec,
         *,
+        detector: tuple[torch.nn.Module, DetectorSpec] | None = None,
+        min_score: float | None = None,
+        max_hands: int = DEFAULT_MAX_HANDS,
+        min_presence: float | None = None,
         refine: int | None = None,
+        refine_mode: str = "box",
+        flip_test: bool = False,
         batch_size: int | None = None,
         channels_last: bool = True,
     ):
         device = next(net.parameters()).device
+        self.finder = None
+        if detector is not None:
+            dnet, dspec = detector
+            self.finder = Finder(dnet, dspec, dspec.min_score if min_score is None else min_score, max_hands)
         self.runner = Runner(
             net,
             spec,
             batch_size=batch_size or default_batch_size(device),
-            refine=default_refine(spec) if refine is None else refine,
+            refine=default_refine(spec, detector=detector is not None, refine_mode=refine_mode)
+            if refine is None
+            else refine,
+            refine_mode=refine_mode,
+            flip_test=flip_test,
+            min_presence=min_presence,
+            finder=self.finder,
             channels_last=channels_last,
         )
 
     def __call__(self, image: ImageData, boxes: Sequence[np.ndarray | None] | None = None) -> list[Crop]:
-        """Keypoints of the hands in `boxes` (x0, y0, x1, y1 original px; None or no boxes: the
-        whole image, refined). ValueError for an image that cannot be read."""
+        """The hands in `boxes` (x0, y0, x1, y1 original px), else the detector's, else the whole
+        image (refined), under the presence threshold's rule. ValueError for an image that
+        cannot be read."""
         width, height = image_size_of(image)
-        crops = crops_of(image, width, height, list(boxes) if boxes else [None], self.runner.spec)
+        photo = photo_of(image, width, height, list(boxes) if boxes else None, self.runner.spec, self.finder)
         with torch.inference_mode():
-            self.runner.run([(lambda: image, crops)])
-        return crops
+            self.runner.run([photo])
+        return photo.crops

@@ -70,6 +70,36 @@ def oks(
 ) -> np.ndarray:
     """OKS (P, G) of predicted keypoints (P, J, 2) against labelled hands: keypoints (G, J, 2),
     `labelled` (G, J) bool, boxes (G, 4) x0, y0, x1, y1 (px). See the module docstring."""
+    e, mask = _oks_terms(pred_uv, label_uv, labelled, label_boxes, sigmas)
+    return (np.exp(-e) * mask[None]).sum(-1) / (mask.sum(-1)[None] + EPS)
+
+
+def log_oks(
+    pred_uv: np.ndarray,
+    label_uv: np.ndarray,
+    labelled: np.ndarray,
+    label_boxes: np.ndarray,
+    sigmas: np.ndarray | None = None,
+) -> np.ndarray:
+    """log(OKS) (P, G), computed in the log domain so that predictions far from every hand (whose
+    OKS underflows to 0) still rank by distance; -inf for a label without a labelled joint."""
+    e, mask = _oks_terms(pred_uv, label_uv, labelled, label_boxes, sigmas)
+    terms = np.where(mask[None], -e, -np.inf)  # (P, G, J)
+    top = terms.max(axis=-1, initial=-np.inf)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = safe + np.log(np.exp(terms - safe[..., None]).sum(-1))
+        return np.where(np.isfinite(top), lse - np.log(mask.sum(-1)[None] + EPS), -np.inf)
+
+
+def _oks_terms(
+    pred_uv: np.ndarray,
+    label_uv: np.ndarray,
+    labelled: np.ndarray,
+    label_boxes: np.ndarray,
+    sigmas: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """OKS's exponents d^2 / ((2 sigma)^2 (area + eps) 2) (P, G, J) and the labelled mask (G, J)."""
     pred = np.asarray(pred_uv, np.float64).reshape(-1, NUM_JOINTS, 2)
     label = np.asarray(label_uv, np.float64).reshape(-1, NUM_JOINTS, 2)
     mask = np.asarray(labelled, bool).reshape(-1, NUM_JOINTS)
@@ -78,8 +108,7 @@ def oks(
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * OKS_AREA  # (G,)
     label = np.where(mask[..., None], label, 0.0)  # unlabelled joints may hold NaN
     d = ((pred[:, None] - label[None]) ** 2).sum(-1)  # (P, G, J)
-    e = d / ((2 * sigma) ** 2 * (area[None, :, None] + EPS) * 2)
-    return (np.exp(-e) * mask[None]).sum(-1) / (mask.sum(-1)[None] + EPS)
+    return d / ((2 * sigma) ** 2 * (area[None, :, None] + EPS) * 2), mask
 
 
 def match(similarity: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -97,6 +126,26 @@ def match(similarity: np.ndarray, scores: np.ndarray, threshold: float) -> np.nd
         candidates = np.where(free & (sim[p] >= threshold), sim[p], -np.inf)
         if candidates.size and np.isfinite(candidates.max()):
             g = int(np.argmax(candidates))
+            out[p], free[g] = g, False
+    return out
+
+
+def pair_greedily(similarity: np.ndarray) -> np.ndarray:
+    """The pairing of the error figures (no threshold, no score order): (P,) index of the label
+    each prediction is paired with, -1 for none. Pairs in descending similarity (P, G) (ties: the
+    earlier prediction, then the earlier label), each prediction and each label used once; a
+    similarity of -inf or NaN never pairs."""
+    sim = np.asarray(similarity, np.float64)
+    out = np.full(sim.shape[0], -1, np.int64)
+    if not sim.size:
+        return out
+    flat = np.where(np.isnan(sim), -np.inf, sim).ravel()
+    free = np.ones(sim.shape[1], bool)
+    for k in np.argsort(-flat, kind="mergesort"):
+        if flat[k] == -np.inf:
+            break
+        p, g = divmod(int(k), sim.shape[1])
+        if out[p] < 0 and free[g]:
             out[p], free[g] = g, False
     return out
 
@@ -176,29 +225,47 @@ def hand_figures(
     return out
 
 
-def _figures(
-    kind: str, preds: Sequence[Hands], labels: Sequence[Hands], min_score: float
+def true_positives(kind: str, pred: Hands, label: Hands) -> tuple[np.ndarray, int]:
+    """One photo's COCO matching at every threshold: (P, len(THRESHOLDS)) bool, whether each
+    prediction matched a label by `kind` ("box": IoU, "pose": OKS), and the labels that count
+    (pose: those with a labelled joint). Streams: `figures` adds photos up."""
+    label = _pose_labels(label) if kind == "pose" else label
+    s = np.asarray(pred.scores, np.float64).reshape(-1)
+    sim = _similarity(kind, pred, label) if len(pred) and len(label) else np.zeros((len(s), len(label)))
+    tp = np.stack([match(sim, s, t) >= 0 for t in THRESHOLDS], axis=1).reshape(len(s), len(THRESHOLDS))
+    return tp, len(label)
+
+
+def figures(
+    kind: str, scores: np.ndarray, true_positive: np.ndarray, n_labels: int, min_score: float = 0.0
 ) -> dict[str, float]:
-    scores, tps = [], []
-    n_labels = matched = shown = 0
-    for pred, label in zip(preds, labels, strict=True):
-        label = _pose_labels(label) if kind == "pose" else label
-        s = np.asarray(pred.scores, np.float64).reshape(-1)
-        sim = _similarity(kind, pred, label) if len(pred) and len(label) else np.zeros((len(s), len(label)))
-        scores.append(s)
-        tps.append(
-            np.stack([match(sim, s, t) >= 0 for t in THRESHOLDS], axis=1).reshape(len(s), len(THRESHOLDS))
-        )
-        n_labels += len(label)
-        above = s >= min_score
-        shown += int(above.sum())
-        matched += int((match(sim[above], s[above], 0.5) >= 0).sum())
-    all_scores = np.concatenate(scores) if scores else np.zeros(0)
-    all_tp = np.concatenate(tps) if tps else np.zeros((0, len(THRESHOLDS)), bool)
-    aps = [average_precision(all_scores, all_tp[:, t], n_labels) for t in range(len(THRESHOLDS))]
+    """{kind}_recall, _precision (threshold 0.5, the predictions scoring >= min_score), _ap50 and
+    _ap50_95 of predictions over all photos: `scores` (N,) and `true_positive` (N, THRESHOLDS)
+    from `true_positives`, `n_labels` their labels. (The predictions above min_score are matched
+    first, by descending score, so their matches are those of the whole set.)"""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    tp = np.asarray(true_positive, bool).reshape(len(scores), len(THRESHOLDS))
+    above = scores >= min_score
+    shown, matched = int(above.sum()), int(tp[above, 0].sum())
+    aps = [average_precision(scores, tp[:, t], n_labels) for t in range(len(THRESHOLDS))]
     return {
         f"{kind}_recall": matched / n_labels if n_labels else float("nan"),
         f"{kind}_precision": matched / shown if shown else 1.0,
         f"{kind}_ap50": aps[0],
         f"{kind}_ap50_95": float(np.mean(aps)),
     }
+
+
+def _figures(
+    kind: str, preds: Sequence[Hands], labels: Sequence[Hands], min_score: float
+) -> dict[str, float]:
+    scores, tps = [], []
+    n_labels = 0
+    for pred, label in zip(preds, labels, strict=True):
+        tp, n = true_positives(kind, pred, label)
+        scores.append(np.asarray(pred.scores, np.float64).reshape(-1))
+        tps.append(tp)
+        n_labels += n
+    all_scores = np.concatenate(scores) if scores else np.zeros(0)
+    all_tp = np.concatenate(tps) if tps else np.zeros((0, len(THRESHOLDS)), bool)
+    return figures(kind, all_scores, all_tp, n_labels, min_score)

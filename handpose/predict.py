@@ -1,22 +1,25 @@
 """`handpose predict`: keypoints for every image of files, folders, FreiHAND roots, YOLO-pose
-datasets or shards: one prediction per hand box (--boxes) or per image, mapped back to original
-pixels; an error report when labels exist. Resumable, and split across ranks under torchrun.
+datasets or shards: one prediction per hand the detector finds (--detector), per hand box
+(--boxes) or per image, mapped back to original pixels; an error report when labels exist.
+Resumable, and split across ranks under torchrun.
 
 This module is the job: the inputs and options checked before anything is written, the chunks
 of the input stream shared out to the ranks, the resume point, and the end. Per chunk of images
 (`predict_inputs` streams them; chunk c belongs to rank c mod world size):
   read the bytes -> labelled hands (`labels_of`) and boxes (--boxes) -> the inference path
-  (`inference`: a crop per box, or the whole image, the model's forward and decoder, back to
-  original pixels, --refine passes) -> the chunk's lines (`predict_outputs`) appended to this
+  (`inference`: the detector's boxes, or a crop per given box, or the whole image; the model's
+  forward and decoder, back to original pixels, --refine passes, the presence threshold) ->
+  the chunk's lines (`predict_outputs`) appended to this
   rank's part with a checkpoint (`predict_staging`). Rank 0 then merges the parts, writes the
   report (`report.py`) and the overlays, and commits them into --out (`predict_outputs.finish`).
-The model comes from `checkpoint.load_model` (a handpose checkpoint or the tutorial's weights).
+The model comes from `checkpoint.load_model` (a handpose checkpoint or the tutorial's weights),
+the detector from `detector.load_detector`.
 
 OUT/
-  predictions.jsonl  one line per prediction, input order: {"path", "width", "height", "hand",
+  predictions.jsonl  one line per hand, input order: {"path", "width", "height", "hand",
                      "box" ([x0, y0, x1, y1] original px, null: the whole image), "keypoints":
-                     [[x, y, score] x 21]} (+ "box_score" from a detector; + "error_px",
-                     "error_pct_box" when matched to a labelled hand)
+                     [[x, y, score] x 21], "score"} (+ "box_score" from a detector or a boxes
+                     file; + "error_px", "error_pct_box", "oks" when paired with a labelled hand)
   errors.jsonl       one line per input or label line that could not be used: {"path", "reason"}
   --coco FILE        COCO keypoint results (a new file inside OUT)
   overlays/          --overlays N: drawings (labelled: the worst and the best hands)
@@ -47,15 +50,19 @@ from handpose.atomic import check_output_dir, inside
 from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.cpu import cores
+from handpose.detector import DetectorSpec, load_detector
 from handpose.distributed import World, barrier, broadcast_object, setup_world, teardown
 from handpose.errors import HandposeError
 from handpose.inference import (
     DATA_ERRORS,
+    DEFAULT_MAX_HANDS,
+    REFINE_MODES,
+    Finder,
     Runner,
-    crops_of,
     default_batch_size,
     default_refine,
     image_size_of,
+    photo_of,
 )
 from handpose.model import ModelSpec
 from handpose.predict_inputs import (
@@ -103,15 +110,24 @@ OWN_NAMES = (PREDICTIONS, ERRORS, RUN_JSON, *report.OUTPUTS)
 # Entry
 
 
+Detector = tuple[torch.nn.Module, DetectorSpec]
+
+
 def predict(
     model: str | os.PathLike | tuple[torch.nn.Module, ModelSpec],
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
+    detector: str | os.PathLike | Detector | None = None,
+    min_score: float | None = None,
+    max_hands: int | None = None,
+    min_presence: float | None = None,
     split: str | None = None,
     labels: str | os.PathLike | None = None,
     boxes: str | os.PathLike | None = None,
     refine: int | None = None,
+    refine_mode: str = "box",
+    flip_test: bool = False,
     coco: str | os.PathLike | None = None,
     overlays: int = 0,
     batch_size: int | None = None,
@@ -125,16 +141,26 @@ def predict(
     """Predict keypoints for every input image into `out`; with labels, write an error report.
 
     model: a checkpoint / state_dict path, or an already loaded (module with `decode`, ModelSpec)
-    pair. boxes: None (whole images), "gt" (the labelled boxes), a COCO detections json or a YOLO
-    labels folder. refine: passes in the predicted hand's box (None: `inference.default_refine`).
-    verify: check a shards folder's sha256s before reading it (sizes are always checked; a URL's
-    are checked as they stream). cache: where the shards of a shards URL are kept (remote.Cache;
-    None: streamed). Returns a summary ({"images", "predictions", "errors", "seconds",
-    "images_per_s", "report", ...}; under torchrun rank 0's holds the whole run). Re-running an
-    interrupted run resumes it. Raises HandposeError for a user mistake, or when nothing could be
-    predicted (after writing errors.jsonl).
+    pair. detector: a detector checkpoint path (or a loaded (CenterNet, DetectorSpec) pair):
+    predict every hand it finds scoring >= min_score (default: the checkpoint's), at most
+    max_hands per photo (default 4). boxes: None (the detector's, else whole images), "gt" (the
+    labelled boxes), a COCO detections json or a YOLO labels folder; given boxes win over the
+    detector. min_presence: drop hands whose presence probability (models with a presence head)
+    is lower (None: `inference.shows_hand`'s default). refine: passes in the predicted hand's
+    box (None: `inference.default_refine`; 1 with refine_mode "upright"), refine_mode "box" or
+    "upright" (the crop turned so that wrist -> middle MCP points up). flip_test: average each
+    crop with its mirror. verify: check a shards folder's sha256s before reading it (sizes are
+    always checked; a URL's are checked as they stream). cache: where the shards of a shards URL
+    are kept (remote.Cache; None: streamed).
+    Returns a summary ({"images", "predictions", "errors", "seconds", "images_per_s", "report",
+    ...}; under torchrun rank 0's holds the whole run). Re-running an interrupted run resumes it.
+    Raises HandposeError for a user mistake, or when nothing could be predicted (after writing
+    errors.jsonl).
     """
-    _check_numbers(batch_size=batch_size, workers=workers, overlays=overlays, refine=refine)
+    _check_numbers(
+        batch_size=batch_size, workers=workers, overlays=overlays, refine=refine, max_hands=max_hands
+    )
+    _check_options(detector, min_score, max_hands, min_presence, refine_mode)
     out = check_output_dir(out, "--out")
     coco_rel = coco_name(out, coco)
     world = _join_world(pick_device(device))
@@ -143,6 +169,12 @@ def predict(
         spec = replace(spec, digest=spec.digest or _module_digest(net, spec))
     else:
         net, spec = load_model(model, world.device, channels_last=channels_last)
+    if refine_mode == "upright" and spec.preprocess == "tutorial":
+        raise HandposeError(
+            "--refine-mode upright: the tutorial's weights are fed by a Pillow resize, which cannot "
+            "turn a crop; use --refine-mode box"
+        )
+    finder = _finder(detector, world.device, min_score, max_hands) if detector is not None else None
     job = _plan_job(
         spec,
         world,
@@ -151,7 +183,11 @@ def predict(
         split=split,
         labels=labels,
         boxes=boxes,
+        finder=finder,
+        min_presence=min_presence,
         refine=refine,
+        refine_mode=refine_mode,
+        flip_test=flip_test,
         coco_rel=coco_rel,
         overlays=overlays,
         batch_size=batch_size,
@@ -177,7 +213,16 @@ def predict(
     start = time.perf_counter()
     pool = ThreadPoolExecutor(job.workers, thread_name_prefix="predict-decode") if job.workers else None
     runner = Runner(
-        net, spec, batch_size=job.batch_size, refine=job.refine, channels_last=channels_last, pool=pool
+        net,
+        spec,
+        batch_size=job.batch_size,
+        refine=job.refine,
+        refine_mode=refine_mode,
+        flip_test=flip_test,
+        min_presence=min_presence,
+        finder=job.finder,
+        channels_last=channels_last,
+        pool=pool,
     )
     try:
         state = _run_part(job, _Context(runner, job.boxes, pool), world, staging.part(world.rank), console)
@@ -194,8 +239,18 @@ def predict(
         "device": str(world.device),
         "world_size": world.world_size,
         "batch_size": job.batch_size,
-        "boxes": job.boxes.spec,
+        "boxes": "detector" if job.finder is not None else job.boxes.spec,
         "refine": job.refine,
+        "refine_mode": refine_mode,
+        "flip_test": flip_test,
+        "min_presence": min_presence,
+        "detector": None
+        if job.finder is None
+        else {
+            "size": job.finder.spec.size,
+            "min_score": job.finder.min_score,
+            "max_hands": job.finder.max_hands,
+        },
     }
     summary = finish(
         staging,
@@ -210,6 +265,49 @@ def predict(
     return _end(world, summary, console)
 
 
+def _finder(
+    detector: str | os.PathLike | Detector,
+    device: torch.device,
+    min_score: float | None,
+    max_hands: int | None,
+) -> Finder:
+    """--detector loaded (one line naming the flag and the file when it is not a detector), with
+    the boxes it keeps: score >= --min-score (default: the checkpoint's), at most --max-hands."""
+    if isinstance(detector, tuple):
+        dnet, dspec = detector
+        dspec = replace(dspec, digest=dspec.digest or _module_digest(dnet, dspec))
+    else:
+        try:
+            dnet, dspec = load_detector(detector, device)
+        except HandposeError as e:
+            raise HandposeError(f"--detector {e}") from None
+    return Finder(
+        dnet,
+        dspec,
+        dspec.min_score if min_score is None else min_score,
+        DEFAULT_MAX_HANDS if max_hands is None else max_hands,
+    )
+
+
+def _check_options(
+    detector: object,
+    min_score: float | None,
+    max_hands: int | None,
+    min_presence: float | None,
+    refine_mode: str,
+) -> None:
+    """The detector's and the thresholds' options, checked before anything is loaded."""
+    if detector is None:
+        for flag, value in (("--min-score", min_score), ("--max-hands", max_hands)):
+            if value is not None:
+                raise HandposeError(f"{flag} {value}: applies with --detector (the detector's boxes)")
+    for flag, value in (("--min-score", min_score), ("--min-presence", min_presence)):
+        if value is not None and not (0.0 <= value <= 1.0):
+            raise HandposeError(f"{flag} {value}: must be between 0 and 1")
+    if refine_mode not in REFINE_MODES:
+        raise HandposeError(f"--refine-mode {refine_mode!r}: must be one of {', '.join(REFINE_MODES)}")
+
+
 @dataclass(frozen=True)
 class _Job:
     """A run, resolved: the inputs, the options, and the fingerprint a resumed run must match."""
@@ -219,6 +317,7 @@ class _Job:
     split: str | None
     labels: CocoLabels | None
     boxes: BoxSource
+    finder: Finder | None  # the detector, when it finds the boxes (no --boxes)
     refine: int
     coco: str | None  # relative to out
     overlays: int
@@ -239,7 +338,11 @@ def _plan_job(
     split: str | None,
     labels: str | os.PathLike | None,
     boxes: str | os.PathLike | None,
+    finder: Finder | None,
+    min_presence: float | None,
     refine: int | None,
+    refine_mode: str,
+    flip_test: bool,
     coco_rel: str | None,
     overlays: int,
     batch_size: int | None,
@@ -251,7 +354,8 @@ def _plan_job(
     inputs once: their fingerprint and count."""
     label_set = load_coco_labels(labels) if labels is not None else None
     box_source = open_boxes(boxes)
-    refine = _resolve_refine(refine, spec, box_source)
+    finder = finder if isinstance(box_source, WholeImage) else None  # given boxes win
+    refine = _resolve_refine(refine, spec, box_source, finder is not None, refine_mode)
     plan = plan_inputs(inputs, out, cache=cache)
     check_split(plan, split)
     labelled = labelled_kinds(plan, label_set)
@@ -282,7 +386,11 @@ def _plan_job(
             "split": split,
             "labels": stamp_of(labels),
             "boxes": stamp_of(boxes),
+            "detector": None if finder is None else [finder.spec.digest, finder.min_score, finder.max_hands],
+            "min_presence": min_presence,
             "refine": refine,
+            "refine_mode": refine_mode,
+            "flip_test": flip_test,
             "coco": coco_rel,
             "overlays": overlays,
             "batch_size": batch_size,
@@ -297,6 +405,7 @@ def _plan_job(
         split,
         label_set,
         box_source,
+        finder,
         refine,
         coco_rel,
         overlays,
@@ -324,9 +433,8 @@ def _run_part(job: _Job, ctx: _Context, world: World, folder: Path, console: Con
             task = progress.add_task("predict", total=todo, rate=0.0)
             done = 0
             for cid, opened in _opened(_skip(mine, part.chunks), ctx):
-                images = [x for x in opened if isinstance(x, InputImage)]
-                ctx.runner.run([(functools.partial(read_bytes, x.src), x.crops) for x in images])
-                data = chunk_outputs(cid, opened, state, job.overlays)
+                ctx.runner.run([x.photo for x in opened if isinstance(x, InputImage)])
+                data = chunk_outputs(cid, opened, state, job.overlays, ctx.runner.spec.box_to_keypoints)
                 state.counts["fresh_images"] += len(opened)
                 part.write_chunk(cid, data, state.to_json())
                 done += len(opened)
@@ -354,12 +462,16 @@ def _end(world: World, summary: dict[str, Any], console: Console) -> dict[str, A
     teardown(world)
     if world.is_main and summary.get("predictions") == 0:
         where = summary.get("out", "")
-        if summary.get("errors"):
+        if summary.get("errors") and not summary.get("images"):
             raise HandposeError(
                 f"no image could be predicted: all {summary['errors']} inputs failed "
                 f"(reasons in {Path(where) / ERRORS})"
             )
-        raise HandposeError(f"no prediction: no input image had a box (--boxes {summary.get('boxes')})")
+        given = summary.get("boxes") not in ("detector", "whole image")
+        if given and summary.get("images_without_boxes") == summary.get("images"):
+            raise HandposeError(f"no prediction: no input image had a box (--boxes {summary.get('boxes')})")
+        # The detector or the presence threshold found no hand: an answer, not a failure.
+        console.print(f"no hand found in {summary.get('images')} images")
     return summary
 
 
@@ -389,19 +501,27 @@ class _Context:
 
 
 def _open_image(unit: Unit, ctx: _Context) -> InputImage | BadInput:
-    """Read one input, its labels and boxes, and crop its model inputs; a data error makes it a
-    BadInput (one errors.jsonl line)."""
+    """Read one input, its labels and boxes, and make its photo for the inference path (the
+    model inputs of its boxes, or the detector's input); a data error makes it a BadInput (one
+    errors.jsonl line)."""
     if isinstance(unit, BadInput):
         return unit
+    spec, finder = ctx.runner.spec, ctx.runner.finder
     try:
         data = read_bytes(unit)
         width, height = image_size_of(data)
         hands, problems = labels_of(unit, width, height)
-        tasks = ctx.boxes.boxes(unit, width, height, hands)
-        crops = crops_of(data, width, height, [t.box for t in tasks], ctx.runner.spec)
+        read = functools.partial(read_bytes, unit)
+        if finder is not None:
+            photo = photo_of(data, width, height, None, spec, finder, read)
+        else:
+            tasks = ctx.boxes.boxes(unit, width, height, hands)
+            photo = photo_of(data, width, height, [t.box for t in tasks], spec, None, read)
+            for t, crop in zip(tasks, photo.crops, strict=True):
+                crop.hand, crop.label, crop.box_score = t.hand, t.label, t.score
     except DATA_ERRORS as e:
         return BadInput(unit.ordinal, unit.path, _reason(e))
-    return InputImage(unit, width, height, hands, tasks, crops, problems)
+    return InputImage(unit, width, height, hands, photo, problems)
 
 
 def _opened(chunks: Iterator[tuple[int, list[Unit]]], ctx: _Context) -> Iterator[tuple[int, list[Any]]]:
@@ -426,7 +546,7 @@ def _opened(chunks: Iterator[tuple[int, list[Unit]]], ctx: _Context) -> Iterator
 
 
 def _check_numbers(**values: int | None) -> None:
-    least = {"batch_size": 1, "workers": 0, "overlays": 0, "refine": 0}
+    least = {"batch_size": 1, "workers": 0, "overlays": 0, "refine": 0, "max_hands": 1}
     for name, value in values.items():
         if value is not None and value < least[name]:
             raise HandposeError(f"--{name.replace('_', '-')} {value}: must be >= {least[name]}")
@@ -457,14 +577,23 @@ def coco_name(out: Path, coco: str | os.PathLike | None) -> str | None:
     return rel
 
 
-def _resolve_refine(refine: int | None, spec: ModelSpec, boxes: BoxSource) -> int:
-    """--refine: N passes in the predicted hand's box (default: `inference.default_refine`);
-    never with --boxes (the boxes are given)."""
+def _resolve_refine(
+    refine: int | None, spec: ModelSpec, boxes: BoxSource, detector: bool, refine_mode: str
+) -> int:
+    """--refine: N passes in the predicted hand's box (default: `inference.default_refine`, at
+    least 1 with --refine-mode upright, a mode of the second pass); never with --boxes (the
+    boxes are given)."""
     if not isinstance(boxes, WholeImage):
         if refine:
-            raise HandposeError("--refine applies to whole images; it cannot be used with --boxes")
+            raise HandposeError(
+                "--refine applies to whole images and the detector's boxes; it cannot be used with --boxes"
+            )
+        if refine_mode != "box":
+            raise HandposeError(
+                f"--refine-mode {refine_mode}: refines whole images and the detector's boxes, not --boxes"
+            )
         return 0
-    return default_refine(spec) if refine is None else refine
+    return default_refine(spec, detector=detector, refine_mode=refine_mode) if refine is None else refine
 
 
 def _chunk_size(batch_size: int) -> int:
@@ -502,7 +631,7 @@ def _reason(e: BaseException) -> str:
     return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__
 
 
-def _module_digest(net: torch.nn.Module, spec: ModelSpec) -> str:
+def _module_digest(net: torch.nn.Module, spec: ModelSpec | DetectorSpec) -> str:
     """An in-memory model's identity for resuming: its class, spec and weights."""
     return checkpoint.digest(
         {"class": type(net).__qualname__, "spec": repr(spec), "weights": net.state_dict()}

@@ -1,11 +1,13 @@
 """What `handpose predict` writes: each chunk's lines, and rank 0's merged result at the end.
 
 Per chunk (`chunk_outputs`), from its images as the inference path left them (`InputImage`):
-  predictions.jsonl  one line per prediction (`prediction_line`), errors.jsonl one per input or
+  predictions.jsonl  one line per hand found (`prediction_line`), errors.jsonl one per input or
   label line that could not be used, coco.jsonl one COCO keypoint result each, spill.f32 one
-  report row (`report.spill_rows`) per prediction matched to a labelled hand (`match_hands`);
-  the rank's `RankState` (counts, the worst and best hands, the first hands) goes into its
-  checkpoint with them (predict_staging).
+  report row (`report.spill_rows`) per prediction paired with a labelled hand (`match_hands`),
+  matches.u8 one record per prediction of a labelled photo (`detection_records`: its score and
+  whether COCO's matching made it a true positive at each IoU and OKS threshold, for recall,
+  precision and AP); the rank's `RankState` (counts, the worst and best hands, the first hands)
+  goes into its checkpoint with them (predict_staging).
 At the end, rank 0 (`finish`): merge the parts, the COCO array, the report (report.py), the
 overlays, run.json's record, and the commit (predict_staging).
 """
@@ -22,13 +24,14 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from handpose import report
+from handpose import metrics, report
 from handpose.imageio import decode_image
-from handpose.inference import Crop
-from handpose.predict_inputs import BadInput, BoxTask, Hands, LabelledHand, Source, read_bytes
+from handpose.inference import Crop, Photo, refine_box
+from handpose.predict_inputs import BadInput, Hands, LabelledHand, Source, read_bytes
 from handpose.predict_staging import (
     COCO_LINES,
     ERRORS,
+    MATCHES,
     PREDICTIONS,
     SPILL,
     Staging,
@@ -37,19 +40,27 @@ from handpose.predict_staging import (
     write_coco_array,
 )
 
+# matches.u8: per prediction of a labelled photo, its ranking score and two bit sets (bit t: a
+# true positive at metrics.THRESHOLDS[t]) by box IoU and by OKS.
+MATCH_RECORD = np.dtype([("score", "<f4"), ("box", "<u2"), ("pose", "<u2")])
+
 
 @dataclass
 class InputImage:
-    """One input image on its way through a chunk: where it came from, its labelled hands, the
-    boxes it is predicted in (one task each) and the inference path's crop of each task."""
+    """One input image on its way through a chunk: where it came from, its labelled hands and
+    the inference path's photo (its hands, once `inference.Runner.run` has found them)."""
 
     src: Source
     width: int
     height: int
     hands: Hands | None
-    tasks: list[BoxTask]
-    crops: list[Crop]  # one per task, keypoints filled in by `inference.Runner.run`
+    photo: Photo
     problems: list[BadInput]  # of its label file (the image's other hands still count)
+
+    @property
+    def crops(self) -> list[Crop]:
+        """The hands predicted (one predictions.jsonl line each)."""
+        return self.photo.crops
 
 
 def keep_counts(overlays: int) -> tuple[int, int]:
@@ -86,10 +97,13 @@ class RankState:
 # One chunk
 
 
-def chunk_outputs(cid: int, opened: list[Any], state: RankState, overlays: int) -> dict[str, bytes]:
+def chunk_outputs(
+    cid: int, opened: list[Any], state: RankState, overlays: int, box_to_keypoints: float
+) -> dict[str, bytes]:
     """The bytes one predicted chunk adds to each part file (InputImages and BadInputs in input
-    order); updates `state` (`overlays`: how many first hands an unlabelled run keeps)."""
-    preds, errors, coco, spill = [], [], [], []
+    order); updates `state` (`overlays`: how many first hands an unlabelled run keeps;
+    `box_to_keypoints`: the model's, for the box of a whole-image prediction)."""
+    preds, errors, coco, spill, found = [], [], [], [], []
     position = 0
     for x in opened:
         if isinstance(x, BadInput):
@@ -98,18 +112,29 @@ def chunk_outputs(cid: int, opened: list[Any], state: RankState, overlays: int) 
             continue
         errors += [error_line(p) for p in x.problems]
         state.counts["label_problems"] += len(x.problems)
-        matches = match_hands(x)
+        matches, similarity = match_hands(x)
         state.counts["images"] += 1
-        state.counts["images_without_boxes"] += not x.tasks
+        state.counts["images_without_boxes"] += not x.photo.boxes
+        state.counts["images_without_hands"] += not x.crops
+        state.counts["hands_dropped"] += x.photo.dropped
+        if x.hands is not None:
+            state.counts["images_labelled"] += 1
+            state.counts["images_without_prediction"] += not x.crops
+            records, n_box, n_pose = detection_records(x, box_to_keypoints)
+            found.append(records)
+            state.counts["labels_box"] += n_box
+            state.counts["labels_pose"] += n_pose
         if x.hands:
             state.counts["hands_labelled"] += len(x.hands)
             state.counts["hands_missed"] += len(x.hands) - sum(m is not None for m in matches)
             state.counts["images_scored"] += any(m is not None for m in matches)
-        for k in range(len(x.tasks)):
+        for k in range(len(x.crops)):
             order = [cid, position]
             position += 1
             hand = x.hands[matches[k]] if matches[k] is not None and x.hands else None
             row, entry = _score(x, k, hand, order)
+            if hand is not None:
+                entry["oks"] = float(np.exp(similarity[k, matches[k]]))  # type: ignore[index]
             preds.append(prediction_line(x, k, entry))
             coco.append(json.dumps(coco_result(x, k)) + "\n")
             state.counts["predictions"] += 1
@@ -123,32 +148,77 @@ def chunk_outputs(cid: int, opened: list[Any], state: RankState, overlays: int) 
         ERRORS: "".join(errors).encode(),
         COCO_LINES: "".join(coco).encode(),
         SPILL: np.concatenate(spill).astype("<f4").tobytes() if spill else b"",
+        MATCHES: np.concatenate(found).tobytes() if found else b"",
     }
 
 
-def match_hands(img: InputImage) -> list[int | None]:
-    """The labelled hand each prediction is scored against (None: none). --boxes gt: the box's own
-    hand. Otherwise greedily by the lowest mean error over the hand's labelled joints: each
-    labelled hand and each prediction is used once (a whole-image prediction on a photo with
-    three hands is scored against the hand it found)."""
-    n = len(img.tasks)
+def match_hands(img: InputImage) -> tuple[list[int | None], np.ndarray]:
+    """The labelled hand each prediction is scored against (None: none) and log(OKS) (P, G) of
+    every prediction and labelled hand. --boxes gt: the box's own hand. Otherwise paired by OKS
+    (`metrics.pair_greedily` on `metrics.log_oks`: the highest similarity first, each labelled
+    hand and each prediction used once, no threshold: a whole-image prediction on a photo with
+    three hands is scored against the hand it found, however far off it is)."""
+    n = len(img.crops)
     if not img.hands or not n:
-        return [None] * n
-    if any(t.label is not None for t in img.tasks):
-        return [t.label for t in img.tasks]
-    pairs = []
-    for i in range(n):
-        for j, hand in enumerate(img.hands):
-            e = report.image_errors(img.crops[i].uv[None], hand.uv[None], hand.labelled[None])[0]  # type: ignore[index]
-            if np.isfinite(e):
-                pairs.append((float(e), i, j))
-    match: list[int | None] = [None] * n
-    used: set[int] = set()
-    for _, i, j in sorted(pairs):
-        if match[i] is None and j not in used:
-            match[i] = j
-            used.add(j)
-    return match
+        return [None] * n, np.zeros((n, len(img.hands or ())))
+    hands = img.hands
+    sim = metrics.log_oks(
+        np.stack([np.asarray(c.uv) for c in img.crops]),
+        np.stack([h.uv for h in hands]),
+        np.stack([h.labelled for h in hands]),
+        np.stack([h.box for h in hands]),
+    )
+    if any(c.label is not None for c in img.crops):
+        return [c.label for c in img.crops], sim
+    return [int(g) if g >= 0 else None for g in metrics.pair_greedily(sim)], sim
+
+
+def hand_box(crop: Crop, box_to_keypoints: float) -> np.ndarray:
+    """A prediction's box for the box figures: the detector's box, the given box, the box of its
+    refinement pass, else (the whole image, no refinement) its keypoints' box grown as refinement
+    grows it (`inference.refine_box`)."""
+    box = crop.box if crop.found else crop.final_box
+    return (
+        np.asarray(box, np.float64) if box is not None else refine_box(np.asarray(crop.uv), box_to_keypoints)
+    )
+
+
+def detection_records(img: InputImage, box_to_keypoints: float) -> tuple[np.ndarray, int, int]:
+    """A labelled photo's MATCH_RECORDs, one per prediction (`metrics.true_positives`: COCO's
+    matching by box IoU and by OKS at every threshold, predictions ranked by `Crop.rank_score`),
+    and the labels counted by box and by pose."""
+    crops, hands = img.crops, img.hands or ()
+    scores = np.array([c.rank_score for c in crops], np.float64)
+    pred = metrics.Hands(
+        np.array([hand_box(c, box_to_keypoints) for c in crops]).reshape(-1, 4),
+        scores,
+        np.array([np.asarray(c.uv) for c in crops]).reshape(-1, 21, 2),
+    )
+    label = metrics.Hands(
+        np.array([h.box for h in hands]).reshape(-1, 4),
+        None,
+        np.array([h.uv for h in hands]).reshape(-1, 21, 2),
+        np.array([h.labelled for h in hands]).reshape(-1, 21),
+    )
+    box_tp, n_box = metrics.true_positives("box", pred, label)
+    pose_tp, n_pose = metrics.true_positives("pose", pred, label)
+    bits = 1 << np.arange(len(metrics.THRESHOLDS))
+    records = np.zeros(len(crops), MATCH_RECORD)
+    records["score"] = scores
+    records["box"] = (box_tp * bits).sum(axis=1)
+    records["pose"] = (pose_tp * bits).sum(axis=1)
+    return records, n_box, n_pose
+
+
+def read_detection_records(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """matches.u8 -> (scores (N,), box true positives (N, T), pose true positives (N, T))."""
+    records = np.fromfile(path, dtype=MATCH_RECORD)
+    bits = 1 << np.arange(len(metrics.THRESHOLDS))
+    return (
+        records["score"].astype(np.float64),
+        (records["box"][:, None] & bits) > 0,
+        (records["pose"][:, None] & bits) > 0,
+    )
 
 
 def _score(
@@ -160,7 +230,7 @@ def _score(
     uv, box = np.asarray(crop.uv), crop.final_box
     entry: dict[str, Any] = {
         "path": img.src.path,
-        "hand": img.tasks[k].hand,
+        "hand": crop.hand,
         "order": order,
         "file": img.src.file,
         "sample": img.src.sample,
@@ -191,29 +261,31 @@ def error_line(p: BadInput) -> str:
 
 def prediction_line(img: InputImage, k: int, entry: dict[str, Any]) -> str:
     """A predictions.jsonl line (see predict.py's docstring)."""
-    task, crop = img.tasks[k], img.crops[k]
+    crop = img.crops[k]
     rec: dict[str, Any] = {
         "path": img.src.path,
         "width": img.width,
         "height": img.height,
-        "hand": task.hand,
-        "box": entry["box"],
+        "hand": crop.hand,
+        "box": entry["box"] if not crop.found else np.round(crop.box, 3).tolist(),  # type: ignore[arg-type]
         "keypoints": [
             [round(float(x), 3), round(float(y), 3), round(float(s), 4)]
             for (x, y), s in zip(crop.uv, crop.score, strict=True)  # type: ignore[arg-type]
         ],
+        "score": round(crop.hand_score, 4),
     }
-    if task.score is not None:
-        rec["box_score"] = round(task.score, 4)
+    if crop.box_score is not None:
+        rec["box_score"] = round(crop.box_score, 4)
     if "error_px" in entry:
         rec["error_px"] = round(entry["error_px"], 4)
         rec["error_pct_box"] = round(entry["error_pct_box"], 4)
+        rec["oks"] = round(entry["oks"], 4)
     return json.dumps(rec) + "\n"
 
 
 def coco_result(img: InputImage, k: int) -> dict[str, Any]:
     """A COCO keypoint-results entry; image_id from the labels (or a digits-only file stem), else
-    the input's position (1-based)."""
+    the input's position (1-based); "score" ranks the hand (`Crop.rank_score`)."""
     iid = img.src.image_id if img.src.image_id is not None else img.src.ordinal + 1
     crop = img.crops[k]
     uv, score = np.asarray(crop.uv), np.asarray(crop.score)
@@ -222,9 +294,9 @@ def coco_result(img: InputImage, k: int) -> dict[str, Any]:
         "image_id": iid,
         "category_id": 1,
         "keypoints": kps,
-        "score": round(float(score.mean()), 4),
+        "score": round(crop.rank_score, 4),
     }
-    box = crop.final_box
+    box = crop.box if crop.found else crop.final_box
     if box is not None:
         rec["bbox"] = [round(float(v), 3) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])]
     return rec
@@ -264,7 +336,16 @@ def finish(
         write_coco_array(final / COCO_LINES, final / coco)
         files.append(coco)
     rep = None
-    if (final / SPILL).stat().st_size:
+    if counts["images_labelled"] or (final / SPILL).stat().st_size:
+        scores, box_tp, pose_tp = read_detection_records(final / MATCHES)
+        detection = {
+            "images": counts["images_labelled"],
+            "images_without_prediction": counts["images_without_prediction"],
+            "labels": counts["labels_box"],
+            "predictions": len(scores),
+            **metrics.figures("box", scores, box_tp, counts["labels_box"]),
+            **metrics.figures("pose", scores, pose_tp, counts["labels_pose"]),
+        }
         rep = report.write_report(
             final,
             report.spill_blocks(final / SPILL),
@@ -273,6 +354,7 @@ def finish(
             counts={"images": counts["images_scored"], "hands_missed": counts["hands_missed"]},
             worst=extremes.worst(),
             best=extremes.best(),
+            detection=detection,
             console=console,
         )
         if rep is not None:
@@ -285,6 +367,8 @@ def finish(
         "errors": counts["errors"],
         "label_problems": counts["label_problems"],
         "images_without_boxes": counts["images_without_boxes"],
+        "images_without_hands": counts["images_without_hands"],
+        "hands_dropped": counts["hands_dropped"],
         "hands_labelled": counts["hands_labelled"],
         "hands_missed": counts["hands_missed"],
         "seconds": round(seconds, 3),

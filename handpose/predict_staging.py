@@ -3,7 +3,8 @@
 OUT/.predict-partial/            the run in progress (hidden; removed when the run completes)
   job.json                       what the run is: model digest, options, input fingerprint, ranks
   rank-R/                        one per rank (one without torchrun), appended chunk by chunk:
-    predictions.jsonl, errors.jsonl, coco.jsonl (one COCO result per line), spill.f32 (report rows)
+    predictions.jsonl, errors.jsonl, coco.jsonl (one COCO result per line), spill.f32 (report rows),
+    matches.u8 (detection records: recall, precision, AP)
     chunks.i64                   per chunk: id and the bytes it added to each file
     progress.json                the checkpoint: chunks done, each file's size, counters, heaps
   final/                         rank 0's merged result, moved into OUT by the commit
@@ -39,10 +40,11 @@ from handpose.errors import HandposeError
 STAGING = ".predict-partial"
 RUN_JSON = "run.json"
 RUN_FORMAT = "handpose-predict-run"
-JOB_FORMAT = "handpose-predict-job"  # job.json's "format": what a resumed run must match
+JOB_FORMAT = "handpose-predict-job-2"  # job.json's "format": what a resumed run must match (2: matches.u8)
 # The files a chunk appends to (and rank 0 merges): the first two are committed into OUT as they are.
 PREDICTIONS, ERRORS, COCO_LINES, SPILL = "predictions.jsonl", "errors.jsonl", "coco.jsonl", "spill.f32"
-PART_FILES = (PREDICTIONS, ERRORS, COCO_LINES, SPILL)
+MATCHES = "matches.u8"  # per prediction of a labelled photo: its score and true positives (recall, AP)
+PART_FILES = (PREDICTIONS, ERRORS, COCO_LINES, SPILL, MATCHES)
 CHUNKS = "chunks.i64"
 PROGRESS = "progress.json"
 JOB, COMMIT = "job.json", "commit.json"

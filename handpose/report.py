@@ -13,6 +13,11 @@ mean over its joints. Three normalisations sit next to the pixels:
 PCK(t) = fraction of keypoints with error <= t px, t in 0..30 px; its AUC is the curve's
 trapezoid area divided by 30 (1.0 = every keypoint exact).
 
+Beside the errors of the hands paired with a label, the figures YOLO-pose users know, over every
+prediction of every labelled photo (`metrics.py`, the one home of OKS, matching and AP; predict
+computes them in `predict_outputs.detection_records`): recall and precision at OKS >= 0.5 (and at
+box IoU >= 0.5), pose and box AP50 and AP50-95, and the labelled photos without a prediction.
+
 Statistics are streamed, so memory does not grow with the number of images: predict spills one
 float32 row per scored hand (`spill_rows`: 21 errors, NaN where not labelled, then the image
 side, the labelled box side and the input side) and `summarise` reads the spill in blocks; exact
@@ -20,7 +25,8 @@ percentiles come from a radix select over the values' bit patterns (`order_stati
 worst and best hands from bounded heaps (`Extremes`).
 
 OUT/report.json   headline keys mean_error_px, mean_error_pct, mean_error_pct_box, pck_0.2_box,
-                  median_error_px, auc; then all tables
+                  median_error_px, auc, then recall, precision, pose_ap50, pose_ap50_95, box_ap50,
+                  box_ap50_95, images_without_prediction (with detection figures); then all tables
 OUT/report.md     the same for people
 OUT/error_hist.png, OUT/pck.png, OUT/gallery.png (worst row above best row)
 """
@@ -245,9 +251,12 @@ def summarise(
     counts: dict[str, int] | None = None,
     worst: Sequence[dict[str, Any]] = (),
     best: Sequence[dict[str, Any]] = (),
+    detection: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Everything report.json holds, from passes over the spill rows. `counts` adds the run's
-    counts ("images", "hands_missed"); `worst` and `best` are `Extremes` entries."""
+    counts ("images", "hands_missed"); `worst` and `best` are `Extremes` entries; `detection`
+    the multi-hand figures (`metrics.figures` of box and pose, "images",
+    "images_without_prediction", "labels", "predictions")."""
 
     def grouped() -> Iterator[dict[str, np.ndarray]]:
         for rows in blocks():
@@ -303,6 +312,17 @@ def summarise(
     px, pct, pct_box = describe("px"), describe("pct"), describe("pct_box")
     box_fraction = {f"{t:g}": float(c / max(keypoints, 1)) for t, c in zip(BOX_PCK, box_pck, strict=True)}
     counts = counts or {}
+    headline = {}
+    if detection is not None:
+        headline = {
+            "recall": float(detection["pose_recall"]),
+            "precision": float(detection["pose_precision"]),
+            "pose_ap50": float(detection["pose_ap50"]),
+            "pose_ap50_95": float(detection["pose_ap50_95"]),
+            "box_ap50": float(detection["box_ap50"]),
+            "box_ap50_95": float(detection["box_ap50_95"]),
+            "images_without_prediction": int(detection["images_without_prediction"]),
+        }
     return {
         "mean_error_px": px["mean"],
         "mean_error_pct": pct["mean"],
@@ -310,6 +330,7 @@ def summarise(
         "pck_0.2_box": box_fraction["0.2"],
         "median_error_px": px["median"],
         "auc": pck_auc(PCK_THRESHOLDS_PX, np.asarray(fraction)),
+        **headline,
         "images": int(counts.get("images", hands)),
         "hands": hands,
         "hands_missed": int(counts.get("hands_missed", 0)),
@@ -328,6 +349,7 @@ def summarise(
         "per_finger": [{"finger": f, **group_row(f"finger_{f}")} for f in FINGER_GROUPS],
         "worst": [_table_row(e) for e in worst[:EXTREMES]],
         "best": [_table_row(e) for e in best[:EXTREMES]],
+        **({"detection": dict(detection)} if detection is not None else {}),
     }
 
 
@@ -371,17 +393,19 @@ def write_report(
     counts: dict[str, int] | None = None,
     worst: Sequence[dict[str, Any]] = (),
     best: Sequence[dict[str, Any]] = (),
+    detection: Mapping[str, float] | None = None,
     console: Console | None = None,
     gallery: int = 4,
 ) -> dict[str, Any] | None:
     """Write report.json, report.md, the plots and the gallery into `out`; print the headline
     table. `blocks` are passes over the spill rows; `worst`/`best` are `Extremes` entries, which
-    `load_image(entry)` turns back into their (RGB uint8) image for the gallery. Returns the
-    report dict, or None when no keypoint has a label."""
+    `load_image(entry)` turns back into their (RGB uint8) image for the gallery; `detection` the
+    multi-hand figures (see `summarise`). Returns the report dict, or None when no keypoint has
+    a label and there are no detection figures."""
     out = Path(out)
     console = console or make_console(stderr=True)
-    rep = summarise(blocks, model_size, counts=counts, worst=worst, best=best)
-    if not rep["keypoints"]:
+    rep = summarise(blocks, model_size, counts=counts, worst=worst, best=best, detection=detection)
+    if not rep["keypoints"] and detection is None:
         console.print("no labelled keypoints: no report")
         return None
     write_json(out / "report.json", rep)
@@ -389,6 +413,8 @@ def write_report(
     _plots(out, error_histogram(blocks, rep["hist_top_px"]), rep)
     save_png(_gallery(worst[:gallery], best[:gallery], load_image), out / "gallery.png")
     console.print(_headline_table(rep))
+    if detection is not None:
+        console.print(_detection_line(rep))
     return rep
 
 
@@ -434,6 +460,22 @@ def render_markdown(rep: dict[str, Any]) -> str:
         + " | ".join(f"{box[f'{t:g}']:.3f}" for t in BOX_PCK)
         + " |",
     ]
+    if "detection" in rep:
+        d = rep["detection"]
+        lines += [
+            "",
+            f"Every hand of the {d['images']} labelled photos ({d['labels']} labelled hands, "
+            f"{d['predictions']} predictions; {d['images_without_prediction']} photos without a "
+            "prediction): each labelled hand matched to at most one prediction, by descending "
+            "score (Ultralytics' OKS for 21 keypoints; box IoU), COCO's 101-point AP:",
+            "",
+            "| by | recall | precision | AP50 | AP50-95 |",
+            "|---|---|---|---|---|",
+            f"| OKS (pose) | {_fmt(d['pose_recall'], 3)} | {_fmt(d['pose_precision'], 3)} | "
+            f"{_fmt(d['pose_ap50'], 3)} | {_fmt(d['pose_ap50_95'], 3)} |",
+            f"| box IoU | {_fmt(d['box_recall'], 3)} | {_fmt(d['box_precision'], 3)} | "
+            f"{_fmt(d['box_ap50'], 3)} | {_fmt(d['box_ap50_95'], 3)} |",
+        ]
     pck = dict(zip(rep["pck"]["thresholds_px"], rep["pck"]["fraction"], strict=True))
     marks = [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
     lines += [
@@ -501,6 +543,16 @@ def _headline_table(rep: dict[str, Any]) -> Table:
     return t
 
 
+def _detection_line(rep: dict[str, Any]) -> str:
+    d = rep["detection"]
+    return (
+        f"hands: recall {_fmt(d['pose_recall'], 3)}, precision {_fmt(d['pose_precision'], 3)} at OKS >= 0.5; "
+        f"pose AP50 {_fmt(d['pose_ap50'], 3)}, AP50-95 {_fmt(d['pose_ap50_95'], 3)}; "
+        f"box AP50 {_fmt(d['box_ap50'], 3)}, AP50-95 {_fmt(d['box_ap50_95'], 3)}; "
+        f"{d['images_without_prediction']} of {d['images']} labelled photos without a prediction"
+    )
+
+
 def _plots(out: Path, hist: tuple[np.ndarray, np.ndarray], rep: dict[str, Any]) -> None:
     """error_hist.png and pck.png with matplotlib's object API (no pyplot: no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -515,12 +567,13 @@ def _plots(out: Path, hist: tuple[np.ndarray, np.ndarray], rep: dict[str, Any]) 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     ax.hist(edges[:-1], bins=edges.tolist(), weights=counts, color="tab:blue")
-    ax.axvline(rep["error_px"]["mean"], color="tab:red", label=f"mean {rep['error_px']['mean']:.2f} px")
-    ax.axvline(
-        rep["error_px"]["median"], color="tab:orange", label=f"median {rep['error_px']['median']:.2f} px"
-    )
+    if rep["keypoints"]:  # no hand paired with a label (a detection run on photos without hands)
+        ax.axvline(rep["error_px"]["mean"], color="tab:red", label=f"mean {rep['error_px']['mean']:.2f} px")
+        ax.axvline(
+            rep["error_px"]["median"], color="tab:orange", label=f"median {rep['error_px']['median']:.2f} px"
+        )
+        ax.legend()
     ax.set(xlabel="keypoint error, px (last bin: at least)", ylabel="keypoints", title="Keypoint error")
-    ax.legend()
     fig.tight_layout()
     save(fig, "error_hist.png")
 

@@ -233,3 +233,37 @@ def test_footprint_and_overlap() -> None:
     np.testing.assert_allclose(g.footprint(M, 64), [100 - half, 50 - half, 100 + half, 50 + half], atol=1e-9)
     boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [5, 5, 15, 15]], float)
     assert g.boxes_overlap(np.array([10.0, 0.0, 12.0, 6.0]), boxes).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    "shape, shift",
+    [
+        ((224, 224), (0, 0)),
+        ((168, 224), (0, 28)),
+        ((100, 150), (-20, 37)),
+        ((90, 60), (200, -95)),
+        ((50, 40), (3, 3)),
+    ],
+)
+def test_a_whole_pixel_shift_is_the_bilinear_warp(shape: tuple[int, int], shift: tuple[int, int]) -> None:
+    """warp_to_input's copy for a matrix that moves every pixel by whole pixels (a photo already at
+    the input size, letterboxed) equals Pillow's bilinear warp byte for byte, also off the edges;
+    a fractional shift still warps."""
+    from PIL import Image
+
+    from handpose.imageio import warp_image_to_input
+
+    img = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    M = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+    pillow = np.asarray(
+        Image.fromarray(img).transform(
+            (128, 128),
+            Image.Transform.AFFINE,
+            (1.0, 0.0, -shift[0], 0.0, 1.0, -shift[1]),
+            resample=Image.Resampling.BILINEAR,
+            fillcolor=(0, 0, 0),
+        )
+    )
+    np.testing.assert_array_equal(warp_image_to_input(img, M, 128), pillow)
+    half = M + [[0, 0, 0.5], [0, 0, 0]]
+    np.testing.assert_array_equal(warp_image_to_input(img, half, 128), warp_affine(img, half, 128))

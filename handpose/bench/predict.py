@@ -10,13 +10,22 @@
   plus one row with a speed-up switched off (channels_last), one with a decode thread, and
   model-only rows for NCHW and batch 1, so each win is measured.
 
+With --detector, the detector path instead (`predict(..., detector=...)`: every photo through the
+detector, each hand it keeps through the keypoint model), against the two models' forward
+passes alone on ready batches in the same run: the detector's photos/s D and the keypoint
+model's crops/s K combine into 1 / (1/D + h/K) photos/s for the h hands per photo the end-to-end
+run kept; rows with 1 torch thread and with a decode thread show what the CPU defaults cost; the
+whole-image path's end to end is the reference row.
+
 Prints a table, then one JSON line with images_per_s, model_only_images_per_s and
-tutorial_loop_images_per_s.
+tutorial_loop_images_per_s (with --detector: detector_images_per_s,
+forward_only_images_per_s, detector_vs_forward_only, hands_per_photo, whole_image_images_per_s).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -33,6 +42,7 @@ from rich.table import Table
 
 from handpose.checkpoint import load_model
 from handpose.console import make_console
+from handpose.detector import DetectorSpec, load_detector, photo_input
 from handpose.errors import HandposeError
 from handpose.inference import crops_of, default_batch_size, image_size_of
 from handpose.model import ModelSpec
@@ -43,19 +53,38 @@ from handpose.sources.files import is_image, walk
 TUTORIAL = "tutorial loop (batch 1, NCHW, PIL, numpy)"
 MODEL_ONLY = "model only (channels_last)"
 END_TO_END = "end to end"
+DETECTOR_E2E = "detector + keypoints, end to end"
+FORWARD_ONLY = "forward passes alone (detector + keypoints)"
 
 
 def bench_predict(
     model: str | os.PathLike,
     images: str | os.PathLike,
     *,
+    detector: str | os.PathLike | None = None,
+    min_score: float | None = None,
+    max_hands: int | None = None,
     batch_size: int | None = None,
     limit: int = 512,
     workers: int | None = None,
     device: str | None = None,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Time predict on up to `limit` images of the folder `images`; print a table and a JSON line."""
+    """Time predict on up to `limit` images of the folder `images`; print a table and a JSON line.
+    With `detector`: the detector path (see the module docstring)."""
+    if detector is not None:
+        return bench_detector_path(
+            model,
+            images,
+            detector,
+            min_score=min_score,
+            max_hands=max_hands,
+            batch_size=batch_size,
+            limit=limit,
+            workers=workers,
+            device=device,
+            repeats=repeats,
+        )
     console = make_console()
     dev = pick_device(device)
     net, spec = load_model(model, dev)
@@ -124,6 +153,133 @@ def bench_predict(
     return result
 
 
+def bench_detector_path(
+    model: str | os.PathLike,
+    images: str | os.PathLike,
+    detector: str | os.PathLike,
+    *,
+    min_score: float | None = None,
+    max_hands: int | None = None,
+    batch_size: int | None = None,
+    limit: int = 512,
+    workers: int | None = None,
+    device: str | None = None,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Detector + keypoints end to end against the two models' forward passes alone (same run)."""
+    console = make_console()
+    dev = pick_device(device)
+    net, spec = load_model(model, dev)
+    dnet, dspec = load_detector(detector, dev)
+    files = _images(Path(images), limit)
+    n = len(files)
+    for f in files:  # every row reads from the page cache, none from the disk
+        f.read_bytes()
+    batch_size = batch_size or default_batch_size(dev)
+    crops = _ready_batch(files, spec, batch_size)
+    photos = _detector_batch(files, dspec, batch_size)
+    batches = max(3, math.ceil(n / batch_size))
+    threads = torch.get_num_threads()
+    hands = [0.0]  # hands per photo kept by the last end-to-end run
+
+    def e2e(*, torch_threads: int | None = None, **kw: Any) -> float:
+        opts: dict[str, Any] = {
+            "batch_size": batch_size,
+            "workers": workers,
+            "device": str(dev),
+            "quiet": True,
+        }
+        with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+            torch.set_num_threads(torch_threads or threads)
+            try:
+                start = time.perf_counter()
+                summary = predict(model, files, tmp, **(opts | kw))
+                rate = n / (time.perf_counter() - start)
+            finally:
+                torch.set_num_threads(threads)
+        if "detector" in kw:
+            hands[0] = summary["predictions"] / max(1, summary["images"])
+        return rate
+
+    found: dict[str, Any] = {"detector": detector, "min_score": min_score, "max_hands": max_hands}
+
+    def alone(m: torch.nn.Module, mspec: Any, batch: torch.Tensor, torch_threads: int) -> float:
+        torch.set_num_threads(torch_threads)
+        try:
+            return model_only(m, mspec, batch, batches, True)
+        finally:
+            torch.set_num_threads(threads)
+
+    counts = sorted({threads, 1}, reverse=True)
+    measures: dict[str, Any] = {}
+    for t in counts:
+        measures[f"detector forward alone, {t} thread(s) (photos/s)"] = functools.partial(
+            alone, dnet, dspec, photos, t
+        )
+        measures[f"keypoint forward alone, {t} thread(s) (crops/s)"] = functools.partial(
+            alone, net, spec, crops, t
+        )
+        measures[f"{DETECTOR_E2E}, {t} thread(s)"] = functools.partial(e2e, torch_threads=t, **found)
+    measures[f"{DETECTOR_E2E}, {threads} thread(s), 1 decode thread"] = functools.partial(
+        e2e, workers=1, **found
+    )
+    measures[f"{END_TO_END}, whole image (default refine), {threads} thread(s)"] = e2e
+    rows = {name: 0.0 for name in measures}
+    for _ in range(repeats):  # interleaved rounds, each row keeps its best (see bench_predict)
+        for name, measure in measures.items():
+            rows[name] = max(rows[name], measure())
+    h = hands[0]
+    ratio = {}
+    for t in counts:
+        det_rate = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
+        kp_rate = rows[f"keypoint forward alone, {t} thread(s) (crops/s)"]
+        forward_only = 1.0 / (1.0 / det_rate + h / kp_rate)
+        rows[f"{FORWARD_ONLY}, {t} thread(s)"] = forward_only
+        ratio[t] = rows[f"{DETECTOR_E2E}, {t} thread(s)"] / forward_only
+    table = Table(
+        title=f"predict with a detector: {n} photos from {images}, {h:.2f} hands per photo kept, "
+        f"batch {batch_size}, {dev}"
+    )
+    table.add_column("")
+    table.add_column("per s", justify="right")
+    for name, rate in rows.items():
+        table.add_row(name, f"{rate:.1f}")
+    console.print(table)
+    best = max(counts, key=lambda t: rows[f"{DETECTOR_E2E}, {t} thread(s)"])
+    for t in counts:
+        console.print(
+            f"{t} thread(s): detector + keypoints end to end = {ratio[t]:.2f} x the forward passes alone"
+        )
+    result = {
+        "bench": "predict",
+        "images": n,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "threads": threads,
+        "hands_per_photo": round(h, 3),
+        "detector_images_per_s": round(rows[f"{DETECTOR_E2E}, {threads} thread(s)"], 2),
+        "forward_only_images_per_s": round(rows[f"{FORWARD_ONLY}, {threads} thread(s)"], 2),
+        "detector_vs_forward_only": round(ratio[threads], 3),
+        "best_threads": best,
+        "best_detector_vs_forward_only": round(ratio[best], 3),
+        "whole_image_images_per_s": round(
+            rows[f"{END_TO_END}, whole image (default refine), {threads} thread(s)"], 2
+        ),
+        "rows": {k: round(v, 2) for k, v in rows.items()},
+    }
+    print(json.dumps(result))
+    return result
+
+
+def _detector_batch(files: list[Path], spec: DetectorSpec, batch_size: int) -> torch.Tensor:
+    """The first `batch_size` photos letterboxed for the detector as predict does (repeated if fewer)."""
+    inputs = []
+    for i in range(batch_size):
+        data = files[i % len(files)].read_bytes()
+        inputs.append(photo_input(data, *image_size_of(data), spec)[0])
+    return torch.from_numpy(np.stack(inputs))
+
+
 def _images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise HandposeError(f"{folder}: not a folder of images")
@@ -144,7 +300,11 @@ def _ready_batch(files: list[Path], spec: ModelSpec, batch_size: int) -> torch.T
 
 
 def model_only(
-    net: torch.nn.Module, spec: ModelSpec, batch: torch.Tensor, batches: int, channels_last: bool
+    net: torch.nn.Module,
+    spec: ModelSpec | DetectorSpec,
+    batch: torch.Tensor,
+    batches: int,
+    channels_last: bool,
 ) -> float:
     """Forward passes alone on one ready, normalised batch: images/s."""
     device = next(net.parameters()).device
