@@ -112,11 +112,20 @@ Examples:
   handpose predict runs/demo/checkpoints/best.pt data/shards --split test --out runs/test
   handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
+  handpose predict hands ~/photos --out runs/photos          (the bundled model)
+  handpose predict hands.onnx ~/photos --out runs/photos     (onnxruntime)
+  handpose predict hands clip.mp4 --out runs/clip --every 2 --overlay-video
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
     "export": """\b
 Examples:
   handpose export runs/hands/checkpoints/best.pt --out hands.onnx
-  handpose export model_final --out tutorial.onnx     (the tutorial's weights)""",
+  handpose export model_final --out tutorial.onnx     (the tutorial's weights)
+  handpose export hands --out hands.onnx               (the bundled model)
+  handpose export runs/hands/checkpoints/best.pt --out hands.pt   (weights only, a third the size)""",
+    "models": """\b
+Examples:
+  handpose models
+  handpose predict hands ~/photos --out runs/photos""",
     "bench onnx": """\b
 Example:
   handpose bench onnx --batch-sizes 1,4,32 --threads 2""",
@@ -295,16 +304,18 @@ def train(
 @app.command(epilog=EXAMPLES["predict"])
 def predict(
     model: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+            help="A bundled model's name (hands; see handpose models), a handpose checkpoint (any "
+            "architecture), an exported .onnx (run on onnxruntime), or a bare state_dict (tutorial weights).",
+            show_default=False,
         ),
     ],
     inputs: Annotated[
         list[Path],
         typer.Argument(
-            help="Images, folders, a FreiHAND root, a YOLO-pose dataset (root or dataset yaml), "
-            "or a shards folder."
+            help="Images, videos, folders (of images and videos), a FreiHAND root, a YOLO-pose "
+            "dataset (root or dataset yaml), or a shards folder."
         ),
     ],
     out: Annotated[
@@ -347,11 +358,23 @@ def predict(
     workers: Annotated[
         Optional[int], typer.Option(help="Decode threads [default: cores - 1 on CUDA, 0 on CPU].")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu | cuda | cuda:N [default: cuda if the model's runtime has it].")
+    ] = None,
     verify: Verify = True,
+    every: Annotated[
+        Optional[int], typer.Option(help="Videos: predict every Nth frame (0, N, 2N, ...) [default: 1].")
+    ] = None,
+    overlay_video: Annotated[
+        bool,
+        typer.Option(
+            "--overlay-video", help="Videos: also write each one with the skeletons drawn (overlays/*.mp4)."
+        ),
+    ] = False,
 ) -> None:
-    """Predict keypoints for every image (or every hand box); with labels, write an error report.
-    Under torchrun the inputs are split across the ranks and merged into one result."""
+    """Predict keypoints for every image (or every hand box) and every video frame; with labels,
+    write an error report. Under torchrun the inputs are split across the ranks and merged into
+    one result."""
     from handpose.predict import predict as run
 
     run(
@@ -368,25 +391,52 @@ def predict(
         workers=workers,
         device=device,
         verify=verify,
+        every=every,
+        overlay_video=overlay_video,
     )
 
 
 @app.command(epilog=EXAMPLES["export"])
 def export(
     model: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+            help="A bundled model's name, a handpose checkpoint (any architecture), or a bare "
+            "state_dict (tutorial weights).",
+            show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option(help="The .onnx file to write (only this file is written).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The file to write (only this file is written): model.onnx, or model.pt for the "
+            "checkpoint's weights alone (no optimizer or RNG state: the file to ship)."
+        ),
+    ],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a model to ONNX: uint8 RGB crops in, keypoints (input px) and scores out, with
-    everything predict needs in its metadata. Needs the onnx extra: pip install 'handpose[onnx]'."""
+    everything predict needs in its metadata (needs the onnx extra: pip install 'handpose[onnx]').
+    With --out NAME.pt: the checkpoint without its training state."""
     from handpose.export import export as run
 
     run(model, out, overwrite=overwrite)
+
+
+@app.command(epilog=EXAMPLES["models"])
+def models(
+    name: Annotated[
+        Optional[str], typer.Argument(help="One bundled model [default: all].", show_default=False)
+    ] = None,
+) -> None:
+    """The models bundled with handpose (use a name as MODEL: handpose predict hands photos/ --out p),
+    each with its card: files and sha256, training data and licences, recipe, command, figures."""
+    from handpose.models import bundled_names, describe
+
+    names = bundled_names()
+    if name is not None and name not in names:
+        raise HandposeError(f"{name}: no bundled model of that name (bundled: {', '.join(names) or 'none'})")
+    print("\n\n".join(describe(n) for n in ([name] if name else names)) or "no bundled models")
 
 
 @bench_app.command("pack", epilog=EXAMPLES["bench pack"])

@@ -15,11 +15,13 @@
 chunks, ranks, resume, outputs) feeds it chunk by chunk. `Predictor` is the same path for one
 image in memory, so its keypoints are predict's for that image and model:
 
-    net, spec = checkpoint.load_model("best.pt", torch.device("cpu"))
+    net, spec = models.load_model("best.pt", torch.device("cpu"))
     hands = Predictor(net, spec)(Path("photo.jpg").read_bytes())   # [Crop(uv=..., score=...)]
 
 A model comes with its `model.ModelSpec` (input size, normalisation, preprocessing, the crop it
-was trained on, box_pad, box_to_keypoints), from `checkpoint.load_model`.
+was trained on, box_pad, box_to_keypoints), from `models.load_model`: a PyTorch module or an
+exported graph on onnxruntime (`onnx_model.OnnxModel`), which `forward` runs alike. The Python
+API (`handpose.load`, api.py) is a Runner over many images at once.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from handpose.geometry import (
 )
 from handpose.imageio import decode_image, image_size, warp_image_to_input, warp_to_input
 from handpose.model import ModelSpec
+from handpose.onnx_model import OnnxModel
 from handpose.skeleton import NUM_JOINTS
 
 ImageData = bytes | np.ndarray  # encoded image bytes, or RGB uint8 (H, W, 3) as displayed
+Net = torch.nn.Module | OnnxModel  # a loaded model (`models.load_model`): PyTorch or onnxruntime
 DEFAULT_REFINE = 1  # refinement passes for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
 MIN_SIDE_PX = 8  # smaller images cannot show a hand
 # Data errors while reading or decoding one image: that image fails, the others go on.
@@ -172,10 +176,12 @@ def crops_of(
 
 
 def forward(
-    net: torch.nn.Module, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
+    net: Net, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21),
-    through the model's own `decode`."""
+    through the model's own `decode` (an exported graph holds normalisation and decoder)."""
+    if isinstance(net, OnnxModel):
+        return net(images)
     device = next(net.parameters()).device
     # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -187,6 +193,13 @@ def forward(
         out = net(x)
     uv, score = net.decode(out)  # type: ignore[operator]
     return uv.float().cpu().numpy().astype(np.float64), score.float().cpu().numpy()
+
+
+def model_device(net: Net) -> torch.device:
+    """Where a loaded model runs (an ONNX model: CUDA when its first provider is CUDA's)."""
+    if isinstance(net, OnnxModel):
+        return torch.device("cuda" if net.providers[0] == "CUDAExecutionProvider" else "cpu")
+    return next(net.parameters()).device
 
 
 def to_source(uv: np.ndarray, region: Region, size: int) -> np.ndarray:
@@ -214,7 +227,7 @@ class Runner:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: Net,
         spec: ModelSpec,
         *,
         batch_size: int,
@@ -254,13 +267,21 @@ class Runner:
             return None
 
     def _model(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Model-input keypoints (N, 21, 2) and scores (N, 21) of N inputs, in batches."""
+        """Model-input keypoints (N, 21, 2) and scores (N, 21) of N inputs, in batches.
+
+        Every forward pass sees `batch_size` crops (a short last batch is filled with copies of
+        its last crop, whose answers are dropped): PyTorch's CPU kernels round differently for other
+        batch sizes (3e-5 input px between batches of 1 and 4), so a crop's numbers would depend
+        on how many crops came with it: predict's chunks, the API's calls and a video's frames
+        give each image the same numbers."""
         uv, score = [], []
         for k in range(0, len(inputs), self.batch_size):
-            batch = torch.from_numpy(np.stack(inputs[k : k + self.batch_size]))
+            crops = inputs[k : k + self.batch_size]
+            fill = [crops[-1]] * (self.batch_size - len(crops))
+            batch = torch.from_numpy(np.stack(crops + fill))
             u, s = forward(self.net, batch, self.spec, channels_last=self.channels_last)
-            uv.append(u)
-            score.append(s)
+            uv.append(u[: len(crops)])
+            score.append(s[: len(crops)])
         if not uv:
             return np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS))
         return np.concatenate(uv), np.concatenate(score)
@@ -273,14 +294,14 @@ class Predictor:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: Net,
         spec: ModelSpec,
         *,
         refine: int | None = None,
         batch_size: int | None = None,
         channels_last: bool = True,
     ):
-        device = next(net.parameters()).device
+        device = model_device(net)
         self.runner = Runner(
             net,
             spec,

@@ -31,12 +31,12 @@ import torch
 from PIL import Image
 from rich.table import Table
 
-from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.inference import crops_of, default_batch_size, image_size_of
 from handpose.model import ModelSpec
-from handpose.predict import pick_device, predict
+from handpose.models import load_model, pick_device
+from handpose.predict import predict
 from handpose.predict_inputs import suffix_list
 from handpose.sources.files import is_image, walk
 
