@@ -131,7 +131,8 @@ Example:
   handpose bench onnx --batch-sizes 1,4,32 --threads 2""",
     "bench video": """\b
 Example:
-  handpose bench video --frames 150 --workdir bench-out/video""",
+  handpose bench video --frames 150 --workdir bench-out/video
+  handpose bench video --frames 150 --model hands""",
     "bench pack": """\b
 Examples:
   handpose bench pack --n 2000 --workdir bench-out/pack
@@ -144,7 +145,8 @@ Example:
   handpose bench train data/shards --config pipelines/cpu_demo.toml --steps 20""",
     "bench predict": """\b
 Example:
-  handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256""",
+  handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256
+  handpose bench predict hands ~/photos --limit 256 --onnx""",
 }
 
 
@@ -494,17 +496,25 @@ def bench_train(
 
 @bench_app.command("predict", epilog=EXAMPLES["bench predict"])
 def bench_predict(
-    model: Annotated[Path, typer.Argument(help="Checkpoint or bare state_dict.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A bundled model's name, a checkpoint or a bare state_dict.", show_default=False),
+    ],
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many images.")] = 512,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also export the model and time it on onnxruntime.")
+    ] = False,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
 ) -> None:
-    """Predict images/s end to end vs model-only forward vs a tutorial-style loop."""
+    """Predict images/s end to end vs model-only forward vs a tutorial-style loop, and the Python
+    API's (handpose.load) on the same images; --onnx: onnxruntime's against PyTorch's."""
     from handpose.bench.predict import bench_predict as run
 
-    run(model, images, batch_size=batch_size, limit=limit)
+    run(model, images, batch_size=batch_size, limit=limit, onnx=onnx, repeats=rounds)
 
 
 @bench_app.command("onnx", epilog=EXAMPLES["bench onnx"])
@@ -528,11 +538,17 @@ def bench_video(
     frames: Annotated[int, typer.Option(help="Frames per generated clip.")] = 150,
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the clips.")] = Path("bench-out/video"),
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Also predict each clip with this model (a bundled name, a checkpoint, a .onnx)."),
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="--model's device [default: as predict].")] = None,
 ) -> None:
-    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames."""
+    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames;
+    with --model, predict's frames/s against decoding alone and the model alone."""
     from handpose.bench.video import bench_video as run
 
-    run(workdir, frames=frames, rounds=rounds)
+    run(workdir, frames=frames, rounds=rounds, model=model, device=device)
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -532,11 +532,11 @@ def _reason(e: BaseException) -> str:
     return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__
 
 
-def _module_digest(net: torch.nn.Module, spec: ModelSpec) -> str:
-    """An in-memory model's identity for resuming: its class, spec and weights."""
-    return checkpoint.digest(
-        {"class": type(net).__qualname__, "spec": repr(spec), "weights": net.state_dict()}
-    )
+def _module_digest(net: Net, spec: ModelSpec) -> str:
+    """An in-memory model's identity for resuming: its class, spec and weights (an ONNX model's
+    spec holds its file's digest)."""
+    weights = net.state_dict() if isinstance(net, torch.nn.Module) else {}
+    return checkpoint.digest({"class": type(net).__qualname__, "spec": repr(spec), "weights": weights})
 
 
 def default_workers(device: torch.device) -> int:

@@ -211,3 +211,18 @@ def test_help_is_enough() -> None:
     for word in ("bundled", ".onnx", "detector", "device", "Hand", "keypoints (21, 2)", "HandposeError"):
         assert word in doc, word
     assert handpose.HandposeError is handpose.errors.HandposeError
+
+
+def test_bench_predict_times_the_api_and_onnxruntime(
+    model_file: Path, photos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`handpose bench predict --onnx` runs every row (API and onnxruntime ones too) on the same
+    photos and reports their ratios (no timing is checked)."""
+    from handpose.bench.predict import API, ONNX_API, ONNX_END_TO_END, ONNX_MODEL_ONLY, bench_predict
+
+    result = bench_predict(model_file, photos[0].parent, limit=5, repeats=1, onnx=True, device="cpu")
+    assert {API, ONNX_API, ONNX_END_TO_END, ONNX_MODEL_ONLY} <= result["rows"].keys()
+    assert all(rate > 0 for rate in result["rows"].values()) and result["images"] == 5
+    for key in ("api_vs_end_to_end", "onnx_vs_pytorch_end_to_end", "onnx_vs_pytorch_model_only"):
+        assert result[key] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "predict"

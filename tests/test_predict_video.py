@@ -164,10 +164,8 @@ def test_video_options_need_a_video(tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_split_a_video_like_one_process(tmp_path: Path) -> None:
-    """Two ranks cut the same chunks of one video (each decodes it, converts its own chunks'
-    frames) and rank 0 merges the result one process writes."""
+def _checkpoint(path: Path) -> None:
+    """A small strided checkpoint (random weights), trained on box crops: predict refines once."""
     import torch
 
     from handpose import checkpoint
@@ -181,8 +179,29 @@ def test_torchrun_two_ranks_split_a_video_like_one_process(tmp_path: Path) -> No
         "norm": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]},
         "epoch": 1,
         "step": 1,
+        "sets": [{"crop": "box"}],
     }
-    checkpoint.save(tmp_path / "m.pt", state)
+    checkpoint.save(path, state)
+
+
+def test_bench_video_with_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`handpose bench video --model`: per clip a model-only and a predict row, predict's ratio to
+    the slower of decoding and the model (no timing is checked)."""
+    from handpose.bench.video import SIZES, bench_video
+
+    _checkpoint(tmp_path / "m.pt")
+    rows = bench_video(tmp_path / "clips", frames=3, rounds=1, model=tmp_path / "m.pt", device="cpu")
+    ways = ("decode", "decode, frame threads", "iter_frames", "iter_frames every 5", "model only", "predict")
+    assert [(r["clip"], r["way"]) for r in rows] == [(clip, way) for clip in SIZES for way in ways]
+    assert all(r["predict_vs_slower"] > 0 for r in rows if r["way"] == "predict")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == rows
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_a_video_like_one_process(tmp_path: Path) -> None:
+    """Two ranks cut the same chunks of one video (each decodes it, converts its own chunks'
+    frames) and rank 0 merges the result one process writes."""
+    _checkpoint(tmp_path / "m.pt")
     _encode(tmp_path / "clip.mp4", 50)
     args = [
         "-m",
