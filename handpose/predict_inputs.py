@@ -128,6 +128,7 @@ def read_image(src: Source) -> bytes | np.ndarray:
     """What the inference path reads of one input: a video frame's pixels, else the image bytes."""
     if src.pixels is not None:
         return src.pixels
+    assert src.frame is None, "a frame of a chunk this rank does not predict was read"
     return read_bytes(src)
 
 
