@@ -59,7 +59,7 @@ from handpose.inference import (
     image_size_of,
 )
 from handpose.model import ModelSpec
-from handpose.models import is_onnx, load_model, pick_device
+from handpose.models import detector_path, is_onnx, load_model, pick_device
 from handpose.predict_inputs import (
     BadInput,
     BoxSource,
@@ -150,6 +150,10 @@ def predict(
         spec = replace(spec, digest=spec.digest or _module_digest(net, spec))
     else:
         net, spec = load_model(model, world.device, channels_last=channels_last)
+    # DETECTOR SEAM: the detector a bundled model ships (models.detector_path; handpose.load runs
+    # it) is to be the default of predict's own detector option (predict --detector): connect it
+    # there. predict has no detector path yet, so it says the detector is not run.
+    shipped_detector = None if isinstance(model, tuple) else detector_path(model)
     job = _plan_job(
         spec,
         world,
@@ -178,6 +182,11 @@ def predict(
         mode = staging.open(job.fingerprint)
     mode = broadcast_object(mode, world)
     console = make_console(stderr=True, quiet=quiet or not world.is_main)
+    if shipped_detector is not None and isinstance(job.boxes, WholeImage):
+        console.print(
+            f"note: {model} ships a hand detector ({shipped_detector.name}); predict does not run it: "
+            "one hand per image (give --boxes, or use handpose.load, which runs it)"
+        )
     if mode == "commit":  # an earlier run finished everything but moving its files into place
         return _end(world, commit_only(staging) if world.is_main else {"rank": world.rank}, console)
     if mode == "resume":

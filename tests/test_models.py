@@ -196,3 +196,8 @@ def test_bundle_tool_writes_a_bundle_with_a_detector(
         main(["models", "mini"])
     text = capsys.readouterr().out
     assert "keypoints: mini.pt" in text and "detector: mini-detector.pt (centernet, 64 px" in text
+    # predict has no detector path yet (the seam in predict.predict): it says it does not run it.
+    (tmp_path / "p.png").write_bytes(encode(photo))
+    predict("mini", [tmp_path / "p.png"], tmp_path / "out", device="cpu")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "mini ships a hand detector (mini-detector.pt); predict does not run it" in err
