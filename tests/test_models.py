@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,17 +142,45 @@ def _detector(path: Path) -> None:
     checkpoint.save(path, state)
 
 
+def _bundle_tool(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("bundle_tool", ROOT / "tools" / "bundle.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "BUNDLED", folder)
+    return tool
+
+
+def test_bundle_tool_over_the_size_limit_leaves_the_bundle_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy_bundle(tmp_path, monkeypatch)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tool = _bundle_tool(monkeypatch, folder)
+    monkeypatch.setattr(tool, "MAX_BYTES", 1000)
+    _detector(tmp_path / "det.pt")
+    argv = [
+        "bundle.py",
+        "hands",
+        "--keypoints",
+        str(folder / "hands.pt"),
+        "--detector",
+        str(tmp_path / "det.pt"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="over the 0 MB limit"):
+        tool.main()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    models.bundle("hands")
+
+
 def test_bundle_tool_writes_a_bundle_with_a_detector(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """tools/bundle.py: weights-only files beside a card the loader accepts; `load(NAME)` then
     finds every hand with the bundle's detector; `handpose models` lists both files."""
     folder = _copy_bundle(tmp_path, monkeypatch)
-    spec = importlib.util.spec_from_file_location("bundle_tool", ROOT / "tools" / "bundle.py")
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    monkeypatch.setattr(tool, "BUNDLED", folder)
+    tool = _bundle_tool(monkeypatch, folder)
     _detector(tmp_path / "det.pt")
     hands = {
         "rows": [

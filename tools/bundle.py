@@ -34,15 +34,15 @@ from handpose.models import BUNDLED, CARD_FORMAT, CARD_VERSION, bundle, read_car
 MAX_BYTES = 10_000_000  # all bundled files together: package data, not a download
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    """A card's entry for a bundled checkpoint, read from the file itself."""
+def file_entry(path: Path, name: str) -> dict[str, Any]:
+    """A card's entry for a bundled checkpoint (to be called `name`), read from the file itself."""
     from handpose.shards import sha256_file
 
     state = checkpoint.load(path)
     config = {**checkpoint.OLD_FILES, **state["config"]}
     sets = state.get("sets") or [{"crop": list(config.get("crop") or ["image"])[0]}]
     return {
-        "file": path.name,
+        "file": name,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "arch": str(config["arch"]),
@@ -89,13 +89,29 @@ def main() -> None:
     head = {"format": CARD_FORMAT, "version": CARD_VERSION, "name": args.name}
     card = head | {k: v for k, v in card.items() if k not in head}
     BUNDLED.mkdir(exist_ok=True)
-    files = {}
-    for role, source in (("keypoints", args.keypoints), ("detector", args.detector)):
-        if source is None:
-            continue
-        dest = BUNDLED / (f"{args.name}.pt" if role == "keypoints" else f"{args.name}-{role}.pt")
-        export_weights(source, dest, overwrite=True)
-        files[role] = file_entry(dest)
+    # Written beside the bundle under temporary names, renamed only once all are checked: a
+    # refused bundle leaves the existing one (files and card) as it was.
+    files, staged = {}, {}
+    try:
+        for role, source in (("keypoints", args.keypoints), ("detector", args.detector)):
+            if source is None:
+                continue
+            dest = BUNDLED / (f"{args.name}.pt" if role == "keypoints" else f"{args.name}-{role}.pt")
+            tmp = dest.with_name(f".new-{dest.name}")
+            export_weights(source, tmp, overwrite=True)
+            staged[tmp] = dest
+            files[role] = file_entry(tmp, dest.name)
+        total = sum(f["bytes"] for f in files.values())
+        if total > MAX_BYTES:
+            raise SystemExit(
+                f"bundled files are {total / 1e6:.1f} MB: over the {MAX_BYTES / 1e6:.0f} MB limit"
+            )
+    except BaseException:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, dest in staged.items():
+        tmp.replace(dest)
     stale = BUNDLED / f"{args.name}-detector.pt"
     if args.detector is None and stale.exists():  # this tool's own file from an earlier bundle
         stale.unlink()
@@ -105,9 +121,6 @@ def main() -> None:
         card["figures"] = {**card.get("figures", {}), **figure_rows(args.figures)}
     if args.figures_on:
         card.setdefault("figures", {})["on"] = args.figures_on
-    total = sum(f["bytes"] for f in files.values())
-    if total > MAX_BYTES:
-        raise SystemExit(f"bundled files are {total / 1e6:.1f} MB: over the {MAX_BYTES / 1e6:.0f} MB limit")
     write_text(card_path, json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     read_card(args.name)  # every key there
     found = bundle(args.name)
