@@ -2,7 +2,7 @@
 """ONNX parity on real photos: `predict MODEL` and `predict MODEL.onnx` (exported here) on the same
 inputs, the keypoints compared in original pixels (refinement passes included).
 
-    tools/onnx_parity.py MODEL INPUT... [--out DIR] [--boxes gt --split val]
+    tools/onnx_parity.py MODEL INPUT... [--out DIR] [--boxes gt --split val] [--refine N]
 
 Prints one JSON line: images, predictions, mean and max |difference| in px (x and y of every
 keypoint), the max score difference, and both runs' images/s (one after the other on this
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="keep the two runs here (default: a temp folder)")
     ap.add_argument("--split")
     ap.add_argument("--boxes")
+    ap.add_argument("--refine", type=int, help="refinement passes on whole photos [predict's default]")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnx-parity-") as tmp:
         out = args.out or Path(tmp)
@@ -46,7 +47,14 @@ def main() -> None:
         runs = {}
         for kind, model in (("pytorch", args.model), ("onnxruntime", onnx)):
             runs[kind] = predict(
-                model, args.inputs, out / kind, split=args.split, boxes=args.boxes, device="cpu", quiet=True
+                model,
+                args.inputs,
+                out / kind,
+                split=args.split,
+                boxes=args.boxes,
+                refine=args.refine,
+                device="cpu",
+                quiet=True,
             )
         a, b = keypoints(out / "pytorch"), keypoints(out / "onnxruntime")
         d = np.abs(a[..., :2] - b[..., :2])
