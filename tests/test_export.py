@@ -284,7 +284,7 @@ def test_predict_onnx_writes_what_the_checkpoint_writes(
         assert a.shape == b.shape and a[..., :2].reshape(-1, 2).std(axis=0).min() > 5.0
         d = np.abs(a[..., :2] - b[..., :2])
         assert d.mean() <= MEAN_PX and d.max() <= MAX_PX, (d.mean(), d.max())
-        assert np.abs(a[..., 2] - b[..., 2]).max() <= 2e-4
+        assert np.abs(a[..., 2] - b[..., 2]).max() < 2.5e-4  # two units of the printed 4th decimal
         assert (pt / "errors.jsonl").read_bytes() == (onnx / "errors.jsonl").read_bytes()
 
 
