@@ -216,6 +216,15 @@ def verify(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """A verified checkpoint without what only a resume reads (TRAINING: optimizer, scheduler,
+    scaler, RNG states, loop state): the file to ship (`handpose export MODEL --out model.pt`,
+    the bundled models). It is still a checkpoint: `load`, `load_model` and
+    `detector.load_detector` read it; `train --resume` cannot continue from it. Pass it to `save`,
+    which writes its new digest."""
+    return {k: v for k, v in state.items() if k not in (*TRAINING, "sha256")}
+
+
 def exists(folder: str | os.PathLike, *, best: bool = False) -> bool:
     """Whether `folder` holds last.pt or prev.pt (with `best`, or best.pt), intact or not."""
     names = (LAST, PREV, BEST) if best else (LAST, PREV)

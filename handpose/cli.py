@@ -124,17 +124,27 @@ Examples:
   handpose predict best.pt data/hand-keypoints --split val --boxes gt --out runs/val
   handpose predict keypoints.pt --detector detector.pt ~/photos --out runs/hands --max-hands 2
   handpose predict model_final images/ --labels images/annotations.json --out runs/tutorial
+  handpose predict hands ~/photos --out runs/photos          (the bundled model)
+  handpose predict hands.onnx ~/photos --out runs/photos     (onnxruntime)
+  handpose predict hands clip.mp4 --out runs/clip --every 2 --overlay-video
   torchrun --nproc_per_node=2 -m handpose predict best.pt ~/photos --out runs/photos""",
     "export": """\b
 Examples:
   handpose export runs/hands/checkpoints/best.pt --out hands.onnx
-  handpose export model_final --out tutorial.onnx     (the tutorial's weights)""",
+  handpose export model_final --out tutorial.onnx     (the tutorial's weights)
+  handpose export hands --out hands.onnx               (the bundled model)
+  handpose export runs/hands/checkpoints/best.pt --out hands.pt   (weights only, a third the size)""",
+    "models": """\b
+Examples:
+  handpose models
+  handpose predict hands ~/photos --out runs/photos""",
     "bench onnx": """\b
 Example:
   handpose bench onnx --batch-sizes 1,4,32 --threads 2""",
     "bench video": """\b
 Example:
-  handpose bench video --frames 150 --workdir bench-out/video""",
+  handpose bench video --frames 150 --workdir bench-out/video
+  handpose bench video --frames 150 --model hands""",
     "bench pack": """\b
 Examples:
   handpose bench pack --n 2000 --workdir bench-out/pack
@@ -149,7 +159,8 @@ Example:
     "bench predict": """\b
 Example:
   handpose bench predict runs/demo/checkpoints/best.pt ~/photos --limit 256
-  handpose bench predict keypoints.pt photos-224/ --detector detector.pt""",
+  handpose bench predict keypoints.pt photos-224/ --detector detector.pt
+  handpose bench predict hands ~/photos --limit 256 --onnx""",
 }
 
 
@@ -323,16 +334,18 @@ def train(
 @app.command(epilog=EXAMPLES["predict"])
 def predict(
     model: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A handpose keypoint checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+            help="A bundled model's name (hands; see handpose models), a handpose checkpoint (any "
+            "architecture), an exported .onnx (run on onnxruntime), or a bare state_dict (tutorial weights).",
+            show_default=False,
         ),
     ],
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Images, folders, a FreiHAND root, a YOLO-pose dataset (root or dataset yaml), "
-            "or a shards folder or URL (https://, s3://, file://)."
+            help="Images, videos, folders (of images and videos), a FreiHAND root, a YOLO-pose "
+            "dataset (root or dataset yaml), or a shards folder or URL (https://, s3://, file://)."
         ),
     ],
     out: Annotated[
@@ -361,9 +374,13 @@ def predict(
         Optional[Path],
         typer.Option(
             help="A hand detector checkpoint (arch centernet): predict every hand it finds "
-            "(one line per hand) [default: the whole image]."
+            "(one line per hand) [default: a bundled model's own detector, else the whole image]."
         ),
     ] = None,
+    no_detector: Annotated[
+        bool,
+        typer.Option("--no-detector", help="Run a bundled model without its detector (the whole image)."),
+    ] = False,
     min_score: Annotated[
         Optional[float],
         typer.Option(
@@ -409,13 +426,25 @@ def predict(
     workers: Annotated[
         Optional[int], typer.Option(help="Decode threads [default: cores - 1 on CUDA, 0 on CPU].")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda [default: cuda if available].")] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu | cuda | cuda:N [default: cuda if the model's runtime has it].")
+    ] = None,
     verify: Verify = True,
     cache: Cache = None,
     cache_limit: CacheLimit = None,
+    every: Annotated[
+        Optional[int], typer.Option(help="Videos: predict every Nth frame (0, N, 2N, ...) [default: 1].")
+    ] = None,
+    overlay_video: Annotated[
+        bool,
+        typer.Option(
+            "--overlay-video", help="Videos: also write each one with the skeletons drawn (overlays/*.mp4)."
+        ),
+    ] = False,
 ) -> None:
-    """Predict keypoints for every image (or every hand box); with labels, write an error report.
-    Under torchrun the inputs are split across the ranks and merged into one result."""
+    """Predict keypoints for every image (or every hand box) and every video frame; with labels,
+    write an error report. Under torchrun the inputs are split across the ranks and merged into
+    one result."""
     from handpose.predict import predict as run
     from handpose.remote import make_cache
 
@@ -423,7 +452,7 @@ def predict(
         model,
         inputs,
         out,
-        detector=detector,
+        detector=False if no_detector else detector,
         min_score=min_score,
         max_hands=max_hands,
         min_presence=min_presence,
@@ -440,25 +469,52 @@ def predict(
         device=device,
         verify=verify,
         cache=make_cache(cache, cache_limit),
+        every=every,
+        overlay_video=overlay_video,
     )
 
 
 @app.command(epilog=EXAMPLES["export"])
 def export(
     model: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A handpose checkpoint (any architecture), or a bare state_dict (tutorial weights)."
+            help="A bundled model's name, a handpose checkpoint (any architecture), or a bare "
+            "state_dict (tutorial weights).",
+            show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option(help="The .onnx file to write (only this file is written).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The file to write (only this file is written): model.onnx, or model.pt for the "
+            "checkpoint's weights alone (no optimizer or RNG state: the file to ship)."
+        ),
+    ],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a model to ONNX: uint8 RGB crops in, keypoints (input px) and scores out, with
-    everything predict needs in its metadata. Needs the onnx extra: pip install 'handpose[onnx]'."""
+    everything predict needs in its metadata (needs the onnx extra: pip install 'handpose[onnx]').
+    With --out NAME.pt: the checkpoint without its training state."""
     from handpose.export import export as run
 
     run(model, out, overwrite=overwrite)
+
+
+@app.command(epilog=EXAMPLES["models"])
+def models(
+    name: Annotated[
+        Optional[str], typer.Argument(help="One bundled model [default: all].", show_default=False)
+    ] = None,
+) -> None:
+    """The models bundled with handpose (use a name as MODEL: handpose predict hands photos/ --out p),
+    each with its card: files and sha256, training data and licences, recipe, command, figures."""
+    from handpose.models import bundled_names, describe
+
+    names = bundled_names()
+    if name is not None and name not in names:
+        raise HandposeError(f"{name}: no bundled model of that name (bundled: {', '.join(names) or 'none'})")
+    print("\n\n".join(describe(n) for n in ([name] if name else names)) or "no bundled models")
 
 
 @bench_app.command("pack", epilog=EXAMPLES["bench pack"])
@@ -526,7 +582,10 @@ def bench_train(
 
 @bench_app.command("predict", epilog=EXAMPLES["bench predict"])
 def bench_predict(
-    model: Annotated[Path, typer.Argument(help="Checkpoint or bare state_dict.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A bundled model's name, a checkpoint or a bare state_dict.", show_default=False),
+    ],
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
     batch_size: Annotated[
         Optional[int], typer.Option(help="Images per forward pass [default: 64 on CUDA, 4 on CPU].")
@@ -544,9 +603,14 @@ def bench_predict(
     max_hands: Annotated[
         Optional[int], typer.Option(help="--detector: predict's --max-hands [default: 4].")
     ] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also export the model and time it on onnxruntime.")
+    ] = False,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
 ) -> None:
-    """Predict images/s end to end vs model-only forward vs a tutorial-style loop; with --detector,
-    detector + keypoints end to end vs the two models' forward passes alone."""
+    """Predict images/s end to end vs model-only forward vs a tutorial-style loop, and the Python
+    API's (handpose.load) on the same images; --onnx: onnxruntime's against PyTorch's; with
+    --detector, detector + keypoints end to end vs the two models' forward passes alone."""
     from handpose.bench.predict import bench_predict as run
 
     run(
@@ -557,6 +621,8 @@ def bench_predict(
         max_hands=max_hands,
         batch_size=batch_size,
         limit=limit,
+        onnx=onnx,
+        repeats=rounds,
     )
 
 
@@ -581,11 +647,17 @@ def bench_video(
     frames: Annotated[int, typer.Option(help="Frames per generated clip.")] = 150,
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the clips.")] = Path("bench-out/video"),
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each row keeps its best.")] = 3,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Also predict each clip with this model (a bundled name, a checkpoint, a .onnx)."),
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="--model's device [default: as predict].")] = None,
 ) -> None:
-    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames."""
+    """Video decoding frames/s of a generated 224 px and a 720p clip: decoder alone vs RGB frames;
+    with --model, predict's frames/s against decoding alone and the model alone."""
     from handpose.bench.video import bench_video as run
 
-    run(workdir, frames=frames, rounds=rounds)
+    run(workdir, frames=frames, rounds=rounds, model=model, device=device)
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -39,16 +39,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handpose import __version__
+from handpose import __version__, checkpoint
 from handpose.atomic import check_output_file, write_bytes
 from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.errors import HandposeError
 from handpose.inference import forward
 from handpose.model import ModelSpec, PoseModel
+from handpose.models import ONNX_SUFFIX, model_path
 from handpose.onnx_model import INPUT, INSTALL, KEYPOINTS, SCORES, OnnxModel, metadata_of
 from handpose.shards import sha256_file
 
+WEIGHTS_SUFFIX = ".pt"  # --out model.pt: the checkpoint's weights alone (export_weights)
 EXTRA = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs onnxscript; the check, onnxruntime
 PARITY_PX = 0.05  # largest keypoint difference (model-input px) onnxruntime vs PyTorch allowed
 PROBES = 4  # generated crops the export is checked on
@@ -79,15 +81,20 @@ class ExportGraph(nn.Module):
 def export(
     model: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
-    """Export `model` to the .onnx file `out` (refused if it exists, unless `overwrite`).
+    """Export `model` (a path, or a bundled model's name) to `out` (refused if it exists, unless
+    `overwrite`): a .onnx graph, or with a .pt `out` the checkpoint's weights alone
+    (`export_weights`).
 
     Returns {"out", "arch", "source", "input_size", "bytes", "sha256", "seconds", "parity_max_px",
     "parity_mean_px", "score_max_diff"}: the parity figures are onnxruntime against PyTorch on
     PROBES generated crops. Raises HandposeError (one line) without the `onnx` extra, for a bad
     MODEL or --out.
     """
+    model, out = model_path(model), Path(out)
+    if out.suffix.lower() == WEIGHTS_SUFFIX:
+        return export_weights(model, out, overwrite=overwrite, quiet=quiet)
     require_extra()
-    model, out = Path(model), _check_out(Path(out), Path(model), overwrite)
+    out = _check_out(out, model, overwrite)
     start = time.perf_counter()
     net, spec = load_model(model, torch.device("cpu"), channels_last=False)
     if not isinstance(net, PoseModel) or not net.arch:
@@ -117,6 +124,44 @@ def export(
     return summary
 
 
+def export_weights(
+    model: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """A handpose checkpoint (keypoint model or detector) without its optimizer, scheduler, RNG
+    and loop state (`checkpoint.weights_only`): what predict, `handpose.load` and a bundle need,
+    about a third of a training checkpoint. Written atomically at `out` (a .pt file) only.
+    Returns {"out", "arch", "bytes", "source_bytes", "sha256"}."""
+    model, out = Path(model), _check_out(Path(out), Path(model), overwrite)
+    if not model.is_file():
+        raise HandposeError(
+            f"{model}: model file not found" if not model.exists() else f"{model}: is not a file"
+        )
+    try:
+        state = checkpoint.load(model)
+    except checkpoint.CorruptCheckpoint as e:
+        tutorial = "not a handpose" in str(e)
+        raise HandposeError(
+            f"{model}: not a handpose checkpoint (the tutorial's state_dict is weights only already)"
+            if tutorial
+            else str(e)
+        ) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(out, checkpoint.weights_only(state))
+    arch = str({**checkpoint.OLD_FILES, **state["config"]}["arch"])
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "arch": arch,
+        "bytes": out.stat().st_size,
+        "source_bytes": model.stat().st_size,
+        "sha256": sha256_file(out),
+    }
+    make_console(quiet=quiet).print(
+        f"weights of {arch} ({model}, {summary['source_bytes'] / 1e6:.2f} MB) -> {out}: "
+        f"{summary['bytes'] / 1e6:.2f} MB"
+    )
+    return summary
+
+
 def require_extra() -> None:
     """One line naming what to install when the `onnx` extra is missing."""
     missing = []
@@ -130,9 +175,10 @@ def require_extra() -> None:
 
 
 def _check_out(out: Path, model: Path, overwrite: bool) -> Path:
-    """--out names one new .onnx file (or, with overwrite, one to replace); nothing else is written."""
-    if out.suffix.lower() != ".onnx":
-        raise HandposeError(f"--out {out}: give a file name ending in .onnx")
+    """--out names one new .onnx or .pt file (or, with overwrite, one to replace); nothing else
+    is written."""
+    if out.suffix.lower() not in (ONNX_SUFFIX, WEIGHTS_SUFFIX):
+        raise HandposeError(f"--out {out}: give a file name ending in .onnx (ONNX) or .pt (weights only)")
     check_output_file(out, "--out")
     if out.exists() and model.exists() and out.resolve() == model.resolve():
         raise HandposeError(f"--out {out}: is MODEL itself")

@@ -59,9 +59,15 @@ def decode_image(data: bytes, *, min_side: int = 0) -> tuple[np.ndarray, float]:
             return img, dct_scale(img.shape[1], jpeg_size(data)[0])
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return _to_rgb8(ImageOps.exif_transpose(im)), 1.0
+            return pil_to_rgb(im), 1.0
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image: {e}") from None
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """A Pillow image as RGB uint8 (H, W, 3) as displayed: EXIF rotation applied, greyscale,
+    palette, alpha (over black) and 16-bit made 8-bit RGB, as `decode_image` decodes files."""
+    return _to_rgb8(ImageOps.exif_transpose(im))
 
 
 def dct_scale(decoded_width: int, width: int) -> float:

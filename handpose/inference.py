@@ -24,14 +24,16 @@
 chunks, ranks, resume, outputs) feeds it chunk by chunk. `Predictor` is the same path for one
 image in memory, so its hands are predict's for that image and those models:
 
-    net, spec = checkpoint.load_model("best.pt", torch.device("cpu"))
+    net, spec = models.load_model("best.pt", torch.device("cpu"))
     hands = Predictor(net, spec)(Path("photo.jpg").read_bytes())   # [Crop(uv=..., score=...)]
     det = detector.load_detector("detector.pt")
     hands = Predictor(net, spec, detector=det)(pixels)              # every hand the detector finds
 
 A model comes with its `model.ModelSpec` (input size, normalisation, preprocessing, the crop it
-was trained on, box_pad, box_to_keypoints), from `checkpoint.load_model`; a detector with its
-`detector.DetectorSpec`, from `detector.load_detector`.
+was trained on, box_pad, box_to_keypoints), from `models.load_model`: a PyTorch module or an
+exported graph on onnxruntime (`onnx_model.OnnxModel`), which `forward` runs alike; a detector
+with its `detector.DetectorSpec`, from `detector.load_detector`. The Python API
+(`handpose.load`, api.py) is a Runner over many images at once.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 from PIL import Image
 
 from handpose.detector import DetectorSpec, detect, photo_boxes, photo_input
+from handpose.errors import HandposeError
 from handpose.geometry import (
     Region,
     apply_affine,
@@ -58,9 +61,11 @@ from handpose.geometry import (
 )
 from handpose.imageio import decode_image, image_size, warp_image_to_input, warp_to_input
 from handpose.model import ModelSpec, flip_test
+from handpose.onnx_model import OnnxModel
 from handpose.skeleton import NUM_JOINTS
 
 ImageData = bytes | np.ndarray  # encoded image bytes, or RGB uint8 (H, W, 3) as displayed
+Net = torch.nn.Module | OnnxModel  # a loaded model (`models.load_model`): PyTorch or onnxruntime
 DEFAULT_REFINE = 1  # refinement passes for box-crop models: 1 beat 0 and 2 on real photos (BENCHMARKS.md)
 # With a detector: one pass in the box of the keypoints the detector's crop gave beat none on
 # every pose figure of the val photos (BENCHMARKS.md; a detector mid-training, so provisional).
@@ -288,16 +293,16 @@ def crops_of(
 
 
 def forward(
-    net: torch.nn.Module, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
+    net: Net, images: torch.Tensor, spec: ModelSpec, *, channels_last: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels and scores (B, 21),
-    through the model's own `decode`."""
+    through the model's own `decode` (an exported graph holds normalisation and decoder)."""
     uv, score, _ = forward_hands(net, images, spec, channels_last=channels_last)
     return uv, score
 
 
 def forward_hands(
-    net: torch.nn.Module,
+    net: Net,
     images: torch.Tensor,
     spec: ModelSpec,
     *,
@@ -305,8 +310,14 @@ def forward_hands(
     flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """uint8 (B, size, size, 3) -> keypoints (B, 21, 2) in model-input pixels, scores (B, 21) and
-    the hand-presence probability (B,) (None without a presence head), through the model's own
-    `decode` and `presence`; `flip`: each input and its mirror, averaged (`model.flip_test`)."""
+    the hand-presence probability (B,) (None without a presence head, and for an exported graph,
+    which has no presence output), through the model's own `decode` and `presence`; `flip`: each
+    input and its mirror, averaged (`model.flip_test`; PyTorch models only)."""
+    if isinstance(net, OnnxModel):
+        if flip:
+            raise HandposeError("--flip-test runs on a PyTorch checkpoint, not on an exported .onnx model")
+        onnx_uv, onnx_score = net(images)
+        return onnx_uv, onnx_score, None
     device = next(net.parameters()).device
     # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -326,6 +337,13 @@ def forward_hands(
         score.float().cpu().numpy(),
         None if presence is None else presence.float().cpu().numpy(),
     )
+
+
+def model_device(net: Net) -> torch.device:
+    """Where a loaded model runs (an ONNX model: CUDA when its first provider is CUDA's)."""
+    if isinstance(net, OnnxModel):
+        return torch.device("cuda" if net.providers[0] == "CUDAExecutionProvider" else "cpu")
+    return next(net.parameters()).device
 
 
 def to_source(uv: np.ndarray, region: Region, size: int, angle: float = 0.0) -> np.ndarray:
@@ -366,7 +384,7 @@ class Runner:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: Net,
         spec: ModelSpec,
         *,
         batch_size: int,
@@ -462,17 +480,25 @@ class Runner:
 
     def _model(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Model-input keypoints (N, 21, 2), scores (N, 21) and presence (N,) or None of N inputs,
-        in batches."""
+        in batches.
+
+        Every forward pass sees `batch_size` crops (a short last batch is filled with copies of
+        its last crop, whose answers are dropped): PyTorch's CPU kernels round differently for other
+        batch sizes (3e-5 input px between batches of 1 and 4), so a crop's numbers would depend
+        on how many crops came with it: predict's chunks, the API's calls and a video's frames
+        give each image the same numbers."""
         uv, score, presence = [], [], []
         for k in range(0, len(inputs), self.batch_size):
-            batch = torch.from_numpy(np.stack(inputs[k : k + self.batch_size]))
+            crops = inputs[k : k + self.batch_size]
+            fill = [crops[-1]] * (self.batch_size - len(crops))
+            batch = torch.from_numpy(np.stack(crops + fill))
             u, s, p = forward_hands(
                 self.net, batch, self.spec, channels_last=self.channels_last, flip=self.flip_test
             )
-            uv.append(u)
-            score.append(s)
+            uv.append(u[: len(crops)])
+            score.append(s[: len(crops)])
             if p is not None:
-                presence.append(p)
+                presence.append(p[: len(crops)])
         if not uv:
             return np.empty((0, NUM_JOINTS, 2)), np.empty((0, NUM_JOINTS)), None
         return np.concatenate(uv), np.concatenate(score), np.concatenate(presence) if presence else None
@@ -489,7 +515,7 @@ class Predictor:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: Net,
         spec: ModelSpec,
         *,
         detector: tuple[torch.nn.Module, DetectorSpec] | None = None,
@@ -502,7 +528,7 @@ class Predictor:
         batch_size: int | None = None,
         channels_last: bool = True,
     ):
-        device = next(net.parameters()).device
+        device = model_device(net)
         self.finder = None
         if detector is not None:
             dnet, dspec = detector

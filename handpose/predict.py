@@ -12,8 +12,9 @@ of the input stream shared out to the ranks, the resume point, and the end. Per 
   the chunk's lines (`predict_outputs`) appended to this
   rank's part with a checkpoint (`predict_staging`). Rank 0 then merges the parts, writes the
   report (`report.py`) and the overlays, and commits them into --out (`predict_outputs.finish`).
-The model comes from `checkpoint.load_model` (a handpose checkpoint or the tutorial's weights),
-the detector from `detector.load_detector`.
+The model comes from `models.load_model` (a bundled model's name, a handpose checkpoint, the
+tutorial's weights, or a `handpose export` .onnx run on onnxruntime), the detector from
+`detector.load_detector` (a bundled model's own, by default).
 
 OUT/
   predictions.jsonl  one line per hand, input order: {"path", "width", "height", "hand",
@@ -45,9 +46,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from handpose import checkpoint, report
+from handpose import checkpoint, predict_video, report
 from handpose.atomic import check_output_dir, inside
-from handpose.checkpoint import load_model
 from handpose.console import make_console
 from handpose.cpu import cores
 from handpose.detector import DetectorSpec, load_detector
@@ -58,6 +58,7 @@ from handpose.inference import (
     DEFAULT_MAX_HANDS,
     REFINE_MODES,
     Finder,
+    Net,
     Runner,
     default_batch_size,
     default_refine,
@@ -65,6 +66,7 @@ from handpose.inference import (
     photo_of,
 )
 from handpose.model import ModelSpec
+from handpose.models import detector_path, is_onnx, load_model, pick_device
 from handpose.predict_inputs import (
     BadInput,
     BoxSource,
@@ -72,6 +74,7 @@ from handpose.predict_inputs import (
     Input,
     LabelledBoxes,
     Scan,
+    Source,
     Unit,
     WholeImage,
     check_split,
@@ -81,7 +84,7 @@ from handpose.predict_inputs import (
     load_coco_labels,
     open_boxes,
     plan_inputs,
-    read_bytes,
+    read_image,
     scan,
     stamp_of,
     suffix_list,
@@ -114,11 +117,11 @@ Detector = tuple[torch.nn.Module, DetectorSpec]
 
 
 def predict(
-    model: str | os.PathLike | tuple[torch.nn.Module, ModelSpec],
+    model: str | os.PathLike | tuple[Net, ModelSpec],
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    detector: str | os.PathLike | Detector | None = None,
+    detector: str | os.PathLike | Detector | bool | None = None,
     min_score: float | None = None,
     max_hands: int | None = None,
     min_presence: float | None = None,
@@ -137,33 +140,51 @@ def predict(
     channels_last: bool = True,
     verify: bool = True,
     cache: Cache | None = None,
+    every: int | None = None,
+    overlay_video: bool = False,
 ) -> dict[str, Any]:
     """Predict keypoints for every input image into `out`; with labels, write an error report.
 
-    model: a checkpoint / state_dict path, or an already loaded (module with `decode`, ModelSpec)
-    pair. detector: a detector checkpoint path (or a loaded (CenterNet, DetectorSpec) pair):
-    predict every hand it finds scoring >= min_score (default: the checkpoint's), at most
-    max_hands per photo (default 4). boxes: None (the detector's, else whole images), "gt" (the
-    labelled boxes), a COCO detections json or a YOLO labels folder; given boxes win over the
-    detector. min_presence: drop hands whose presence probability (models with a presence head)
-    is lower (None: `inference.shows_hand`'s default). refine: passes in the predicted hand's
-    box (None: `inference.default_refine`; 1 with refine_mode "upright"), refine_mode "box" or
-    "upright" (the crop turned so that wrist -> middle MCP points up). flip_test: average each
-    crop with its mirror. verify: check a shards folder's sha256s before reading it (sizes are
-    always checked; a URL's are checked as they stream). cache: where the shards of a shards URL
-    are kept (remote.Cache; None: streamed).
+    model: a bundled model's name (`hands`), a checkpoint / state_dict / .onnx path, or an
+    already loaded (module with `decode` or `onnx_model.OnnxModel`, ModelSpec) pair.
+    inputs: images, folders (their images and videos), videos, datasets, shards folders or URLs.
+    detector: a detector checkpoint path (or a loaded (CenterNet, DetectorSpec) pair; False: none;
+    default: the bundled model's own when it ships one): predict every hand it finds scoring >= min_score
+    (default: the checkpoint's), at most max_hands per photo (default 4). boxes: None (the
+    detector's, else whole images), "gt" (the labelled boxes), a COCO detections json or a YOLO
+    labels folder; given boxes win over the detector. min_presence: drop hands whose presence
+    probability (models with a presence head) is lower (None: `inference.shows_hand`'s default).
+    refine: passes in the predicted hand's box (None: `inference.default_refine`; 1 with
+    refine_mode "upright"), refine_mode "box" or "upright" (the crop turned so that wrist ->
+    middle MCP points up). flip_test: average each crop with its mirror. verify: check a shards
+    folder's sha256s before reading it (sizes are always checked; a URL's are checked as they
+    stream). cache: where the shards of a shards URL are kept (remote.Cache; None: streamed).
+    every: videos: predict every Nth frame (default 1: all). overlay_video: also write each video
+    with the skeletons drawn (OUT/overlays/video-K-NAME.mp4).
     Returns a summary ({"images", "predictions", "errors", "seconds", "images_per_s", "report",
     ...}; under torchrun rank 0's holds the whole run). Re-running an interrupted run resumes it.
     Raises HandposeError for a user mistake, or when nothing could be predicted (after writing
     errors.jsonl).
     """
+    if detector is None and not isinstance(model, tuple):
+        detector = detector_path(model)  # a bundled model's own detector (models.detector_path)
+    if isinstance(detector, bool):
+        if detector:
+            raise HandposeError("detector=True: give a detector checkpoint, or False for none")
+        detector = None
     _check_numbers(
-        batch_size=batch_size, workers=workers, overlays=overlays, refine=refine, max_hands=max_hands
+        batch_size=batch_size,
+        workers=workers,
+        overlays=overlays,
+        refine=refine,
+        max_hands=max_hands,
+        every=every,
     )
     _check_options(detector, min_score, max_hands, min_presence, refine_mode)
     out = check_output_dir(out, "--out")
     coco_rel = coco_name(out, coco)
-    world = _join_world(pick_device(device))
+    world = _join_world(pick_device(device, onnx=is_onnx(model)))
+    net: Net
     if isinstance(model, tuple):
         net, spec = model
         spec = replace(spec, digest=spec.digest or _module_digest(net, spec))
@@ -194,6 +215,8 @@ def predict(
         workers=workers,
         channels_last=channels_last,
         cache=cache,
+        every=every,
+        overlay_video=overlay_video,
     )
     staging = Staging(out)
     mode = None
@@ -251,6 +274,7 @@ def predict(
             "min_score": job.finder.min_score,
             "max_hands": job.finder.max_hands,
         },
+        **({"videos": len(job.found.videos), "every": job.every} if job.found.videos else {}),
     }
     summary = finish(
         staging,
@@ -261,6 +285,8 @@ def predict(
         run=run,
         seconds=time.perf_counter() - start,
         console=console,
+        videos=job.found.videos if job.overlay_video else [],
+        every=job.every,
     )
     return _end(world, summary, console)
 
@@ -327,6 +353,8 @@ class _Job:
     found: Scan
     names: list[str]  # files the run will (or may) write in OUT
     fingerprint: dict[str, Any]
+    every: int = 1  # videos: every Nth frame
+    overlay_video: bool = False
 
 
 def _plan_job(
@@ -349,6 +377,8 @@ def _plan_job(
     workers: int | None,
     channels_last: bool,
     cache: Cache | None = None,
+    every: int | None = None,
+    overlay_video: bool = False,
 ) -> _Job:
     """Check the inputs and options (HandposeError before anything is written) and scan the
     inputs once: their fingerprint and count."""
@@ -374,6 +404,7 @@ def _plan_job(
             f"--labels {labels}: matches none of the {found.plain} input images (by file_name under "
             f"{Path(labels).parent}, or by a base name that occurs once)"
         )
+    _check_video_options(found, box_source, every, overlay_video)
     batch_size = batch_size or default_batch_size(world.device)
     chunk = _chunk_size(batch_size)
     fingerprint = {
@@ -396,6 +427,8 @@ def _plan_job(
             "batch_size": batch_size,
             "channels_last": channels_last,
             "device": world.device.type,
+            "every": every or 1,
+            "overlay_video": overlay_video,
         },
     }
     names = [*OWN_NAMES[:3], *(report.OUTPUTS if labelled else ()), *([coco_rel] if coco_rel else [])]
@@ -415,6 +448,8 @@ def _plan_job(
         found,
         names,
         fingerprint,
+        every or 1,
+        overlay_video,
     )
 
 
@@ -426,13 +461,23 @@ def _run_part(job: _Job, ctx: _Context, world: World, folder: Path, console: Con
         state = RankState.load(part.state, *keep_counts(job.overlays))
         state.counts["fresh_images"] = 0
         units = iter_units(job.plan, job.out, split=job.split, labels=job.labels)
-        mine = ((c, u) for c, u in _chunks(units, job.chunk) if c % world.world_size == world.rank)
+        W, done_before = world.world_size, part.chunks
+
+        def wanted(c: int) -> bool:  # this rank's chunks after those an interrupted run did
+            return c % W == world.rank and c // W >= done_before
+
+        cut = predict_video.chunks(units, job.chunk, every=job.every, wanted=wanted)
+        mine = ((c, u) for c, u in cut if c % world.world_size == world.rank)
         todo = max(0, _my_units(job.found.units, job.chunk, world) - part.chunks * job.chunk)
         start = time.perf_counter()
         with _progress(console) as progress, torch.inference_mode():
-            task = progress.add_task("predict", total=todo, rate=0.0)
+            # videos: frames are counted as they come; the next chunk decodes while this one runs
+            task = progress.add_task("predict", total=None if job.found.videos else todo, rate=0.0)
             done = 0
-            for cid, opened in _opened(_skip(mine, part.chunks), ctx):
+            todo_chunks = _skip(mine, part.chunks)
+            if job.found.videos:
+                todo_chunks = predict_video.prefetch(todo_chunks)
+            for cid, opened in _opened(todo_chunks, ctx):
                 ctx.runner.run([x.photo for x in opened if isinstance(x, InputImage)])
                 data = chunk_outputs(cid, opened, state, job.overlays, ctx.runner.spec.box_to_keypoints)
                 state.counts["fresh_images"] += len(opened)
@@ -506,12 +551,13 @@ def _open_image(unit: Unit, ctx: _Context) -> InputImage | BadInput:
     errors.jsonl line)."""
     if isinstance(unit, BadInput):
         return unit
+    assert isinstance(unit, Source), "chunks hold a video's frames, never the video"
     spec, finder = ctx.runner.spec, ctx.runner.finder
     try:
-        data = read_bytes(unit)
+        data = read_image(unit)
         width, height = image_size_of(data)
         hands, problems = labels_of(unit, width, height)
-        read = functools.partial(read_bytes, unit)
+        read = functools.partial(read_image, unit)
         if finder is not None:
             photo = photo_of(data, width, height, None, spec, finder, read)
         else:
@@ -546,10 +592,22 @@ def _opened(chunks: Iterator[tuple[int, list[Unit]]], ctx: _Context) -> Iterator
 
 
 def _check_numbers(**values: int | None) -> None:
-    least = {"batch_size": 1, "workers": 0, "overlays": 0, "refine": 0, "max_hands": 1}
+    least = {"batch_size": 1, "workers": 0, "overlays": 0, "refine": 0, "max_hands": 1, "every": 1}
     for name, value in values.items():
         if value is not None and value < least[name]:
             raise HandposeError(f"--{name.replace('_', '-')} {value}: must be >= {least[name]}")
+
+
+def _check_video_options(found: Scan, boxes: BoxSource, every: int | None, overlay_video: bool) -> None:
+    """--every and --overlay-video need a video among the inputs; --boxes cannot name a frame."""
+    if found.videos and not isinstance(boxes, WholeImage):
+        raise HandposeError(
+            f"--boxes {boxes.spec}: applies to images; {found.videos[0]} is a video "
+            "(predict videos without --boxes)"
+        )
+    for flag, given in (("--every", every is not None), ("--overlay-video", overlay_video)):
+        if given and not found.videos:
+            raise HandposeError(f"{flag}: applies to videos; none is among the inputs")
 
 
 def coco_name(out: Path, coco: str | os.PathLike | None) -> str | None:
@@ -601,18 +659,6 @@ def _chunk_size(batch_size: int) -> int:
     return batch_size * max(1, math.ceil(MIN_CHUNK / batch_size))
 
 
-def _chunks(units: Iterator[Unit], size: int) -> Iterator[tuple[int, list[Unit]]]:
-    chunk: list[Unit] = []
-    cid = 0
-    for unit in units:
-        chunk.append(unit)
-        if len(chunk) == size:
-            yield cid, chunk
-            cid, chunk = cid + 1, []
-    if chunk:
-        yield cid, chunk
-
-
 def _join_world(dev: torch.device) -> World:
     """One process, or this rank of a torchrun job (each rank its own device: cuda:LOCAL_RANK,
     else the CPU, where each rank gets its share of the cores)."""
@@ -631,27 +677,14 @@ def _reason(e: BaseException) -> str:
     return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__
 
 
-def _module_digest(net: torch.nn.Module, spec: ModelSpec | DetectorSpec) -> str:
-    """An in-memory model's identity for resuming: its class, spec and weights."""
-    return checkpoint.digest(
-        {"class": type(net).__qualname__, "spec": repr(spec), "weights": net.state_dict()}
-    )
+def _module_digest(net: Net | torch.nn.Module, spec: ModelSpec | DetectorSpec) -> str:
+    """An in-memory model's identity for resuming: its class, spec and weights (an ONNX model's
+    spec holds its file's digest)."""
+    weights = net.state_dict() if isinstance(net, torch.nn.Module) else {}
+    return checkpoint.digest({"class": type(net).__qualname__, "spec": repr(spec), "weights": weights})
 
 
 def default_workers(device: torch.device) -> int:
     """Decode threads: cores - 1 beside a GPU; none on a CPU, where the model already uses every
     core and decoding elsewhere only competes with it (see BENCHMARKS.md)."""
     return max(0, cores() - 1) if device.type == "cuda" else 0
-
-
-def pick_device(device: str | None) -> torch.device:
-    """`device` as given, else CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise HandposeError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HandposeError(f"--device {device}: CUDA is not available on this machine")
-    return dev

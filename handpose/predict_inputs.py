@@ -11,9 +11,13 @@ INPUT kinds, detected in this order:
   YOLO-pose dataset (a dataset yaml, or a folder with SRC/{split}/images, SRC/images/{split} or
                                       SRC/images + SRC/labels)  the --split split folder(s)
                                       [default test]; labels by `sources.yolo`'s rules
-  any other folder                    every image below it, recursively, in path order
+  any other folder                    every image and video below it, recursively, in path order
   an image file                       that file
+  a video file                        its frames (`video.VIDEO_SUFFIXES`; predict_video.py)
 (Images: the files `sources.files` calls images, in every kind of input alike.)
+
+A video is one `VideoInput` unit here; predict_video.py turns it into one Source per kept frame
+(its pixels, number and time) as the chunks are cut, decoding it once.
 
 Everything is a generator: folders are listed one directory at a time, shards read one shard at
 a time, label files read when their image is, so memory does not grow with the number of images.
@@ -53,10 +57,11 @@ from handpose.shards import (
 from handpose.sources import load_json, numeric_array
 from handpose.sources import yolo as yolo_source
 from handpose.sources.files import IMAGE_SUFFIXES, is_image, walk
+from handpose.video import VIDEO_SUFFIXES, is_video
 
 DEFAULT_SPLIT = "test"
 FREIHAND_SPLITS = ("train", "training", "eval", "evaluation", "test")
-KINDS = ("shards", "freihand", "yolo", "folder", "image")
+KINDS = ("shards", "freihand", "yolo", "folder", "image", "video")
 SPLIT_KINDS = ("shards", "freihand", "yolo")  # kinds that --split applies to
 
 
@@ -94,6 +99,19 @@ class Source:
     yolo_dims: int | None = None  # the dataset's kpt_shape[1], if given
     stamp: str = ""  # size and mtime of what the outputs depend on (the resume fingerprint)
     plain: bool = False  # a file or a folder's image: what --labels labels
+    frame: int | None = None  # a video's frame: its number (display order, from 0); `file` is the video
+    time: float | None = None  # and its time in seconds from the stream's start
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # the frame, RGB
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """A video file in the input stream: its kept frames become Sources as chunks are cut."""
+
+    ordinal: int
+    path: str
+    name: str  # relative name (to its input folder)
+    stamp: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,15 @@ class BadInput:
     reason: str
 
 
-Unit = Source | BadInput
+Unit = Source | BadInput | VideoInput
+
+
+def read_image(src: Source) -> bytes | np.ndarray:
+    """What the inference path reads of one input: a video frame's pixels, else the image bytes."""
+    if src.pixels is not None:
+        return src.pixels
+    assert src.frame is None, "a frame of a chunk this rank does not predict was read"
+    return read_bytes(src)
 
 
 def read_bytes(src: Source) -> bytes:
@@ -168,6 +194,8 @@ def classify(path: Path) -> Input:
         suffix = path.suffix.lower()
         if suffix in (".yaml", ".yml"):
             return Input(path, "yolo")
+        if is_video(path):
+            return Input(path, "video")
         return Input(path, "image" if is_image(path.name) else "unsupported")
     return Input(path, "missing")
 
@@ -187,7 +215,7 @@ def plan_inputs(
     out_real = os.path.realpath(out)
     plan, seen = [], set()
     for r, i in zip(real, classified, strict=True):
-        inside_walk = i.kind in ("folder", "image") and any(
+        inside_walk = i.kind in ("folder", "image", "video") and any(
             r != w and r.startswith(w.rstrip(os.sep) + os.sep) for w in walked
         )
         if r in seen or inside_walk or (i.kind == "folder" and r == out_real):
@@ -277,9 +305,12 @@ def _units(i: Input, out: Path, split: str | None, labels: CocoLabels | None) ->
         yield BadInput(0, str(i.path), reason)
     elif i.kind == "image":
         yield _plain(i.path, i.path.name, labels)
+    elif i.kind == "video":
+        yield _video(i.path, i.path.name)
     elif i.kind == "folder":
-        for p in map(Path, walk(i.path, is_image, skip=out)):
-            yield _plain(p, p.relative_to(i.path).as_posix(), labels)
+        for p in map(Path, walk(i.path, _is_media, skip=out)):
+            name = p.relative_to(i.path).as_posix()
+            yield _video(p, name) if is_video(p) else _plain(p, name, labels)
     elif i.kind == "shards":
         yield from _shard_units(i.location, split or DEFAULT_SPLIT, i.cache)
     elif i.kind == "freihand":
@@ -302,6 +333,15 @@ def _plain(path: Path, name: str, labels: CocoLabels | None) -> Source:
         stamp=f"{st.st_size}:{st.st_mtime_ns}",
         plain=True,
     )
+
+
+def _is_media(name: str) -> bool:
+    return is_image(name) or is_video(name)
+
+
+def _video(path: Path, name: str) -> VideoInput:
+    st = path.stat()
+    return VideoInput(0, str(path), name, f"{st.st_size}:{st.st_mtime_ns}")
 
 
 def _shard_set(root: Path | remote.Url, split: str, cache: remote.Cache | None = None) -> list[Path]:
@@ -467,8 +507,8 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def suffix_list() -> str:
-    """The image suffixes, as a message lists them (".jpg, .png, ...")."""
-    return ", ".join(f".{s}" for s in IMAGE_SUFFIXES)
+    """The image and video suffixes, as a message lists them (".jpg, .png, ..., videos .mp4, ...")."""
+    return ", ".join(f".{s}" for s in IMAGE_SUFFIXES) + "; videos " + ", ".join(VIDEO_SUFFIXES)
 
 
 def labelled_kinds(plan: Sequence[Input], labels: CocoLabels | None) -> bool:
@@ -480,6 +520,8 @@ def unit_descriptor(unit: Unit) -> str:
     """What identifies a unit for the resume fingerprint: where it is and its files' stamps."""
     if isinstance(unit, BadInput):
         return f"P|{unit.path}|{unit.reason}"
+    if isinstance(unit, VideoInput):
+        return f"V|{unit.path}|{unit.stamp}"
     return f"S|{unit.path}|{unit.file}|{unit.sample}|{unit.stamp}"
 
 
@@ -492,21 +534,25 @@ class Scan:
     images: int
     plain: int  # images from files and folders (what --labels labels)
     plain_labelled: int
+    videos: list[str] = field(default_factory=list)  # the video files, in stream order
 
 
 def scan(units: Iterator[Unit]) -> Scan:
     """Fingerprint and count a unit stream (memory independent of its length)."""
     h = hashlib.sha256()
     n = images = plain = plain_labelled = 0
+    videos = []
     for unit in units:
         h.update(unit_descriptor(unit).encode("utf-8", "surrogateescape") + b"\n")
         n += 1
+        if isinstance(unit, VideoInput):
+            videos.append(unit.path)
         if isinstance(unit, Source):
             images += 1
             if unit.plain:
                 plain += 1
                 plain_labelled += unit.hands is not None
-    return Scan(h.hexdigest(), n, images, plain, plain_labelled)
+    return Scan(h.hexdigest(), n, images, plain, plain_labelled, videos)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from handpose.predict_staging import (
     part_state,
     write_coco_array,
 )
+from handpose.predict_video import frame_image, write_overlay_videos
 
 # matches.u8: per prediction of a labelled photo, its ranking score and two bit sets (bit t: a
 # true positive at metrics.THRESHOLDS[t]) by box IoU and by OKS.
@@ -234,6 +235,7 @@ def _score(
         "order": order,
         "file": img.src.file,
         "sample": img.src.sample,
+        "frame": img.src.frame,
         "pred": np.round(uv, 3).tolist(),
         "box": None if box is None else np.round(box, 3).tolist(),
         "region": [round(float(v), 3) for v in crop.region],
@@ -261,9 +263,11 @@ def error_line(p: BadInput) -> str:
 
 def prediction_line(img: InputImage, k: int, entry: dict[str, Any]) -> str:
     """A predictions.jsonl line (see predict.py's docstring)."""
-    crop = img.crops[k]
+    crop, src = img.crops[k], img.src
+    frame = {"frame": src.frame, "time": round(src.time or 0.0, 6)} if src.frame is not None else {}
     rec: dict[str, Any] = {
-        "path": img.src.path,
+        "path": src.path,
+        **frame,
         "width": img.width,
         "height": img.height,
         "hand": crop.hand,
@@ -316,10 +320,13 @@ def finish(
     run: dict[str, Any],
     seconds: float,
     console: Console,
+    videos: list[str] | None = None,
+    every: int = 1,
 ) -> dict[str, Any]:
     """Merge the ranks' parts, write the COCO results, the report and the overlays into the
     staging folder's final/, and commit them into OUT with run.json's record (`run`: what the job
-    was, added to the counts). Returns the record with the report."""
+    was, added to the counts); `videos`: write their overlay videos (--overlay-video, every
+    `every`-th frame). Returns the record with the report."""
     keep = keep_counts(overlays)
     parts = [staging.part(r) for r in range(world_size)]
     states = [RankState.load(part_state(p), *keep) for p in parts]
@@ -360,6 +367,8 @@ def finish(
         if rep is not None:
             files += list(report.OUTPUTS)
     files += write_overlays(final, overlays, extremes, first)
+    if videos:
+        files += write_overlay_videos(final, final / PREDICTIONS, videos, every)
     fresh = counts["fresh_images"]
     record = {
         "images": counts["images"],
@@ -397,7 +406,10 @@ def _read_report(out: Path) -> dict[str, Any] | None:
 
 
 def load_entry_image(entry: dict[str, Any]) -> np.ndarray:
-    """The image of a kept hand (report gallery, overlays), read again from where it was."""
+    """The image of a kept hand (report gallery, overlays), read again from where it was (a
+    video's frame: decoded again)."""
+    if entry.get("frame") is not None:
+        return frame_image(entry["file"], int(entry["frame"]))
     src = Source(0, entry["path"], entry["file"], "", sample=int(entry["sample"]))
     return decode_image(read_bytes(src))[0]
 
@@ -422,7 +434,8 @@ def write_overlays(final: Path, n: int, extremes: report.Extremes, first: list[d
     names = []
     for tag, e in picks:
         caption = f"{e['error_px']:.1f} px" if "error_px" in e else None
-        name = f"overlays/{tag}-{Path(e['path']).stem}.png"
+        frame = f"-frame{e['frame']}" if e.get("frame") is not None else ""
+        name = f"overlays/{tag}-{Path(e['path']).stem}{frame}.png"
         report.save_png(report.draw_entry(load_entry_image(e), e, caption=caption), final / name)
         names.append(name)
     return names

@@ -115,10 +115,35 @@ def iter_frames(
     frame_threads: FFmpeg decodes several frames at once on every core (frames still come out in
     display order). Off by default: on 2 busy cores, where the model wants them too, they did
     not pay (`handpose bench video`); beside a GPU, with idle cores, they may."""
-    if every < 1:
-        raise HandposeError(f"--every {every}: must be >= 1")
     if start < 0:
         raise HandposeError(f"start frame {start}: must be >= 0")
+    for frame in decoded_frames(path, every=every, frame_threads=frame_threads):
+        if frame.index >= start:
+            yield Frame(frame.index, frame.time, frame.rgb())
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded frame not yet converted to RGB (`rgb()` converts it: the dearer half of the work,
+    which a caller skips for frames it does not keep)."""
+
+    index: int
+    time: float
+    frame: Any  # PyAV's VideoFrame
+
+    def rgb(self) -> np.ndarray:
+        """uint8 (H, W, 3) RGB as displayed."""
+        return _rgb(self.frame)
+
+
+def decoded_frames(
+    path: str | os.PathLike, *, every: int = 1, frame_threads: bool = False
+) -> Iterator[Decoded]:
+    """The frames with index % every == 0, decoded and not yet converted (`iter_frames` is this
+    with the conversion; predict converts only the frames of its own chunks). VideoError as
+    `iter_frames`."""
+    if every < 1:
+        raise HandposeError(f"--every {every}: must be >= 1")
     path = Path(path)
     av = require_av()
     with _open(path, frame_threads=frame_threads) as (container, stream):
@@ -136,8 +161,8 @@ def iter_frames(
                 raise VideoError(path, f"decoding failed after {index}{listed} ({_reason(e)})") from None
             if origin is None and frame.pts is not None:
                 origin = frame.pts
-            if index >= start and index % every == 0:
-                yield Frame(index, _time(frame, index, origin, rate, path), _rgb(frame))
+            if index % every == 0:
+                yield Decoded(index, _time(frame, index, origin, rate, path), frame)
             index, last = index + 1, frame
         _check_complete(path, stream, index, last, rate)
 

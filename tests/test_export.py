@@ -5,6 +5,7 @@ files and a missing extra are one line, and only --out is written."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yolokit
 from predictkit import encode, noise_image, smooth_image
 
 from handpose import __version__, checkpoint
@@ -22,6 +24,7 @@ from handpose.export import export
 from handpose.inference import crops_of, forward, image_size_of
 from handpose.model import ShallowUNet, model_from_config
 from handpose.onnx_model import METADATA, load_onnx, read_metadata, spec_from_metadata
+from handpose.predict import predict
 from handpose.skeleton import JOINT_NAMES
 
 MEAN_PX, MAX_PX = 0.01, 0.05  # the issue's parity targets, model-input pixels
@@ -245,6 +248,88 @@ def test_tutorial_weights_on_real_photos(shared_data: Path, tmp_path: Path) -> N
     assert d.mean() <= MEAN_PX and d.max() <= MAX_PX, (d.mean(), d.max())
 
 
+# ----------------------------------------------------------------------------- predict model.onnx
+
+
+def _keypoints(out: Path) -> np.ndarray:
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return np.array([r["keypoints"] for r in rows])
+
+
+@pytest.mark.parametrize("name", ["unet", "strided"])
+def test_predict_onnx_writes_what_the_checkpoint_writes(
+    name: str, models: dict[str, Path], exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """`predict model.onnx` on a labelled YOLO dataset (whole photos with the default refinement,
+    and --boxes gt): the checkpoint's files and report keys, keypoints within the parity targets
+    in original pixels, the run recorded as onnx."""
+    root = yolokit.write_dataset(tmp_path / "yolo", yolokit.default_spec())
+    for boxes in (None, "gt"):
+        outs = {}
+        for kind, model in (("pt", models[name]), ("onnx", exported[name])):
+            outs[kind] = tmp_path / f"{kind}-{boxes}"
+            predict(
+                model, [root], outs[kind], split="train", boxes=boxes, overlays=2, quiet=True, device="cpu"
+            )
+        pt, onnx = outs["pt"], outs["onnx"]
+        runs = {k: json.loads((v / "run.json").read_text()) for k, v in outs.items()}
+        assert runs["pt"]["files"] == runs["onnx"]["files"] and "report.json" in runs["pt"]["files"]
+        assert (
+            runs["onnx"]["model"] == "onnx (handpose checkpoint)"
+            and runs["onnx"]["refine"] == runs["pt"]["refine"]
+        )
+        reports = [json.loads((v / "report.json").read_text()) for v in (pt, onnx)]
+        assert reports[0].keys() == reports[1].keys()
+        a, b = _keypoints(pt), _keypoints(onnx)
+        assert a.shape == b.shape and a[..., :2].reshape(-1, 2).std(axis=0).min() > 5.0
+        d = np.abs(a[..., :2] - b[..., :2])
+        assert d.mean() <= MEAN_PX and d.max() <= MAX_PX, (d.mean(), d.max())
+        assert np.abs(a[..., 2] - b[..., 2]).max() < 2.5e-4  # two units of the printed 4th decimal
+        assert (pt / "errors.jsonl").read_bytes() == (onnx / "errors.jsonl").read_bytes()
+
+
+def test_bundled_model_onnx_parity_on_real_photos(shared_data: Path, tmp_path: Path) -> None:
+    """The bundled model (trained on real photos), exported, predicts the real val photos of the
+    sample within the parity targets of its checkpoint (original pixels, refinement included)."""
+    photos = shared_data / "hand-keypoints" / "sample" / "val" / "images"
+    export("hands", tmp_path / "hands.onnx", quiet=True)
+    for model, out in (("hands", tmp_path / "pt"), (tmp_path / "hands.onnx", tmp_path / "onnx")):
+        predict(model, [photos], out, quiet=True, device="cpu")
+    a, b = _keypoints(tmp_path / "pt"), _keypoints(tmp_path / "onnx")
+    d = np.abs(a[..., :2] - b[..., :2])
+    assert len(a) == 100 and d.mean() <= MEAN_PX and d.max() <= MAX_PX, (d.mean(), d.max())
+
+
+def test_weights_only_export(models: dict[str, Path], tmp_path: Path) -> None:
+    """--out NAME.pt: the checkpoint without its training state (optimizer moments here), a
+    smaller file that loads to the same model (same keypoints); the tutorial's bare weights and
+    an existing --out are refused in one line."""
+    source = tmp_path / "full.pt"
+    net = model_from_config(CONFIGS["strided"])
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.zeros(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    state = checkpoint.load(models["strided"]) | {"optimizer": optimizer.state_dict(), "world_size": 1}
+    checkpoint.save(source, {k: v for k, v in state.items() if k not in ("format", "version", "sha256")})
+    summary = export(source, tmp_path / "w.pt", quiet=True)
+    small = checkpoint.load(tmp_path / "w.pt")
+    assert summary["bytes"] < summary["source_bytes"] and summary["arch"] == "strided"
+    assert not set(checkpoint.TRAINING) & set(small) and set(checkpoint.REQUIRED) <= set(small)
+    full = checkpoint.load(source)
+    assert all(torch.equal(small["model"][k], full["model"][k]) for k in full["model"])
+    crops = _crops(32, load_model(source, torch.device("cpu"))[1])
+    outs = []
+    with torch.inference_mode():
+        for path in (source, tmp_path / "w.pt"):
+            loaded, spec = load_model(path, torch.device("cpu"))
+            outs.append(forward(loaded, torch.from_numpy(crops), spec)[0])
+    assert np.array_equal(outs[0], outs[1])
+    with pytest.raises(HandposeError, match="model_final: not a handpose checkpoint .* weights only already"):
+        export(models["tutorial"], tmp_path / "t.pt")
+    with pytest.raises(HandposeError, match="unet.pt: exists; pass --overwrite"):
+        export(models["strided"], models["unet"])
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -265,7 +350,7 @@ def test_cli_export_and_its_mistakes(
     (tmp_path / "folder.onnx").mkdir()
     cases = [
         (["export", str(models["unet"]), "--out", str(out)], "exists; pass --overwrite"),
-        (["export", str(models["unet"]), "--out", str(tmp_path / "m.pt")], "ending in .onnx"),
+        (["export", str(models["unet"]), "--out", str(tmp_path / "m.txt")], "ending in .onnx"),
         (["export", str(models["unet"]), "--out", str(tmp_path / "folder.onnx")], "is a folder"),
         (["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "n.onnx")], "model file not found"),
         (["export", str(out), "--out", str(tmp_path / "n2.onnx")], "not a PyTorch file"),

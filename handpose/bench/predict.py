@@ -9,6 +9,10 @@
   whole call (model load included, so it amortises over --limit images);
   plus one row with a speed-up switched off (channels_last), one with a decode thread, and
   model-only rows for NCHW and batch 1, so each win is measured.
+- API: `handpose.load(MODEL)` and one call on the list of all images (the same Runner, batched
+  inside), load included as in end to end: the Python API against the command's path.
+- with `onnx`: the model exported (`handpose export`) and run on onnxruntime: model only, end to
+  end (`predict model.onnx`) and API rows, against PyTorch's same rows.
 
 With --detector, the detector path instead (`predict(..., detector=...)`: every photo through the
 detector, each hand it keeps through the keypoint model), against the two models' forward
@@ -17,9 +21,10 @@ model's crops/s K combine into 1 / (1/D + h/K) photos/s for the h hands per phot
 run kept; rows with 1 torch thread and with a decode thread show what the CPU defaults cost; the
 whole-image path's end to end is the reference row.
 
-Prints a table, then one JSON line with images_per_s, model_only_images_per_s and
-tutorial_loop_images_per_s (with --detector: detector_images_per_s,
-forward_only_images_per_s, detector_vs_forward_only, hands_per_photo, whole_image_images_per_s).
+Prints a table, then one JSON line with images_per_s, model_only_images_per_s,
+tutorial_loop_images_per_s, api_images_per_s (with onnx the onnxruntime figures and ratios; with
+--detector: detector_images_per_s, forward_only_images_per_s, detector_vs_forward_only,
+hands_per_photo, whole_image_images_per_s).
 """
 
 from __future__ import annotations
@@ -40,13 +45,16 @@ import torch
 from PIL import Image
 from rich.table import Table
 
-from handpose.checkpoint import load_model
+from handpose.api import load
 from handpose.console import make_console
 from handpose.detector import DetectorSpec, load_detector, photo_input
 from handpose.errors import HandposeError
+from handpose.export import export
 from handpose.inference import crops_of, default_batch_size, image_size_of
 from handpose.model import ModelSpec
-from handpose.predict import pick_device, predict
+from handpose.models import load_model, pick_device
+from handpose.onnx_model import OnnxModel, load_onnx
+from handpose.predict import predict
 from handpose.predict_inputs import suffix_list
 from handpose.sources.files import is_image, walk
 
@@ -55,6 +63,10 @@ MODEL_ONLY = "model only (channels_last)"
 END_TO_END = "end to end"
 DETECTOR_E2E = "detector + keypoints, end to end"
 FORWARD_ONLY = "forward passes alone (detector + keypoints)"
+API = "API (handpose.load, one call on every image)"
+ONNX_MODEL_ONLY = "model only, onnxruntime"
+ONNX_END_TO_END = "end to end, onnxruntime (predict model.onnx)"
+ONNX_API = "API, onnxruntime"
 
 
 def bench_predict(
@@ -69,9 +81,11 @@ def bench_predict(
     workers: int | None = None,
     device: str | None = None,
     repeats: int = 3,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Time predict on up to `limit` images of the folder `images`; print a table and a JSON line.
-    With `detector`: the detector path (see the module docstring)."""
+    With `detector`: the detector path (see the module docstring). onnx: also the model exported
+    and run on onnxruntime (rows and ratios against PyTorch's)."""
     if detector is not None:
         return bench_detector_path(
             model,
@@ -88,6 +102,8 @@ def bench_predict(
     console = make_console()
     dev = pick_device(device)
     net, spec = load_model(model, dev)
+    if isinstance(net, OnnxModel):
+        raise HandposeError(f"{model}: give the PyTorch model (--onnx exports it and times both)")
     files = _images(Path(images), limit)
     n = len(files)
     for f in files:  # every row reads from the page cache, none from the disk
@@ -97,7 +113,7 @@ def bench_predict(
     batch = _ready_batch(files, spec, batch_size)
     batches = max(3, math.ceil(n / batch_size))
 
-    def e2e(subset: list[Path] = files, **kw: Any) -> float:
+    def e2e(subset: list[Path] = files, source: str | os.PathLike = model, **kw: Any) -> float:
         opts: dict[str, Any] = {
             "batch_size": batch_size,
             "workers": workers,
@@ -106,8 +122,13 @@ def bench_predict(
         }
         with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
             start = time.perf_counter()
-            predict(model, subset, tmp, **(opts | kw))
+            predict(source, subset, tmp, **(opts | kw))
             return len(subset) / (time.perf_counter() - start)
+
+    def api(source: str | os.PathLike = model) -> float:
+        start = time.perf_counter()
+        load(source, device=str(dev), batch_size=batch_size)(files)
+        return len(files) / (time.perf_counter() - start)
 
     measures = {
         TUTORIAL: lambda: tutorial_loop(net, spec, files),
@@ -118,13 +139,25 @@ def bench_predict(
         "end to end, NCHW": lambda: e2e(channels_last=False),
         "end to end, 1 decode thread": lambda: e2e(workers=1),
         "end to end, batch 1": lambda: e2e(files[:64], batch_size=1),  # batch-1 rows: 64 images
+        API: api,
     }
+    scratch = tempfile.TemporaryDirectory(prefix="bench-predict-onnx-")
+    if onnx:
+        exported = Path(scratch.name) / "model.onnx"
+        export(model, exported, quiet=True)
+        runtime, _ = load_onnx(exported, device=str(dev), threads=torch.get_num_threads())
+        measures |= {
+            ONNX_MODEL_ONLY: lambda: onnx_model_only(runtime, batch, batches),
+            ONNX_END_TO_END: lambda: e2e(source=exported),
+            ONNX_API: lambda: api(exported),
+        }
     # Rounds interleave the rows and each row keeps its best: on a shared machine a neighbour's
     # burst then slows one sample of a row, not a whole row.
     rows = {name: 0.0 for name in measures}
-    for _ in range(repeats):
-        for name, measure in measures.items():
-            rows[name] = max(rows[name], measure())
+    with scratch:
+        for _ in range(repeats):
+            for name, measure in measures.items():
+                rows[name] = max(rows[name], measure())
 
     ref_model, ref_tutorial = rows[MODEL_ONLY], rows[TUTORIAL]
     threads = torch.get_num_threads()
@@ -147,8 +180,17 @@ def bench_predict(
         "tutorial_loop_images_per_s": round(ref_tutorial, 2),
         "end_to_end_vs_model_only": round(rows[END_TO_END] / ref_model, 3),
         "end_to_end_vs_tutorial": round(rows[END_TO_END] / ref_tutorial, 3),
+        "api_images_per_s": round(rows[API], 2),
+        "api_vs_end_to_end": round(rows[API] / rows[END_TO_END], 3),
         "rows": {k: round(v, 2) for k, v in rows.items()},
     }
+    if onnx:
+        result |= {
+            "onnx_images_per_s": round(rows[ONNX_END_TO_END], 2),
+            "onnx_vs_pytorch_end_to_end": round(rows[ONNX_END_TO_END] / rows[END_TO_END], 3),
+            "onnx_vs_pytorch_model_only": round(rows[ONNX_MODEL_ONLY] / ref_model, 3),
+            "onnx_api_vs_onnx_end_to_end": round(rows[ONNX_API] / rows[ONNX_END_TO_END], 3),
+        }
     print(json.dumps(result))
     return result
 
@@ -170,6 +212,8 @@ def bench_detector_path(
     console = make_console()
     dev = pick_device(device)
     net, spec = load_model(model, dev)
+    if isinstance(net, OnnxModel):
+        raise HandposeError(f"{model}: give the PyTorch model (the detector path is timed on PyTorch)")
     dnet, dspec = load_detector(detector, dev)
     files = _images(Path(images), limit)
     n = len(files)
@@ -323,21 +367,31 @@ def model_only(
     return batches * len(batch) / (time.perf_counter() - start)
 
 
+def onnx_model_only(runtime: OnnxModel, batch: torch.Tensor, batches: int) -> float:
+    """The exported graph alone (normalisation and decoding inside) on the same ready batch."""
+    crops = batch.numpy()
+    runtime(crops)  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        runtime(crops)
+    return batches * len(crops) / (time.perf_counter() - start)
+
+
 def tutorial_loop(net: torch.nn.Module, spec: ModelSpec, files: list[Path]) -> float:
     """The tutorial's inference: per image PIL open + resize, numpy normalise, NCHW batch-1 forward,
     numpy heatmaps -> coordinates. Images/s."""
     device = next(net.parameters()).device
     m = copy.deepcopy(net).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
-    grid = np.arange(spec.size, dtype=np.float32)
 
     def one(path: Path) -> np.ndarray:
         image = Image.open(path).convert("RGB").resize((spec.size, spec.size), Image.Resampling.BILINEAR)
         x = (np.asarray(image, np.float32) / 255 - mean) / std
         with torch.no_grad():
             h = m(torch.from_numpy(x.transpose(2, 0, 1).copy())[None].to(device)).cpu().numpy()
+        grid = np.arange(h.shape[-1], dtype=np.float32)  # the maps' own side (strided: size / 4)
         h = h / h.sum(axis=(2, 3), keepdims=True)
-        return np.stack([(h.sum(axis=2) * grid).sum(-1), (h.sum(axis=3) * grid).sum(-1)], -1) / spec.size
+        return np.stack([(h.sum(axis=2) * grid).sum(-1), (h.sum(axis=3) * grid).sum(-1)], -1) / h.shape[-1]
 
     one(files[0])  # warm-up
     start = time.perf_counter()

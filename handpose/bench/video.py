@@ -7,6 +7,13 @@ an encoder must follow, not noise), H.264 written by `video.VideoWriter` into WO
   decode, frame threads   the same with FFmpeg's frame threads (`iter_frames(frame_threads=True)`)
   iter_frames             `video.iter_frames`: decode + RGB uint8, as predict receives frames
   iter_frames every 5     frames kept 1 in 5: the others are decoded but not converted
+With a MODEL (`--model`), per clip also:
+  model only              the model's forward passes on the clip's first frame as predict crops
+                          it (whole frame), ready in memory, at predict's batch size, divided by
+                          the passes predict makes per frame (1 + its refinement passes)
+  predict                 `predict(MODEL, clip)` end to end (decode, crops, forward, refinement,
+                          the lines and their checkpoints, the commit; model load included)
+  and `predict_vs_slower`: predict's frames/s against the slower of iter_frames and model only.
 Rows are timed in interleaved rounds and keep their best. Prints a table, then one JSON line.
 """
 
@@ -32,9 +39,15 @@ SIZES = {"224 px": (224, 224), "720p": (1280, 720)}
 
 
 def bench_video(
-    workdir: str | os.PathLike = "bench-out/video", *, frames: int = 150, rounds: int = 3
+    workdir: str | os.PathLike = "bench-out/video",
+    *,
+    frames: int = 150,
+    rounds: int = 3,
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Frames/s of each way of reading each generated clip; returns one row per clip and way."""
+    """Frames/s of each way of reading each generated clip (with `model`: and of predicting it);
+    returns one row per clip and way."""
     if frames < 1 or rounds < 1:
         raise HandposeError("--frames and --rounds must be >= 1")
     av = require_av()
@@ -68,6 +81,8 @@ def bench_video(
             ({**row, "way": "iter_frames"}, rgb),
             ({**row, "way": "iter_frames every 5"}, rgb_5),
         ]
+        if model is not None:
+            timers += _model_timers(model, clip, row, frames, device)
     best = [0.0] * len(timers)
     for _ in range(rounds):
         for k, (_, call) in enumerate(timers):
@@ -78,8 +93,49 @@ def bench_video(
     for row in rows:
         base = next(r for r in rows if r["clip"] == row["clip"] and r["way"] == "decode")
         row["vs_decode"] = round(row["frames_per_s"] / base["frames_per_s"], 3)
+        if row["way"] == "predict":
+            same = {r["way"]: r["frames_per_s"] for r in rows if r["clip"] == row["clip"]}
+            row["predict_vs_slower"] = round(
+                row["frames_per_s"] / min(same["iter_frames"], same["model only"]), 3
+            )
     _print(rows, rounds)
     return rows
+
+
+def _model_timers(
+    model: str | os.PathLike, clip: Path, row: dict[str, Any], frames: int, device: str | None
+) -> list[tuple[dict[str, Any], Callable[[], int]]]:
+    """The model-only and predict rows of one clip (see the module docstring). A timer returns the
+    frames it stands for: model only, frames / passes per frame."""
+    import tempfile
+
+    import torch
+
+    from handpose.inference import crops_of, default_batch_size, default_refine, forward
+    from handpose.models import is_onnx, load_model, pick_device
+    from handpose.predict import predict
+
+    dev = pick_device(device, onnx=is_onnx(model))
+    net, spec = load_model(model, dev)
+    first = next(iter_frames(clip)).image
+    (crop,) = crops_of(first, first.shape[1], first.shape[0], [None], spec)
+    batch_size = default_batch_size(dev)
+    batch = torch.from_numpy(np.stack([crop.input] * batch_size))  # type: ignore[list-item]
+    passes = 1 + default_refine(spec)
+
+    def model_only() -> int:
+        with torch.inference_mode():
+            forward(net, batch, spec)  # warm-up
+            for _ in range(0, frames * passes, batch_size):
+                forward(net, batch, spec)
+        return frames
+
+    def predict_clip() -> int:
+        with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+            predict(model, [clip], tmp, quiet=True, device=str(dev), batch_size=batch_size)
+        return frames
+
+    return [({**row, "way": "model only"}, model_only), ({**row, "way": "predict"}, predict_clip)]
 
 
 def make_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) -> None:
@@ -97,11 +153,12 @@ def make_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) -
 
 def _print(rows: list[dict[str, Any]], rounds: int) -> None:
     table = Table(title=f"video decoding, frames/s; best of {rounds} interleaved rounds")
-    for col in ("clip", "frames", "way", "frames/s", "x decode"):
+    for col in ("clip", "frames", "way", "frames/s", "x decode", "x slower of iter_frames, model"):
         table.add_column(col, justify="left" if col in ("clip", "way") else "right")
     for r in rows:
+        slower = f"{r['predict_vs_slower']:.2f}" if "predict_vs_slower" in r else ""
         table.add_row(
-            r["clip"], str(r["frames"]), r["way"], f"{r['frames_per_s']:.1f}", f"{r['vs_decode']:.2f}"
+            r["clip"], str(r["frames"]), r["way"], f"{r['frames_per_s']:.1f}", f"{r['vs_decode']:.2f}", slower
         )
     make_console().print(table)
     print(json.dumps({"bench": "video", "rows": rows}), flush=True)
