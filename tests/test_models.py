@@ -198,6 +198,8 @@ def test_bundle_tool_writes_a_bundle_with_a_detector(
         str(folder / "hands.pt"),
         "--detector",
         str(tmp_path / "det.pt"),
+        "--min-score",
+        "0.05",  # random weights: its peaks score about 0.1
     ]
     argv += ["--figures", str(tmp_path / "hands.json"), "--card", str(folder / "hands.json")]
     monkeypatch.setattr(sys, "argv", argv)
@@ -210,6 +212,8 @@ def test_bundle_tool_writes_a_bundle_with_a_detector(
         {"input": "labelled boxes", "mean_px": 1.0, "pct_box": 2.0, "pct_image": 3.0, "pck_box": 0.9}
     ]
     assert "rng" not in checkpoint.load(folder / "mini-detector.pt")
+    assert card["files"]["detector"]["min_score"] == 0.05
+    assert checkpoint.load(folder / "mini-detector.pt")["config"]["min_score"] == 0.05
     model = handpose.load("mini", device="cpu")
     assert model.detector is not None and handpose.load("mini", detector=False, device="cpu").detector is None
     photo = smooth_image(160, 120, 5)

@@ -53,6 +53,15 @@ def file_entry(path: Path, name: str) -> dict[str, Any]:
     }
 
 
+def set_min_score(path: Path, value: float) -> None:
+    """A weights-only detector file's default threshold (its config's min_score), rewritten."""
+    if not 0.0 <= value <= 1.0:
+        raise SystemExit(f"--min-score {value}: must be between 0 and 1")
+    state = checkpoint.load(path)
+    state["config"] = {**state["config"], "min_score": value}
+    checkpoint.save(path, state)
+
+
 def figure_rows(hands_json: Path) -> dict[str, Any]:
     """The trained model's rows of `make hands`' hands.json, in the card's figures format."""
     data = json.loads(hands_json.read_text())
@@ -80,6 +89,12 @@ def main() -> None:
     ap.add_argument("--figures", type=Path, help="make hands' hands.json: the val figures")
     ap.add_argument("--figures-on", help="what the figures were scored on (one line)")
     ap.add_argument("--card", type=Path, help="a json with the card's written fields")
+    ap.add_argument(
+        "--min-score",
+        type=float,
+        help="the bundled detector's default min_score (predict --min-score), when measured to beat "
+        "the one it was trained with; recorded in its file's config and on the card",
+    )
     args = ap.parse_args()
 
     card_path = BUNDLED / f"{args.name}.json"
@@ -99,8 +114,12 @@ def main() -> None:
             dest = BUNDLED / (f"{args.name}.pt" if role == "keypoints" else f"{args.name}-{role}.pt")
             tmp = dest.with_name(f".new-{dest.name}")
             export_weights(source, tmp, overwrite=True)
+            if role == "detector" and args.min_score is not None:
+                set_min_score(tmp, args.min_score)
             staged[tmp] = dest
             files[role] = file_entry(tmp, dest.name)
+            if role == "detector":
+                files[role]["min_score"] = float(checkpoint.load(tmp)["config"]["min_score"])
         total = sum(f["bytes"] for f in files.values())
         if total > MAX_BYTES:
             raise SystemExit(
