@@ -67,7 +67,7 @@ PHOTO_MEMBERS = ("jpg", "json", *READ_LABELS)  # the members read_photos reads
 
 
 @dataclass(frozen=True)
-class Photo:
+class TrainPhoto:
     """One photo with all its hands (source pixels of the photo as displayed)."""
 
     key: str  # its first hand's sample key
@@ -78,12 +78,12 @@ class Photo:
     labelled: np.ndarray  # (n, 21) bool
 
 
-Item = tuple[int, list[Photo], list[Square]]  # (set index, photos, their squares on the canvas)
+Item = tuple[int, list[TrainPhoto], list[Square]]  # (set index, photos, their squares on the canvas)
 
 
 def read_photos(
     tasks: Iterable[tuple[str, ShardTask]], skipped: list[tuple[str, str, str]], store: Store | None = None
-) -> Iterator[Photo]:
+) -> Iterator[TrainPhoto]:
     """The photos each task owns: those whose first hand's position lies in [start, stop). Reads
     from the sample before `start` (to tell whether `start` continues a photo) until the first
     photo that starts at or after `stop`. A sample with a data error (missing member, bad label)
@@ -110,8 +110,8 @@ def read_photos(
                 yield photo
 
 
-def _photo(run: list[tuple[int, dict]], skipped: list[tuple[str, str, str]]) -> Photo | None:
-    """The hands of one run of samples as a Photo (None when none of them can be read)."""
+def _photo(run: list[tuple[int, dict]], skipped: list[tuple[str, str, str]]) -> TrainPhoto | None:
+    """The hands of one run of samples as one photo (None when none of them can be read)."""
     boxes, uvs, labelled, keys = [], [], [], []
     for _, sample in run:
         key, url = sample["__key__"], sample["__url__"]
@@ -129,7 +129,7 @@ def _photo(run: list[tuple[int, dict]], skipped: list[tuple[str, str, str]]) -> 
         keys.append(key)
     if not keys:
         return None
-    return Photo(
+    return TrainPhoto(
         keys[0], run[0][1]["__url__"], run[0][1]["jpg"], np.stack(boxes), np.stack(uvs), np.stack(labelled)
     )
 
@@ -214,7 +214,7 @@ def item_labels(
 
 
 def compose_item(
-    photos: Sequence[Photo], squares: Sequence[Square], p: AugmentParams, size: int
+    photos: Sequence[TrainPhoto], squares: Sequence[Square], p: AugmentParams, size: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The WDS kind's item: uint8 (size, size, 3) canvas (each photo decoded and warped by its
     matrix, `imageio.warp_to_input`, the tiles added up), then blur/occlusion of `p`; and the
@@ -239,7 +239,7 @@ def compose_item(
     return blur_and_occlude(image, p), labels
 
 
-def item_key(photos: Sequence[Photo]) -> str:
+def item_key(photos: Sequence[TrainPhoto]) -> str:
     """An item's key: its photo's key, or the mosaic's photo keys joined by '+'."""
     return "+".join(ph.key for ph in photos)
 
@@ -282,7 +282,7 @@ class PhotoStream(_ShardStream):
 
     def _train_photos(
         self, i: int, slot: int, slots: int, rng: np.random.Generator, skipped: list
-    ) -> Iterator[Photo]:
+    ) -> Iterator[TrainPhoto]:
         """Set i's photos for this slot, endless, shuffled photo by photo: passes over its run (a
         new shard order each pass), or whole shards drawn with replacement when resampling, when
         the set is too small to give every slot a run, or when a run owns no photo."""
@@ -298,7 +298,7 @@ class PhotoStream(_ShardStream):
                     break  # a run inside one photo owns nothing: draw whole shards instead
         yield from self._shuffle(read_photos(self._resampled(s, set_rng), skipped, s.store), set_rng)
 
-    def _shuffle(self, photos: Iterator[Photo], rng: np.random.Generator) -> Iterator[Photo]:
+    def _shuffle(self, photos: Iterator[TrainPhoto], rng: np.random.Generator) -> Iterator[TrainPhoto]:
         """The keypoint loader's shuffle buffer (`_ShardStream._shuffled`), over photos."""
         return self._shuffled(photos, rng)  # type: ignore[arg-type, return-value]
 

@@ -99,7 +99,7 @@ NAIL_TINT = np.array((255, 228, 225), np.float64)
 
 
 @dataclass(frozen=True)
-class Hand:
+class SynthHand:
     """One generated hand in camera space (metres), ready to draw; `xyz_m`/`K` are the labels."""
 
     xyz_m: np.ndarray  # (21, 3), rounded as written to json
@@ -253,7 +253,7 @@ def skin_colour(rng: np.random.Generator) -> np.ndarray:
     return np.clip(c * rng.uniform(0.93, 1.07, 3), 0, 255)
 
 
-def sample_hand(rng: np.random.Generator, size: int) -> Hand:
+def sample_hand(rng: np.random.Generator, size: int) -> SynthHand:
     """A posed, placed and coloured hand with its camera K (all random draws come from `rng`)."""
     local = hand_pose_local(rng)
     K = np.round(random_K(rng, size), K_DECIMALS)
@@ -267,7 +267,7 @@ def sample_hand(rng: np.random.Generator, size: int) -> Hand:
     if rng.random() < 0.5:
         sleeve = (float(rng.uniform(0.35, 0.8)), _random_colour(rng))
     angle = rng.uniform(0, 2 * math.pi)
-    return Hand(
+    return SynthHand(
         xyz_m=np.round(cam(local["xyz"]), XYZ_DECIMALS),
         K=K,
         radius_m=local["radius"],
@@ -340,7 +340,7 @@ def _mix(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return a + (b - a) * t
 
 
-def render_hand(hand: Hand, size: int) -> tuple[Image.Image, Image.Image]:
+def render_hand(hand: SynthHand, size: int) -> tuple[Image.Image, Image.Image]:
     """Draw the hand alone: (RGB, coverage mask) at SS * size, painter's order far to near."""
     K = hand.K
     uv = project_points(hand.xyz_m, K)
@@ -487,7 +487,9 @@ def encode_jpeg(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(seed: int, split: str, idx: int, size: int, versions: int) -> tuple[Hand, list[np.ndarray]]:
+def make_sample(
+    seed: int, split: str, idx: int, size: int, versions: int
+) -> tuple[SynthHand, list[np.ndarray]]:
     """The hand of one id and its `versions` images (uint8, size x size x 3), fully determined by the ids."""
     code = SPLIT_CODES[split]
     hand = sample_hand(np.random.default_rng([seed, code, idx]), size)
