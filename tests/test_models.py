@@ -81,11 +81,15 @@ def test_the_name_is_the_bundled_model(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     for k in range(3):
         (tmp_path / "in" / f"p{k}.png").write_bytes(encode(smooth_image(120 + 30 * k, 100, k)))
-    predict("hands", [tmp_path / "in"], tmp_path / "out", quiet=True, device="cpu")
-    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    hands = handpose.load("hands", device="cpu")(sorted((tmp_path / "in").iterdir()))
-    got = [[[round(float(x), 3), round(float(y), 3)] for x, y in h[0].keypoints] for h in hands]
-    assert got == [[kp[:2] for kp in r["keypoints"]] for r in rows]
+    photos = sorted((tmp_path / "in").iterdir())
+    for detector in (False, None):  # one hand per photo; the bundled detector's hands (maybe none)
+        out = tmp_path / f"out-{detector}"
+        predict("hands", [tmp_path / "in"], out, quiet=True, device="cpu", detector=detector)
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        hands = handpose.load("hands", detector=detector, device="cpu")(photos)
+        got = [[[round(float(x), 3), round(float(y), 3)] for x, y in h.keypoints] for hs in hands for h in hs]
+        assert got == [[kp[:2] for kp in r["keypoints"]] for r in rows]
+        assert detector is None or len(rows) == len(photos)
     assert (
         models.is_bundled("hands")
         and not models.is_bundled("./hands")
