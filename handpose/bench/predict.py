@@ -119,6 +119,7 @@ def bench_predict(
             "workers": workers,
             "device": str(dev),
             "quiet": True,
+            "detector": False,  # the keypoint model's own path unless a row asks (no bundled detector)
         }
         with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
             start = time.perf_counter()
@@ -127,7 +128,7 @@ def bench_predict(
 
     def api(source: str | os.PathLike = model) -> float:
         start = time.perf_counter()
-        load(source, device=str(dev), batch_size=batch_size)(files)
+        load(source, detector=False, device=str(dev), batch_size=batch_size)(files)
         return len(files) / (time.perf_counter() - start)
 
     measures = {
@@ -232,6 +233,7 @@ def bench_detector_path(
             "workers": workers,
             "device": str(dev),
             "quiet": True,
+            "detector": False,  # the keypoint model's own path unless a row asks (no bundled detector)
         }
         with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
             torch.set_num_threads(torch_threads or threads)
