@@ -136,7 +136,8 @@ def _detector(path: Path) -> None:
     config = {"arch": "centernet", "width": 4, "depth": 1, "image_size": 64, "stride": 8, "loss": "focal"}
     state = {
         "model": model_from_config(config).state_dict(),
-        "config": config | {"min_score": 0.0},  # random weights: every peak it finds
+        # random weights: every peak it finds; trained, as the configs say, on a machine's folders
+        "config": config | {"min_score": 0.0, "out": "/machine/runs/det", "shards": ["/machine/data/hk"]},
         "norm": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]},
         "epoch": 3,
         "step": 30,
@@ -217,6 +218,8 @@ def test_bundle_tool_writes_a_bundle_with_a_detector(
     ]
     assert "rng" not in checkpoint.load(folder / "mini-detector.pt")
     assert card["files"]["detector"]["min_score"] == 0.05
+    config = checkpoint.load(folder / "mini-detector.pt")["config"]  # names, no machine's paths
+    assert config["out"] == "det" and list(config["shards"]) == ["hk"]
     assert checkpoint.load(folder / "mini-detector.pt")["config"]["min_score"] == 0.05
     model = handpose.load("mini", device="cpu")
     assert model.detector is not None and handpose.load("mini", detector=False, device="cpu").detector is None

@@ -53,6 +53,24 @@ def file_entry(path: Path, name: str) -> dict[str, Any]:
     }
 
 
+PATH_KEYS = ("out", "shards", "val_shards", "cache_dir")  # where the training machine kept things
+
+
+def local_names(path: Path) -> None:
+    """A shipped file says which folders trained it by name only: the training machine's paths
+    (its run folder, shards folders, cache) mean nothing to a user and are not theirs to read."""
+    state = checkpoint.load(path)
+    config = dict(state["config"])
+    for key in PATH_KEYS:
+        value = config.get(key)
+        if isinstance(value, str) and value:
+            config[key] = Path(value).name
+        elif isinstance(value, (list, tuple)):
+            config[key] = type(value)(Path(v).name for v in value)
+    state["config"] = config
+    checkpoint.save(path, state)
+
+
 def set_min_score(path: Path, value: float) -> None:
     """A weights-only detector file's default threshold (its config's min_score), rewritten."""
     if not 0.0 <= value <= 1.0:
@@ -114,6 +132,7 @@ def main() -> None:
             dest = BUNDLED / (f"{args.name}.pt" if role == "keypoints" else f"{args.name}-{role}.pt")
             tmp = dest.with_name(f".new-{dest.name}")
             export_weights(source, tmp, overwrite=True)
+            local_names(tmp)
             if role == "detector" and args.min_score is not None:
                 set_min_score(tmp, args.min_score)
             staged[tmp] = dest
