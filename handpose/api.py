@@ -33,12 +33,10 @@ from handpose.inference import (
     DATA_ERRORS,
     DEFAULT_MAX_HANDS,
     Crop,
-    Finder,
     ImageData,
     Net,
-    Runner,
+    Predictor,
     default_batch_size,
-    default_refine,
     image_size_of,
     photo_of,
 )
@@ -90,16 +88,14 @@ class Model:
             raise HandposeError(f"batch_size={batch_size}: must be >= 1")
         if max_hands < 1:
             raise HandposeError(f"max_hands={max_hands}: must be >= 1")
-        self.finder = None
-        if detector is not None:
-            dnet, dspec = detector
-            self.finder = Finder(dnet, dspec, dspec.min_score if min_score is None else min_score, max_hands)
-        self.runner = Runner(
+        self.predictor = Predictor(
             net,
             spec,
+            detector=detector,
+            min_score=min_score,
+            max_hands=max_hands,
+            refine=refine,
             batch_size=batch_size or default_batch_size(device),
-            refine=default_refine(spec, detector=self.finder is not None) if refine is None else refine,
-            finder=self.finder,
         )
 
     def __repr__(self) -> str:
@@ -124,12 +120,10 @@ class Model:
         for data, name in images:
             try:
                 w, h = image_size_of(data)
-                photos.append(photo_of(data, w, h, None, self.spec, self.finder))
+                photos.append(photo_of(data, w, h, None, self.spec, self.predictor.finder))
             except DATA_ERRORS as e:
                 raise HandposeError(f"{name}: {_reason(e)}") from None
-        with torch.inference_mode():
-            self.runner.run(photos)
-        return [[_hand(c) for c in photo.crops] for photo in photos]
+        return [[_hand(c) for c in crops] for crops in self.predictor.many(photos)]
 
 
 def load(

@@ -556,3 +556,10 @@ class Predictor:
         with torch.inference_mode():
             self.runner.run([photo])
         return photo.crops
+
+    def many(self, photos: list[Photo]) -> list[list[Crop]]:
+        """The hands of several images at once (`photo_of` each, with this predictor's `finder`):
+        one Runner pass over all their crops, batched together (the Python API's list call)."""
+        with torch.inference_mode():
+            self.runner.run(photos)
+        return [photo.crops for photo in photos]

@@ -89,7 +89,7 @@ def test_every_input_kind_gives_predicts_rows(model_file: Path, photos: list[Pat
     want = [(r["keypoints"], r["box"]) for r in rows]
     assert len({json.dumps(r["keypoints"]) for r in rows}) == len(rows)  # keypoints differ: it can fail
     model = handpose.load(model_file, device="cpu")
-    assert model.runner.refine == 1 and all(r["box"] is not None for r in rows)
+    assert model.predictor.runner.refine == 1 and all(r["box"] is not None for r in rows)
     pngs = [p for p in photos if p.suffix == ".png"]
     pixels = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
     by_path = [_as_row(hands[0]) for hands in model([str(p) for p in photos])]

@@ -56,9 +56,12 @@ def file_entry(path: Path, name: str) -> dict[str, Any]:
 PATH_KEYS = ("out", "shards", "val_shards", "cache_dir")  # where the training machine kept things
 
 
-def local_names(path: Path) -> None:
-    """A shipped file says which folders trained it by name only: the training machine's paths
-    (its run folder, shards folders, cache) mean nothing to a user and are not theirs to read."""
+def ship_config(path: Path, min_score: float | None = None) -> None:
+    """A shipped file's config: its training folders by name only (the training machine's paths
+    mean nothing to a user and are not theirs to read) and, for a detector, `min_score` (its
+    default threshold) when given."""
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise SystemExit(f"--min-score {min_score}: must be between 0 and 1")
     state = checkpoint.load(path)
     config = dict(state["config"])
     for key in PATH_KEYS:
@@ -67,16 +70,9 @@ def local_names(path: Path) -> None:
             config[key] = Path(value).name
         elif isinstance(value, (list, tuple)):
             config[key] = type(value)(Path(v).name for v in value)
+    if min_score is not None:
+        config["min_score"] = min_score
     state["config"] = config
-    checkpoint.save(path, state)
-
-
-def set_min_score(path: Path, value: float) -> None:
-    """A weights-only detector file's default threshold (its config's min_score), rewritten."""
-    if not 0.0 <= value <= 1.0:
-        raise SystemExit(f"--min-score {value}: must be between 0 and 1")
-    state = checkpoint.load(path)
-    state["config"] = {**state["config"], "min_score": value}
     checkpoint.save(path, state)
 
 
@@ -132,9 +128,7 @@ def main() -> None:
             dest = BUNDLED / (f"{args.name}.pt" if role == "keypoints" else f"{args.name}-{role}.pt")
             tmp = dest.with_name(f".new-{dest.name}")
             export_weights(source, tmp, overwrite=True)
-            local_names(tmp)
-            if role == "detector" and args.min_score is not None:
-                set_min_score(tmp, args.min_score)
+            ship_config(tmp, args.min_score if role == "detector" else None)
             staged[tmp] = dest
             files[role] = file_entry(tmp, dest.name)
             if role == "detector":

@@ -69,6 +69,12 @@ ONNX_END_TO_END = "end to end, onnxruntime (predict model.onnx)"
 ONNX_API = "API, onnxruntime"
 
 
+def _e2e_options(batch_size: int, workers: int | None, dev: torch.device) -> dict[str, Any]:
+    """predict()'s options in every end-to-end row: the keypoint model's own path unless a row
+    asks for a detector (a bundled model's detector is not run by default here)."""
+    return dict(batch_size=batch_size, workers=workers, device=str(dev), quiet=True, detector=False)
+
+
 def bench_predict(
     model: str | os.PathLike,
     images: str | os.PathLike,
@@ -114,13 +120,7 @@ def bench_predict(
     batches = max(3, math.ceil(n / batch_size))
 
     def e2e(subset: list[Path] = files, source: str | os.PathLike = model, **kw: Any) -> float:
-        opts: dict[str, Any] = {
-            "batch_size": batch_size,
-            "workers": workers,
-            "device": str(dev),
-            "quiet": True,
-            "detector": False,  # the keypoint model's own path unless a row asks (no bundled detector)
-        }
+        opts = _e2e_options(batch_size, workers, dev)
         with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
             start = time.perf_counter()
             predict(source, subset, tmp, **(opts | kw))
@@ -228,13 +228,7 @@ def bench_detector_path(
     hands = [0.0]  # hands per photo kept by the last end-to-end run
 
     def e2e(*, torch_threads: int | None = None, **kw: Any) -> float:
-        opts: dict[str, Any] = {
-            "batch_size": batch_size,
-            "workers": workers,
-            "device": str(dev),
-            "quiet": True,
-            "detector": False,  # the keypoint model's own path unless a row asks (no bundled detector)
-        }
+        opts = _e2e_options(batch_size, workers, dev)
         with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
             torch.set_num_threads(torch_threads or threads)
             try:
