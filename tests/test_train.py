@@ -899,6 +899,11 @@ def test_two_node_launch(ddp_run: tuple[Path, Path], packed: Path, tmp_path: Pat
         "--rdzv-id=handpose-test",
     ]
     cmd = [str(BIN / "torchrun"), *launch, *_ddp_args(packed, tmp_path)]
+    # The rendezvous store lives here, as a cluster's would on a host of its own: were it hosted
+    # by the first agent, that agent may exit before the other's last poll of it (torchrun then
+    # fails the late agent with RendezvousConnectionError after the job is done). Both agents
+    # find the port taken and connect as clients.
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     nodes = [
         subprocess.Popen(
             cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -914,18 +919,8 @@ def test_two_node_launch(ddp_run: tuple[Path, Path], packed: Path, tmp_path: Pat
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    codes = [p.returncode for p in nodes]
-    # torchrun's c10d rendezvous: the agent that hosts the store may leave first, and the other
-    # agent's next store poll then fails (RendezvousConnectionError from num_nodes_waiting) after
-    # the job's work is done: torch's launcher, not the job; the job itself must have succeeded
-    # (one agent's 0, the weights below) and nothing else may fail.
-    late = [
-        c != 0 and "RendezvousConnectionError" in o and "num_nodes_waiting" in o
-        for c, o in zip(codes, outs, strict=True)
-    ]
-    assert 0 in codes and all(c == 0 or ok for c, ok in zip(codes, late, strict=True)), "\n".join(
-        o[-2000:] for o in outs
-    )
+        del store
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert sum("2 process(es)" in o for o in outs) == 1  # only global rank 0 prints
     ref, got = _weights(ddp_run[0]), _weights(tmp_path)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
