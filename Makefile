@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test test-fast demo hands lint bench gpu-check teacher-env clean
+.PHONY: install test test-fast demo hands lint bench gpu-check teacher-env peer-env clean
 
 install: $(STAMP)
 
@@ -68,5 +68,18 @@ $(TEACHER_STAMP): Makefile
 	$(TEACHER_VENV)/bin/python -m pip install -q "mediapipe==0.10.21" "numpy<2" "pillow>=10"
 	touch $(TEACHER_STAMP)
 
+# The Ultralytics YOLO-pose peer (tools/peer_train.py, peer_predict.py, peer_score.py;
+# BENCHMARKS.md, "The peer at equal CPU time") in its own environment: Ultralytics is AGPL and
+# brings its own torch (and torchvision to match), so it never becomes a dependency of handpose.
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+peer-env: $(PEER_STAMP)
+
+$(PEER_STAMP): Makefile
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q "ultralytics==8.4.190" "torch==2.14.1" "torchvision==0.29.1"
+	touch $(PEER_STAMP)
+
 clean:
-	rm -rf $(VENV) $(TEACHER_VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TEACHER_VENV) $(PEER_VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache

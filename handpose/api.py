@@ -116,12 +116,13 @@ class Model:
         return self._predict([_image_data(images, "image")])[0]
 
     def _predict(self, images: list[tuple[ImageData, str]]) -> list[list[Hand]]:
-        photos = []
+        photos, cache = [], self.predictor.runner.cache
         for data, name in images:
             try:
                 w, h = image_size_of(data)
-                photos.append(photo_of(data, w, h, None, self.spec, self.predictor.finder))
+                photos.append(photo_of(data, w, h, None, self.spec, self.predictor.finder, cache=cache))
             except DATA_ERRORS as e:
+                cache.clear()  # the run that would have emptied it does not come
                 raise HandposeError(f"{name}: {_reason(e)}") from None
         return [[_hand(c) for c in crops] for crops in self.predictor.many(photos)]
 

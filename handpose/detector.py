@@ -44,6 +44,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ from torch import nn
 
 from handpose.errors import HandposeError
 from handpose.model import PoseModel, _conv_bn, _stage, _up2
+
+if TYPE_CHECKING:
+    from handpose.imageio import DecodeCache
 
 STRIDES = (4, 8)
 INPUT_MULTIPLE = 32  # the encoder's deepest stride
@@ -305,19 +309,20 @@ def detect(
 
 
 def photo_input(
-    image: bytes | np.ndarray, width: int, height: int, spec: DetectorSpec
+    image: bytes | np.ndarray, width: int, height: int, spec: DetectorSpec, cache: DecodeCache | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A photo (encoded bytes, or RGB uint8 pixels (H, W, 3) as displayed) letterboxed into the
     detector's input: (uint8 (size, size, 3), M), M = `geometry.fit_matrix` (photo px -> input
     px); `imageio.warp_to_input` for bytes (the loaders' preprocessing, JPEG DCT shrink included),
-    `warp_image_to_input` for pixels. Boxes come back with `photo_boxes(M, boxes)`."""
+    `warp_image_to_input` for pixels (`cache`: `imageio.DecodeCache`). Boxes come back with
+    `photo_boxes(M, boxes)`."""
     from handpose.geometry import fit_matrix
     from handpose.imageio import warp_image_to_input, warp_to_input
 
     M = fit_matrix(width, height, spec.size)
     if isinstance(image, np.ndarray):
         return warp_image_to_input(image, M, spec.size), M
-    return warp_to_input(image, M, spec.size), M
+    return warp_to_input(image, M, spec.size, cache), M
 
 
 def photo_boxes(M: np.ndarray, boxes: np.ndarray) -> np.ndarray:

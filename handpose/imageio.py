@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import io
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from handpose.geometry import compose, invert, is_homography, matrix_scale, scaling
+from handpose.geometry import compose, footprint, invert, is_homography, matrix_scale, scaling, translation
 
 JPEG_MAGIC = b"\xff\xd8"
+VIEW_MARGIN = 3  # reduced pixels kept around a warp's footprint (bilinear needs 1)
+VIEW_FROM = 16  # cut the view out of images over 16x the output's area (below, finding it costs more)
 
 
 def decode_jpeg(data: bytes, *, min_side: int = 0) -> np.ndarray:
@@ -147,35 +152,115 @@ def dct_factor(scale: float) -> float:
     return 1.0
 
 
-def decode_for_warp(data: bytes, M: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+class DecodeCache:
+    """Decoded images kept for the next crops of the same bytes: predict's detector input, each
+    hand's crop and its refinement pass all cut the same photo, and a JPEG decode costs more than
+    a crop. Keyed by the bytes (their hash, then compared) and the decode's scale; at most `limit`
+    bytes of pixels, the least recently used dropped first; safe across threads. An entry is
+    exactly what decoding again would give, so the cache changes no result."""
+
+    def __init__(self, limit: int = 256 << 20):
+        self.limit, self.size = limit, 0
+        self._items: OrderedDict[tuple[int, int, int], tuple[bytes, tuple[np.ndarray, float]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def decode(
+        self, data: bytes, min_side: int, make: Callable[[], tuple[np.ndarray, float]]
+    ) -> tuple[np.ndarray, float]:
+        """`make()`'s (image, scale) for these bytes at this `min_side`, from the cache when held."""
+        key = (hash(data), len(data), min_side)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit[0] == data:
+                self._items.move_to_end(key)
+                return hit[1]
+        value = make()
+        nbytes = value[0].nbytes
+        if nbytes <= self.limit:
+            value[0].flags.writeable = False  # shared by every crop of the image from now on
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = (data, value)
+                    self.size += nbytes
+                while self.size > self.limit:
+                    _, (_, (old, _)) = self._items.popitem(last=False)
+                    self.size -= old.nbytes
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.size = 0
+
+
+def decode_for_warp(
+    data: bytes, M: np.ndarray, size: int | None = None, cache: DecodeCache | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode image bytes for a warp by M (source -> input, 2x3 or 3x3; a 3x3 needs the output
     `size`): (image, M') with M' mapping the returned, possibly smaller, image's pixels to the same
-    destination. See the module docstring."""
+    destination; `cache` keeps the decoded pixels for later crops of the same bytes. See the
+    module docstring."""
     orientation = _exif_orientation(data) if data[:2] == JPEG_MAGIC else 0
     if orientation == 1:
         w, h = jpeg_size(data)
         f = dct_factor(matrix_scale(M, size))
-        image = decode_jpeg(data, min_side=math.ceil(min(w, h) * f) if f < 1 else 0)
-        f = dct_scale(image.shape[1], w)
+        min_side = math.ceil(min(w, h) * f) if f < 1 else 0
+
+        def make() -> tuple[np.ndarray, float]:
+            image = decode_jpeg(data, min_side=min_side)
+            return image, dct_scale(image.shape[1], w)
     else:
-        image, f = decode_image(data)
+        min_side = -1  # the full decode of any other image
+
+        def make() -> tuple[np.ndarray, float]:
+            return decode_image(data)
+
+    image, f = cache.decode(data, min_side, make) if cache is not None else make()
     return _reduce_for_warp(image, compose(M, scaling(1.0 / f)) if f != 1.0 else M, size)
 
 
 def _reduce_for_warp(image: np.ndarray, M: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The warp does not antialias: box-reduce the image by the whole factor M shrinks it by
     first (a 3x3 M: its largest local scale over the size x size output), and return (image, M')
-    with M' mapping the reduced image to the same destination."""
-    r = int(1.0 / matrix_scale(M, size) + 1e-9)
+    with M' mapping the reduced image to the same destination. Only the part of the image the
+    output shows is copied and reduced (`_viewed`): a hand's crop of a large photo or video frame
+    costs what the crop costs, and the output is the same to the bit."""
+    r = max(1, int(1.0 / matrix_scale(M, size) + 1e-9))
+    if size is not None and image.shape[0] * image.shape[1] > VIEW_FROM * size * size:
+        image, M = _viewed(image, M, size, r)
     if r < 2:
         return image, M
     return np.asarray(Image.fromarray(image).reduce(r)), compose(M, scaling(float(r)))
 
 
-def warp_to_input(data: bytes, M: np.ndarray, size: int) -> np.ndarray:
+def _viewed(image: np.ndarray, M: np.ndarray, size: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the part of `image` the size x size output of M can sample, M moved to it). The part is
+    the output's footprint grown by VIEW_MARGIN reduced pixels (the bilinear warp's support, with
+    room to spare) and starts on a multiple of `r`, so that `reduce(r)` averages the same blocks
+    as on the whole image; where it meets the image's edge, it is the edge. A view, no copy."""
+    h, w = image.shape[:2]
+    if is_homography(M):
+        corners = np.array([[0.0, 0.0, 1.0], [size, 0.0, 1.0], [0.0, size, 1.0], [size, size, 1.0]])
+        depth = corners @ invert(M)[2]
+        if not (np.all(depth > 0) or np.all(depth < 0)):
+            return image, M  # the horizon crosses the output: its corners do not bound what it shows
+    x0, y0, x1, y1 = footprint(M, size)
+    if not np.all(np.isfinite([x0, y0, x1, y1])):
+        return image, M
+    m = VIEW_MARGIN * r
+    left = min(w, max(0, math.floor((x0 - m) / r) * r))
+    top = min(h, max(0, math.floor((y0 - m) / r) * r))
+    right = max(left, min(w, math.ceil((x1 + m) / r) * r))
+    bottom = max(top, min(h, math.ceil((y1 + m) / r) * r))
+    if (right - left == w and bottom - top == h) or right <= left or bottom <= top:
+        return image, M  # all of it, or none of it (an all-black output: nothing to save)
+    return image[top:bottom, left:right], compose(M, translation(float(left), float(top)))
+
+
+def warp_to_input(data: bytes, M: np.ndarray, size: int, cache: DecodeCache | None = None) -> np.ndarray:
     """THE preprocessing: image bytes + source -> input matrix M (2x3 affine or 3x3 homography)
-    -> uint8 (size, size, 3)."""
-    return _warp(*decode_for_warp(data, M, size), size)
+    -> uint8 (size, size, 3); `cache`: see `DecodeCache`."""
+    return _warp(*decode_for_warp(data, M, size, cache), size)
 
 
 def warp_image_to_input(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:

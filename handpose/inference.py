@@ -8,7 +8,8 @@
   -> per box the source square (`geometry.source_region`, the loaders' crop) and its matrix
      (`geometry.crop_matrix`) -> the model input (`preprocess`: `imageio.warp_to_input` for
      handpose checkpoints, what the loaders feed the model; the tutorial's own Pillow resize for
-     its weights)
+     its weights); an image's bytes are decoded once per JPEG DCT scale for all its crops and
+     passes in a run (`Runner.cache`, an `imageio.DecodeCache`), which changes no pixel
   -> batched forward and the model's own `decode` (`forward_hands`; with `flip_test` each crop
      and its mirror, averaged: `model.flip_test`), and its hand-presence probability when it has
      a presence head
@@ -59,7 +60,7 @@ from handpose.geometry import (
     source_region,
     upright_region,
 )
-from handpose.imageio import decode_image, image_size, warp_image_to_input, warp_to_input
+from handpose.imageio import DecodeCache, decode_image, image_size, warp_image_to_input, warp_to_input
 from handpose.model import ModelSpec, flip_test
 from handpose.onnx_model import OnnxModel
 from handpose.skeleton import NUM_JOINTS
@@ -117,8 +118,11 @@ def image_size_of(image: ImageData) -> tuple[int, int]:
 # The model input of one crop
 
 
-def preprocess(image: ImageData, M: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """An image + its source -> input matrix M -> uint8 (size, size, 3).
+def preprocess(
+    image: ImageData, M: np.ndarray, spec: ModelSpec, cache: DecodeCache | None = None
+) -> np.ndarray:
+    """An image + its source -> input matrix M -> uint8 (size, size, 3); `cache` keeps decoded
+    bytes for the image's next crops (`imageio.DecodeCache`).
 
     Handpose checkpoints: `imageio.warp_to_input`, the WDS loader's own function (augmentation
     off: M is `crop_matrix(region, size)` there too), with its JPEG DCT fast path for bytes.
@@ -132,7 +136,7 @@ def preprocess(image: ImageData, M: np.ndarray, spec: ModelSpec) -> np.ndarray:
         return letterbox(pixels, M, spec.size)
     if isinstance(image, np.ndarray):
         return warp_image_to_input(image, M, spec.size)
-    return warp_to_input(image, M, spec.size)
+    return warp_to_input(image, M, spec.size, cache)
 
 
 def letterbox(image: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
@@ -269,26 +273,33 @@ def photo_of(
     spec: ModelSpec,
     finder: Finder | None = None,
     read: Reader | None = None,
+    cache: DecodeCache | None = None,
 ) -> Photo:
     """An image ready for `Runner.run`: `boxes` given (a list, maybe empty: no hand) -> their
     crops; None -> the detector's input when there is a `finder`, else the whole image's crop.
-    `read` gives the image again for later passes (default: this image, held in memory)."""
+    `read` gives the image again for later passes (default: this image, held in memory); `cache`
+    (the runner's) keeps its decoded pixels for them."""
     again: Reader = read if read is not None else (lambda: image)
     if boxes is None and finder is not None:
-        x, M = photo_input(image, width, height, finder.spec)
+        x, M = photo_input(image, width, height, finder.spec, cache)
         return Photo(again, width, height, [], x, M)
-    crops = crops_of(image, width, height, [None] if boxes is None else list(boxes), spec)
+    crops = crops_of(image, width, height, [None] if boxes is None else list(boxes), spec, cache)
     return Photo(again, width, height, crops, boxes=len(crops))
 
 
 def crops_of(
-    image: ImageData, width: int, height: int, boxes: Sequence[np.ndarray | None], spec: ModelSpec
+    image: ImageData,
+    width: int,
+    height: int,
+    boxes: Sequence[np.ndarray | None],
+    spec: ModelSpec,
+    cache: DecodeCache | None = None,
 ) -> list[Crop]:
     """The first pass's crops of one image: one per box (None: the whole image, letterboxed)."""
     crops = []
     for box in boxes:
         region = source_region(width, height, box, spec.pad)
-        crops.append(Crop(box, region, preprocess(image, crop_matrix(region, spec.size), spec)))
+        crops.append(Crop(box, region, preprocess(image, crop_matrix(region, spec.size), spec, cache)))
     return crops
 
 
@@ -380,7 +391,9 @@ class Runner:
     """Loaded models with how they are run: the detector's photos in batches (with a `finder`),
     then every crop in batches of `batch_size` (`flip_test`: with its mirror), then `refine`
     passes (`refine_mode`) for the crops the path found itself, then the presence threshold
-    (`min_presence`, see `shows_hand`); `pool` (threads) reads and crops the later passes' images."""
+    (`min_presence`, see `shows_hand`); `pool` (threads) reads and crops the later passes' images,
+    `cache` keeps each image's decoded pixels from its first crop to its last (`photo_of` takes
+    it too), emptied after each `run`."""
 
     def __init__(
         self,
@@ -401,11 +414,18 @@ class Runner:
         self.net, self.spec, self.batch_size, self.refine = net, spec, batch_size, refine
         self.refine_mode, self.flip_test, self.min_presence = refine_mode, flip_test, min_presence
         self.finder, self.channels_last, self.pool = finder, channels_last, pool
+        self.cache = DecodeCache()
 
     def run(self, photos: Sequence[Photo]) -> None:
         """Find, predict and keep the hands of every photo (see the class docstring): each
         photo's `crops` end as its hands, keypoints in original pixels. An image that cannot be
         read again (gone since the first pass) keeps its last pass (no hand, before the first)."""
+        try:
+            self._run(photos)
+        finally:
+            self.cache.clear()  # decoded pixels are kept for one run's passes, not held after it
+
+    def _run(self, photos: Sequence[Photo]) -> None:
         self._find(photos)
         flat = [crop for photo in photos for crop in photo.crops]
         uv, score, presence = self._model([crop.input for crop in flat])  # type: ignore[misc]
@@ -463,7 +483,7 @@ class Runner:
         if not len(boxes):
             return []
         try:
-            crops = crops_of(photo.read(), photo.width, photo.height, list(boxes), self.spec)
+            crops = crops_of(photo.read(), photo.width, photo.height, list(boxes), self.spec, self.cache)
         except DATA_ERRORS:
             return []
         for k, (crop, s) in enumerate(zip(crops, scores, strict=True)):
@@ -471,10 +491,13 @@ class Runner:
         return crops
 
     def _again(self, job: tuple[Reader, Region, float]) -> np.ndarray | None:
-        """A refinement crop: the image is read again (a chunk does not hold every image's bytes)."""
+        """A refinement crop: the image is read again (a chunk does not hold every image's bytes;
+        the cache may still hold its pixels)."""
         read, region, angle = job
         try:
-            return preprocess(read(), crop_matrix(region, self.spec.size, angle_deg=angle), self.spec)
+            return preprocess(
+                read(), crop_matrix(region, self.spec.size, angle_deg=angle), self.spec, self.cache
+            )
         except DATA_ERRORS:
             return None
 
@@ -552,7 +575,15 @@ class Predictor:
         image (refined), under the presence threshold's rule. ValueError for an image that
         cannot be read."""
         width, height = image_size_of(image)
-        photo = photo_of(image, width, height, list(boxes) if boxes else None, self.runner.spec, self.finder)
+        photo = photo_of(
+            image,
+            width,
+            height,
+            list(boxes) if boxes else None,
+            self.runner.spec,
+            self.finder,
+            cache=self.runner.cache,
+        )
         with torch.inference_mode():
             self.runner.run([photo])
         return photo.crops

@@ -559,10 +559,10 @@ def _open_image(unit: Unit, ctx: _Context) -> InputImage | BadInput:
         hands, problems = labels_of(unit, width, height)
         read = functools.partial(read_image, unit)
         if finder is not None:
-            photo = photo_of(data, width, height, None, spec, finder, read)
+            photo = photo_of(data, width, height, None, spec, finder, read, ctx.runner.cache)
         else:
             tasks = ctx.boxes.boxes(unit, width, height, hands)
-            photo = photo_of(data, width, height, [t.box for t in tasks], spec, None, read)
+            photo = photo_of(data, width, height, [t.box for t in tasks], spec, None, read, ctx.runner.cache)
             for t, crop in zip(tasks, photo.crops, strict=True):
                 crop.hand, crop.label, crop.box_score = t.hand, t.label, t.score
     except DATA_ERRORS as e:

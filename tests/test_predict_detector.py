@@ -576,9 +576,11 @@ def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.Ca
     assert result["images"] == 3 and result["hands_per_photo"] == 2.0
     det = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
     kp = rows[f"keypoint forward alone, {t} thread(s) (crops/s)"]
-    assert rows[f"{FORWARD_ONLY}, {t} thread(s)"] == pytest.approx(1 / (1 / det + 2 / kp), rel=1e-2)
+    # rows are printed to 0.01: on a starved machine a rate of 0.13/s is all rounding
+    assert rows[f"{FORWARD_ONLY}, {t} thread(s)"] == pytest.approx(1 / (1 / det + 2 / kp), rel=1e-2, abs=0.01)
     e2e = rows[f"{DETECTOR_E2E}, {t} thread(s)"]
     assert result["detector_images_per_s"] == pytest.approx(e2e, abs=0.01)
-    ratio = e2e / result["forward_only_images_per_s"]
-    assert result["detector_vs_forward_only"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)  # 3 decimals
+    fwd = result["forward_only_images_per_s"]
+    slack = 0.006 / e2e + 0.006 / fwd  # the ratio is of the unrounded rates, these are to 0.01
+    assert result["detector_vs_forward_only"] == pytest.approx(e2e / fwd, rel=1e-2 + slack, abs=1e-3)
     assert all(v > 0 for v in rows.values()) and result["whole_image_images_per_s"] > 0

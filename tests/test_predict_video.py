@@ -193,7 +193,14 @@ def test_bench_video_with_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[
     rows = bench_video(tmp_path / "clips", frames=3, rounds=1, model=tmp_path / "m.pt", device="cpu")
     ways = ("decode", "decode, frame threads", "iter_frames", "iter_frames every 5", "model only", "predict")
     assert [(r["clip"], r["way"]) for r in rows] == [(clip, way) for clip in SIZES for way in ways]
-    assert all(r["predict_vs_slower"] > 0 for r in rows if r["way"] == "predict")
+    for r in (r for r in rows if r["way"] == "predict"):
+        same = {x["way"]: x["frames_per_s"] for x in rows if x["clip"] == r["clip"]}
+        slower, serial = (
+            min(same["iter_frames"], same["model only"]),
+            1 / (1 / same["iter_frames"] + 1 / same["model only"]),
+        )
+        assert r["predict_vs_slower"] == pytest.approx(r["frames_per_s"] / slower, rel=1e-2, abs=1e-3)
+        assert r["predict_vs_serial"] == pytest.approx(r["frames_per_s"] / serial, rel=1e-2, abs=1e-3)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == rows
 
 

@@ -2,7 +2,9 @@
 """ONNX parity on real photos: `predict MODEL` and `predict MODEL.onnx` (exported here) on the same
 inputs, the keypoints compared in original pixels (refinement passes included).
 
-    tools/onnx_parity.py MODEL INPUT... [--out DIR] [--boxes gt --split val] [--refine N]
+    tools/onnx_parity.py MODEL INPUT... [--out DIR] [--boxes gt --split val] [--refine N] [--no-detector]
+
+Both runs use the same detector: a bundled model's own (PyTorch), unless --no-detector.
 
 Prints one JSON line: images, predictions, mean and max |difference| in px (x and y of every
 keypoint), the max score difference, and both runs' images/s (one after the other on this
@@ -23,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from handpose.export import export  # noqa: E402
+from handpose.models import detector_path  # noqa: E402
 from handpose.predict import predict  # noqa: E402
 
 
@@ -39,11 +42,14 @@ def main() -> None:
     ap.add_argument("--split")
     ap.add_argument("--boxes")
     ap.add_argument("--refine", type=int, help="refinement passes on whole photos [predict's default]")
+    ap.add_argument("--no-detector", action="store_true", help="whole photos, not a bundled model's detector")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnx-parity-") as tmp:
         out = args.out or Path(tmp)
         onnx = out / "model.onnx"
         export(args.model, onnx, overwrite=True, quiet=True)
+        # the exported graph is the keypoint model alone: give both runs the checkpoint's detector
+        detector = False if args.no_detector else (detector_path(args.model) or False)
         runs = {}
         for kind, model in (("pytorch", args.model), ("onnxruntime", onnx)):
             runs[kind] = predict(
@@ -53,6 +59,7 @@ def main() -> None:
                 split=args.split,
                 boxes=args.boxes,
                 refine=args.refine,
+                detector=detector,
                 device="cpu",
                 quiet=True,
             )

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Score hand predictions on a labelled YOLO-pose image folder with handpose's own figures, so that
+`handpose predict` and the Ultralytics peer (`tools/peer_predict.py`) are judged by one code:
+
+    .venv/bin/python tools/peer_score.py PREDICTIONS IMAGES_DIR [--min-score S] [--name NAME]
+
+PREDICTIONS: a `handpose predict` output folder (its predictions.jsonl: one row per hand, ranked
+by `box_score` where a detector gave one, else `score`, as predict's report ranks them) or a
+peer_predict.py file (one line per image). IMAGES_DIR: the labelled images (labels found by
+Ultralytics' rule, /images/ -> /labels/); every image counts, with or without a prediction.
+
+Prints one JSON line (`metrics.hand_figures`): box and pose recall and precision at IoU / OKS
+>= 0.5 for predictions scoring >= --min-score, COCO 101-point AP50 and AP50-95 over every
+prediction given (Ultralytics' OKS for 21 keypoints), and `pct_of_box`: the mean keypoint error
+in % of the labelled box's longer side over the labelled hands matched at OKS >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from handpose.imageio import image_size  # noqa: E402
+from handpose.metrics import THRESHOLDS, Hands, hand_figures, match, oks  # noqa: E402
+from handpose.report import box_side  # noqa: E402
+from handpose.skeleton import NUM_JOINTS  # noqa: E402
+from handpose.sources.files import is_image, walk  # noqa: E402
+from handpose.sources.yolo import label_path, read_label  # noqa: E402
+
+
+def read_predictions(src: Path) -> dict[str, Hands]:
+    """{resolved image path: its predicted hands} from a predict folder or a peer_predict file."""
+    rows: dict[str, list[tuple[list[float], float, list[list[float]]]]] = defaultdict(list)
+    if src.is_dir():
+        for line in (src / "predictions.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            score = r["box_score"] if r.get("box_score") is not None else r["score"]
+            rows[str(Path(r["path"]).resolve())].append((r["box"], score, r["keypoints"]))
+    else:
+        for line in src.read_text().splitlines():
+            r = json.loads(line)
+            rows[str(Path(r["path"]).resolve())] += [
+                (h["box"], h["score"], h["keypoints"]) for h in r["hands"]
+            ]
+    return {path: _hands(hands) for path, hands in rows.items()}
+
+
+def _hands(hands: list[tuple[list[float], float, list[list[float]]]]) -> Hands:
+    boxes = np.array([h[0] for h in hands], np.float64).reshape(-1, 4)
+    scores = np.array([h[1] for h in hands], np.float64)
+    uv = np.array([[kp[:2] for kp in h[2]] for h in hands], np.float64).reshape(-1, NUM_JOINTS, 2)
+    return Hands(boxes, scores, uv)
+
+
+def read_labels(image: Path) -> Hands:
+    """An image's labelled hands in pixels (none: a background image, or no label file)."""
+    w, h = image_size(image.read_bytes())
+    found, problems = (
+        read_label(label_path(image), image.name, None) if label_path(image).exists() else ({}, [])
+    )
+    if problems:
+        sys.exit(f"peer_score: {problems[0].file}: {problems[0].reason}")
+    lines = [line for _, line in sorted(found.values(), key=lambda t: t[0])]
+    scale = np.array([w, h], np.float64)
+    return Hands(
+        np.array([line.box * np.tile(scale, 2) for line in lines]).reshape(-1, 4),
+        None,
+        np.array([line.uv * scale for line in lines]).reshape(-1, NUM_JOINTS, 2),
+        np.array([line.visibility > 0 for line in lines]).reshape(-1, NUM_JOINTS),
+    )
+
+
+def pct_of_box(pred: Hands, label: Hands, min_score: float) -> list[float]:
+    """Per labelled hand matched at OKS >= 0.5 (predictions >= min_score): mean error, % of box."""
+    keep = np.asarray(pred.scores) >= min_score
+    if not keep.any() or not len(label):
+        return []
+    assert pred.uv is not None and label.uv is not None and label.labelled is not None
+    sim = oks(pred.uv[keep], label.uv, label.labelled, label.boxes)
+    matched = match(sim, np.asarray(pred.scores)[keep], THRESHOLDS[0])
+    out = []
+    for p, lab in enumerate(matched):
+        if lab >= 0 and label.labelled[lab].any():
+            d = np.linalg.norm(pred.uv[keep][p] - label.uv[lab], axis=-1)[label.labelled[lab]]
+            out.append(100.0 * float(d.mean()) / box_side(label.boxes[lab]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("predictions", type=Path)
+    ap.add_argument("images", type=Path)
+    ap.add_argument("--min-score", type=float, default=0.25, help="for recall, precision, pct_of_box [0.25]")
+    ap.add_argument("--name", default="", help="a name for the JSON line")
+    args = ap.parse_args()
+    preds = read_predictions(args.predictions)
+    images = [args.images / rel for rel in walk(args.images, is_image)]
+    if not images:
+        sys.exit(f"peer_score: {args.images}: no images")
+    empty = Hands(np.zeros((0, 4)), np.zeros(0), np.zeros((0, NUM_JOINTS, 2)))
+    p_list = [preds.get(str(p.resolve()), empty) for p in images]
+    l_list = [read_labels(p) for p in images]
+    figures = hand_figures(p_list, l_list, min_score=args.min_score, pose=True)
+    errors = [e for p, lab in zip(p_list, l_list, strict=True) for e in pct_of_box(p, lab, args.min_score)]
+    unknown = len(set(preds) - {str(p.resolve()) for p in images})
+    out = {
+        "name": args.name,
+        "images": len(images),
+        "min_score": args.min_score,
+        **{k: round(v, 4) if np.isfinite(v) else None for k, v in figures.items()},  # None: no labels
+        "pct_of_box": round(float(np.mean(errors)), 3) if errors else None,
+        "matched_hands": len(errors),
+        "predicted_images_not_in_folder": unknown,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
