@@ -55,31 +55,33 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py --out gpu-check-out
 
-# The MediaPipe teacher (tools/teacher_label.py, docs/teacher.md) in its own environment:
-# mediapipe 0.10.21 is the last wheel with its models inside and needs numpy<2, so it never
-# becomes a dependency of handpose. Run the tool with .venv-teacher/bin/python.
+# A tool's own environment ($(1)) with its pinned packages ($(2)), for tools whose
+# dependencies must never become handpose's; its stamp is $(1)/.installed.
+define own_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2)
+	touch $(1)/.installed
+endef
+
+# The MediaPipe teacher (tools/teacher_label.py, docs/teacher.md): mediapipe 0.10.21 is the last
+# wheel with its models inside and needs numpy<2. Run the tool with .venv-teacher/bin/python.
 TEACHER_VENV ?= .venv-teacher
 TEACHER_STAMP := $(TEACHER_VENV)/.installed
 teacher-env: $(TEACHER_STAMP)
 
 $(TEACHER_STAMP): Makefile
-	test -x $(TEACHER_VENV)/bin/python || $(PYTHON) -m venv $(TEACHER_VENV)
-	$(TEACHER_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TEACHER_VENV)/bin/python -m pip install -q "mediapipe==0.10.21" "numpy<2" "pillow>=10"
-	touch $(TEACHER_STAMP)
+	$(call own_venv,$(TEACHER_VENV),"mediapipe==0.10.21" "numpy<2" "pillow>=10")
 
 # The Ultralytics YOLO-pose peer (tools/peer_train.py, peer_predict.py, peer_score.py;
-# BENCHMARKS.md, "The peer at equal CPU time") in its own environment: Ultralytics is AGPL and
-# brings its own torch (and torchvision to match), so it never becomes a dependency of handpose.
+# BENCHMARKS.md, "The peer at equal CPU time"): Ultralytics is AGPL and brings its own torch
+# (and torchvision to match).
 PEER_VENV ?= .venv-peer
 PEER_STAMP := $(PEER_VENV)/.installed
 peer-env: $(PEER_STAMP)
 
 $(PEER_STAMP): Makefile
-	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
-	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
-	$(PEER_VENV)/bin/python -m pip install -q "ultralytics==8.4.190" "torch==2.14.1" "torchvision==0.29.1"
-	touch $(PEER_STAMP)
+	$(call own_venv,$(PEER_VENV),"ultralytics==8.4.190" "torch==2.14.1" "torchvision==0.29.1")
 
 clean:
 	rm -rf $(VENV) $(TEACHER_VENV) $(PEER_VENV) $(DEMO) bench-out gpu-check-out .pytest_cache .mypy_cache .ruff_cache

@@ -37,8 +37,6 @@ from handpose.inference import (
     Net,
     Predictor,
     default_batch_size,
-    image_size_of,
-    photo_of,
 )
 from handpose.model import ModelSpec
 from handpose.models import detector_path, is_bundled, is_onnx, load_model, pick_device
@@ -116,13 +114,12 @@ class Model:
         return self._predict([_image_data(images, "image")])[0]
 
     def _predict(self, images: list[tuple[ImageData, str]]) -> list[list[Hand]]:
-        photos, cache = [], self.predictor.runner.cache
+        photos = []
         for data, name in images:
             try:
-                w, h = image_size_of(data)
-                photos.append(photo_of(data, w, h, None, self.spec, self.predictor.finder, cache=cache))
+                photos.append(self.predictor.photo(data))
             except DATA_ERRORS as e:
-                cache.clear()  # the run that would have emptied it does not come
+                self.predictor.runner.cache.clear()  # the run that would have emptied it does not come
                 raise HandposeError(f"{name}: {_reason(e)}") from None
         return [[_hand(c) for c in crops] for crops in self.predictor.many(photos)]
 

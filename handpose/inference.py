@@ -574,23 +574,21 @@ class Predictor:
         """The hands in `boxes` (x0, y0, x1, y1 original px), else the detector's, else the whole
         image (refined), under the presence threshold's rule. ValueError for an image that
         cannot be read."""
-        width, height = image_size_of(image)
-        photo = photo_of(
-            image,
-            width,
-            height,
-            list(boxes) if boxes else None,
-            self.runner.spec,
-            self.finder,
-            cache=self.runner.cache,
-        )
+        photo = self.photo(image, boxes)
         with torch.inference_mode():
             self.runner.run([photo])
         return photo.crops
 
+    def photo(self, image: ImageData, boxes: Sequence[np.ndarray | None] | None = None) -> Photo:
+        """`photo_of` with this predictor's finder and decode cache: the image ready for `many`.
+        ValueError for an image that cannot be read."""
+        width, height = image_size_of(image)
+        boxes = list(boxes) if boxes else None
+        return photo_of(image, width, height, boxes, self.runner.spec, self.finder, cache=self.runner.cache)
+
     def many(self, photos: list[Photo]) -> list[list[Crop]]:
-        """The hands of several images at once (`photo_of` each, with this predictor's `finder`):
-        one Runner pass over all their crops, batched together (the Python API's list call)."""
+        """The hands of several images at once (`photo` each): one Runner pass over all their
+        crops, batched together (the Python API's list call)."""
         with torch.inference_mode():
             self.runner.run(photos)
         return [photo.crops for photo in photos]

@@ -154,12 +154,11 @@ def labels_of(src: Source, width: int, height: int) -> tuple[Hands | None, list[
     if not os.path.isfile(src.yolo_label):
         return (), []  # YOLO's background image: labelled, no hands
     found, problems = yolo_source.read_label(src.yolo_label, src.yolo_name, src.yolo_dims)
-    scale = np.array([width, height], np.float64)
-    hands = tuple(
-        LabelledHand(k, h.uv * scale, h.visibility, h.box * np.tile(scale, 2))
-        for k, (_, h) in sorted(found.items())
-    )
-    return hands, [BadInput(src.ordinal, p.file, p.reason) for p in problems]
+    hands = []
+    for k, (_, h) in sorted(found.items()):
+        uv, box = h.in_pixels(width, height)
+        hands.append(LabelledHand(k, uv, h.visibility, box))
+    return tuple(hands), [BadInput(src.ordinal, p.file, p.reason) for p in problems]
 
 
 # ---------------------------------------------------------------------------------------------

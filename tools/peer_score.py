@@ -63,17 +63,16 @@ def _hands(hands: list[tuple[list[float], float, list[list[float]]]]) -> Hands:
 def read_labels(image: Path) -> Hands:
     """An image's labelled hands in pixels (none: a background image, or no label file)."""
     w, h = image_size(image.read_bytes())
-    found, problems = (
-        read_label(label_path(image), image.name, None) if label_path(image).exists() else ({}, [])
-    )
+    label = label_path(image)
+    found, problems = read_label(label, image.name, None) if label.exists() else ({}, [])
     if problems:
         sys.exit(f"peer_score: {problems[0].file}: {problems[0].reason}")
-    lines = [line for _, line in sorted(found.values(), key=lambda t: t[0])]
-    scale = np.array([w, h], np.float64)
+    lines = [line for _, (_, line) in sorted(found.items())]  # hand k is the k-th line
+    pixels = [line.in_pixels(w, h) for line in lines]
     return Hands(
-        np.array([line.box * np.tile(scale, 2) for line in lines]).reshape(-1, 4),
+        np.array([box for _, box in pixels]).reshape(-1, 4),
         None,
-        np.array([line.uv * scale for line in lines]).reshape(-1, NUM_JOINTS, 2),
+        np.array([uv for uv, _ in pixels]).reshape(-1, NUM_JOINTS, 2),
         np.array([line.visibility > 0 for line in lines]).reshape(-1, NUM_JOINTS),
     )
 

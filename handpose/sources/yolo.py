@@ -69,6 +69,11 @@ class LabelLine:
     uv: np.ndarray  # (21, 2)
     visibility: np.ndarray  # (21,) uint8
 
+    def in_pixels(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uv (21, 2), box (4,)) in pixels of the image displayed at width x height."""
+        scale = np.array([width, height], np.float64)
+        return self.uv * scale, self.box * np.tile(scale, 2)
+
 
 def read_yolo(src: str | Path) -> Dataset:
     """Read a YOLO-pose dataset given as a root folder or a dataset yaml (see the module doc)."""
