@@ -54,8 +54,8 @@ class Hand:
     keypoints: np.ndarray  # (21, 2) float64 x, y px, in skeleton.JOINT_NAMES order
     scores: np.ndarray  # (21,) float32 in [0, 1]: the model's confidence per joint
     box: np.ndarray | None  # (4,) x0, y0, x1, y1 px: where they were found (None: the whole image)
-    score: float  # the detector's score for the box; without a detector the hand score (predict's
-    # "score": the presence probability with a presence head, else the mean joint score)
+    score: float  # with a detector predict's "hand_score", sqrt(box score x keypoint score); without
+    # one predict's "score" (the presence probability with a presence head, else the mean joint score)
 
     def __repr__(self) -> str:
         box = "whole image" if self.box is None else "[" + ", ".join(f"{v:.1f}" for v in self.box) + "]"
@@ -144,8 +144,9 @@ def load(
     refine: more passes in the box of the keypoints found, as `handpose predict --refine`
         [default: with a detector 1; else 1 for models trained on hand boxes, 0 for whole-image
         models].
-    min_score, max_hands: with a detector, keep its boxes scoring at least min_score [default: the
-        detector's own] and at most max_hands per image [default: 4], as predict's options.
+    min_score, max_hands: with a detector, keep the hands whose hand score, sqrt(box score x
+        keypoint score), is at least min_score [default: 0.45] and at most max_hands per image
+        [default: 4], as predict's options.
     batch_size: crops per forward pass [default: 4 on a CPU, 64 on CUDA]; every pass is full (a
         short one is padded), so an image gets predict's numbers whatever it is called with.
 

@@ -384,7 +384,8 @@ def predict(
     min_score: Annotated[
         Optional[float],
         typer.Option(
-            help="--detector: keep boxes scoring at least this [default: the detector's own min_score]."
+            help="--detector: keep hands whose hand score, sqrt(box score x keypoint score), "
+            "is at least this [default: 0.45]."
         ),
     ] = None,
     max_hands: Annotated[
@@ -598,7 +599,7 @@ def bench_predict(
         ),
     ] = None,
     min_score: Annotated[
-        Optional[float], typer.Option(help="--detector: predict's --min-score [default: the detector's].")
+        Optional[float], typer.Option(help="--detector: predict's --min-score (hand score) [default: 0.45].")
     ] = None,
     max_hands: Annotated[
         Optional[int], typer.Option(help="--detector: predict's --max-hands [default: 4].")

@@ -3,8 +3,9 @@
   an image (its encoded bytes, or decoded RGB pixels as displayed) and its hand boxes (None: the
   detector's hands when there is a detector, else the whole image)
   -> with a detector (`Finder`): the photo letterboxed into its input (`detector.photo_input`),
-     batched `detector.detect` (boxes scoring >= min_score, at most max_hands, best first), the
-     boxes back in the photo's pixels (`detector.photo_boxes`)
+     batched `detector.detect` (boxes scoring >= the detector's own min_score, or min_score if
+     lower: `Finder.min_box_score`; at most max_hands, best first), the boxes back in the photo's
+     pixels (`detector.photo_boxes`)
   -> per box the source square (`geometry.source_region`, the loaders' crop) and its matrix
      (`geometry.crop_matrix`) -> the model input (`preprocess`: `imageio.warp_to_input` for
      handpose checkpoints, what the loaders feed the model; the tutorial's own Pillow resize for
@@ -19,7 +20,9 @@
      of the keypoints grown to the training data's box size (`refine_box`) and padded as in
      training, or (refine_mode "upright") that crop turned so that wrist -> middle MCP points up
      (`geometry.upright_region`, MediaPipe's second-pass crop)
-  -> hands whose presence probability is under `min_presence` are dropped (`shows_hand`).
+  -> hands whose presence probability is under `min_presence` are dropped (`shows_hand`); with a
+     detector, hands whose hand score (`Crop.rank_score`: sqrt(box score x keypoint score)) is
+     under min_score too, the rest ranked by it.
 
 `Runner` runs the photos of any number of images in batches; `handpose predict` (the job: inputs,
 chunks, ranks, resume, outputs) feeds it chunk by chunk. `Predictor` is the same path for one
@@ -72,6 +75,12 @@ DEFAULT_REFINE = 1  # refinement passes for box-crop models: 1 beat 0 and 2 on r
 # every pose figure of the val photos (BENCHMARKS.md; a detector mid-training, so provisional).
 DEFAULT_DETECTOR_REFINE = 1
 DEFAULT_MAX_HANDS = 4  # hands per photo with a detector
+# With a detector a hand is kept when its hand score, sqrt(detector box score x keypoint score),
+# is at least this. Both models must agree: on four photo sets (two sources never trained on)
+# the product ranked hands better than the box score alone (mean F1 at OKS 0.5: 0.818 against
+# 0.760) and 0.45 had the best mean F1 while leaving a hand on 2-3% of hand-free images
+# (the box score alone at 0.3: 74% / 40%); BENCHMARKS.md "One hand score from both models".
+DEFAULT_MIN_HAND_SCORE = 0.45
 # Hands whose presence probability is below this are dropped where the path finds the hands
 # itself (whole image, detector); with given boxes nothing is dropped unless asked. Provisional:
 # the middle of the logit's range, until measured on photos with and without hands.
@@ -211,7 +220,7 @@ class Crop:
         return self.box is not None and not self.found
 
     @property
-    def hand_score(self) -> float:
+    def keypoint_score(self) -> float:
         """How sure the keypoint model is that this is a hand: its presence probability with a
         presence head, else the mean of its joint scores."""
         if self.presence is not None:
@@ -220,9 +229,13 @@ class Crop:
 
     @property
     def rank_score(self) -> float:
-        """The score that ranks hands for average precision and COCO results: the box's score
-        when a detector (or a --boxes file) gave one, else `hand_score`."""
-        return float(self.box_score) if self.box_score is not None else self.hand_score
+        """The hand's score, which ranks hands (average precision, COCO results) and, for a found
+        hand, --min-score keeps: sqrt(box score x keypoint score) for a hand the detector found
+        (both models must agree; a face the detector likes gets a low keypoint score), the box's
+        score for a --boxes file's box with one, else `keypoint_score`."""
+        if self.found and self.box_score is not None:
+            return math.sqrt(max(float(self.box_score), 0.0) * max(self.keypoint_score, 0.0))
+        return float(self.box_score) if self.box_score is not None else self.keypoint_score
 
 
 def shows_hand(crop: Crop, min_presence: float | None) -> bool:
@@ -237,13 +250,22 @@ def shows_hand(crop: Crop, min_presence: float | None) -> bool:
 
 @dataclass(frozen=True)
 class Finder:
-    """The detector step: a loaded detector (`detector.load_detector`), the boxes it keeps
-    (score >= min_score, at most max_hands per photo, best first)."""
+    """The detector step: a loaded detector (`detector.load_detector`), the hands kept (hand score
+    `Crop.rank_score` >= min_score, at most max_hands per photo, best first)."""
 
     net: torch.nn.Module
     spec: DetectorSpec
-    min_score: float
+    min_score: float = DEFAULT_MIN_HAND_SCORE
     max_hands: int = DEFAULT_MAX_HANDS
+
+    @property
+    def min_box_score(self) -> float:
+        """The detector's boxes worth a keypoint pass: those scoring at least its own min_score,
+        or min_score if that is lower (asking for weaker hands also looks at weaker boxes). The
+        floor costs next to nothing: a hand score of 0.45 needs a box of 0.2025 at the least,
+        but the hands kept from boxes under 0.3 were 14 of 3,931 on four photo sets (mean F1
+        0.8175 against 0.8180) for 24% fewer keypoint crops (BENCHMARKS.md)."""
+        return min(self.spec.min_score, self.min_score)
 
 
 Reader = Callable[[], ImageData]  # an image's pixels, read again for each later pass
@@ -447,6 +469,10 @@ class Runner:
         for photo in photos:
             kept_crops = [c for c in photo.crops if shows_hand(c, self.min_presence)]
             photo.dropped = len(photo.crops) - len(kept_crops)
+            if self.finder is not None:  # found hands: both models must call it a hand; best first
+                hands = [c for c in kept_crops if c.found and c.rank_score >= self.finder.min_score]
+                hands.sort(key=lambda c: -c.rank_score)
+                kept_crops = [c for c in kept_crops if not c.found] + hands
             photo.crops = kept_crops
             rank = 0
             for crop in photo.crops:
@@ -464,7 +490,7 @@ class Runner:
         found: list[tuple[np.ndarray, np.ndarray]] = []
         for k in range(0, len(waiting), self.batch_size):
             batch = np.stack([p.detector_input for p in waiting[k : k + self.batch_size]])  # type: ignore[misc]
-            found += detect(f.net, f.spec, batch, min_score=f.min_score, max_hands=f.max_hands)  # type: ignore[arg-type]
+            found += detect(f.net, f.spec, batch, min_score=f.min_box_score, max_hands=f.max_hands)  # type: ignore[arg-type]
         jobs = [
             (p, photo_boxes(p.matrix, boxes), scores)  # type: ignore[arg-type]
             for p, (boxes, scores) in zip(waiting, found, strict=True)
@@ -533,7 +559,8 @@ class Predictor:
     image with the same options (the same Runner, crops, detector, refinement and thresholds).
 
     detector: a (`detector.CenterNet`, `DetectorSpec`) pair from `detector.load_detector`: without
-    boxes, the hands it finds (min_score: default its spec's; at most max_hands). Without a
+    boxes, the hands it finds (hand score >= min_score, default DEFAULT_MIN_HAND_SCORE; at most
+    max_hands). Without a
     detector and without boxes: the whole image. Given boxes always win."""
 
     def __init__(
@@ -555,7 +582,9 @@ class Predictor:
         self.finder = None
         if detector is not None:
             dnet, dspec = detector
-            self.finder = Finder(dnet, dspec, dspec.min_score if min_score is None else min_score, max_hands)
+            self.finder = Finder(
+                dnet, dspec, DEFAULT_MIN_HAND_SCORE if min_score is None else min_score, max_hands
+            )
         self.runner = Runner(
             net,
             spec,

@@ -56,6 +56,7 @@ from handpose.errors import HandposeError
 from handpose.inference import (
     DATA_ERRORS,
     DEFAULT_MAX_HANDS,
+    DEFAULT_MIN_HAND_SCORE,
     REFINE_MODES,
     Finder,
     Net,
@@ -149,8 +150,9 @@ def predict(
     already loaded (module with `decode` or `onnx_model.OnnxModel`, ModelSpec) pair.
     inputs: images, folders (their images and videos), videos, datasets, shards folders or URLs.
     detector: a detector checkpoint path (or a loaded (CenterNet, DetectorSpec) pair; False: none;
-    default: the bundled model's own when it ships one): predict every hand it finds scoring >= min_score
-    (default: the checkpoint's), at most max_hands per photo (default 4). boxes: None (the
+    default: the bundled model's own when it ships one): predict every hand it finds whose hand score,
+    sqrt(box score x keypoint score), is >= min_score (default `inference.DEFAULT_MIN_HAND_SCORE`),
+    at most max_hands per photo (default 4). boxes: None (the
     detector's, else whole images), "gt" (the labelled boxes), a COCO detections json or a YOLO
     labels folder; given boxes win over the detector. min_presence: drop hands whose presence
     probability (models with a presence head) is lower (None: `inference.shows_hand`'s default).
@@ -298,7 +300,8 @@ def _finder(
     max_hands: int | None,
 ) -> Finder:
     """--detector loaded (one line naming the flag and the file when it is not a detector), with
-    the boxes it keeps: score >= --min-score (default: the checkpoint's), at most --max-hands."""
+    the hands it keeps: hand score >= --min-score (default: DEFAULT_MIN_HAND_SCORE), at most
+    --max-hands."""
     if isinstance(detector, tuple):
         dnet, dspec = detector
         dspec = replace(dspec, digest=dspec.digest or _module_digest(dnet, dspec))
@@ -310,7 +313,7 @@ def _finder(
     return Finder(
         dnet,
         dspec,
-        dspec.min_score if min_score is None else min_score,
+        DEFAULT_MIN_HAND_SCORE if min_score is None else min_score,
         DEFAULT_MAX_HANDS if max_hands is None else max_hands,
     )
 

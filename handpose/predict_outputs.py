@@ -116,6 +116,7 @@ def chunk_outputs(
         matches, similarity = match_hands(x)
         state.counts["images"] += 1
         state.counts["images_without_boxes"] += not x.photo.boxes
+        state.counts["crops"] += x.photo.boxes
         state.counts["images_without_hands"] += not x.crops
         state.counts["hands_dropped"] += x.photo.dropped
         if x.hands is not None:
@@ -276,10 +277,12 @@ def prediction_line(img: InputImage, k: int, entry: dict[str, Any]) -> str:
             [round(float(x), 3), round(float(y), 3), round(float(s), 4)]
             for (x, y), s in zip(crop.uv, crop.score, strict=True)  # type: ignore[arg-type]
         ],
-        "score": round(crop.hand_score, 4),
+        "score": round(crop.keypoint_score, 4),
     }
     if crop.box_score is not None:
         rec["box_score"] = round(crop.box_score, 4)
+    if crop.found:
+        rec["hand_score"] = round(crop.rank_score, 4)
     if "error_px" in entry:
         rec["error_px"] = round(entry["error_px"], 4)
         rec["error_pct_box"] = round(entry["error_pct_box"], 4)
@@ -375,6 +378,7 @@ def finish(
         "predictions": counts["predictions"],
         "errors": counts["errors"],
         "label_problems": counts["label_problems"],
+        "crops": counts["crops"],
         "images_without_boxes": counts["images_without_boxes"],
         "images_without_hands": counts["images_without_hands"],
         "hands_dropped": counts["hands_dropped"],

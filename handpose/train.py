@@ -123,7 +123,7 @@ class TrainConfig(ModelConfig):
     )
     min_score: float = setting(
         0.3,
-        "centernet: score threshold of val recall/precision; predict's default",
+        "centernet: score threshold of val recall/precision; the boxes predict crops",
         resume="the coming validations and the checkpoints written from then on use it",
         ge=0,
         le=1,

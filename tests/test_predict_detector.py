@@ -36,7 +36,7 @@ from handpose import checkpoint
 from handpose.detector import CenterNet, detect_photos, load_detector
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, box_region, crop_matrix, invert
-from handpose.inference import Predictor, refine_region
+from handpose.inference import DEFAULT_MIN_HAND_SCORE, Predictor, refine_region
 from handpose.metrics import THRESHOLDS
 from handpose.model import ModelSpec, build_model
 from handpose.predict import predict
@@ -53,7 +53,10 @@ def read_jsonl(path: Path) -> list[dict]:
 def _multihand(tmp_path: Path, presence: list[float] | None = None, extra: dict | None = None):
     """Generated photos with 0, 1 and 3 generated hands as a YOLO-pose data set, an exact detector
     (SCORES; `extra`: more boxes per photo, {name: [(box, score)]}, which no label holds) and an
-    exact keypoint model for the labelled boxes. Returns (root, truth, detector, model)."""
+    exact keypoint model for the labelled boxes, with a presence head that says `presence` on
+    them (default 1.0 each: a hand's score, sqrt(box score x presence), is then sqrt(box
+    score)). Returns (root, truth, detector, model)."""
+    presence = [1.0] * 4 if presence is None else presence
     root = tmp_path / "yolo"
     truth = hand_photos(root, {name: len(s) for name, s in SCORES.items()})
     photos, crops = [], []
@@ -91,9 +94,10 @@ def _ap(hits: list[bool], labels: int) -> float:
 
 
 def test_photos_with_0_1_and_3_hands_give_0_1_and_3_rows(tmp_path: Path) -> None:
-    """Each row is a labelled hand: its box and score from the detector (best first), keypoints
-    in the photo's pixels, paired with its label (OKS 1); the photo without a hand gives no row
-    and is counted in run.json and the report; Predictor gives the same hands."""
+    """Each row is a labelled hand: its box and box score from the detector, its hand score
+    sqrt(box score x keypoint score) (best first), keypoints in the photo's pixels, paired with
+    its label (OKS 1); the photo without a hand gives no row and is counted in run.json and the
+    report; Predictor gives the same hands."""
     root, truth, det, model = _multihand(tmp_path)
     summary = predict((model, WARP), [root], tmp_path / "out", detector=(det, DETECT), refine=0, quiet=True)
     rows = _by_photo(tmp_path / "out")
@@ -104,12 +108,12 @@ def test_photos_with_0_1_and_3_hands_give_0_1_and_3_rows(tmp_path: Path) -> None
             assert r["hand"] == k and r["box_score"] == score
             assert np.abs(np.array(r["box"]) - box).max() < 2e-3
             assert np.abs(np.array(r["keypoints"])[:, :2] - uv).max() < 2e-3
-            assert r["score"] == pytest.approx(np.mean(np.array(r["keypoints"])[:, 2]), abs=1e-4)
+            assert r["score"] == 1.0 and r["hand_score"] == round(math.sqrt(score), 4)
             assert r["error_px"] < 2e-3 and r["oks"] == 1.0
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["images"] == 3 and run["predictions"] == 4 and run["boxes"] == "detector"
-    assert run["images_without_hands"] == 1 and run["images_without_boxes"] == 1
-    assert run["detector"] == {"size": DETECT.size, "min_score": DETECT.min_score, "max_hands": 4}
+    assert run["images_without_hands"] == 1 and run["images_without_boxes"] == 1 and run["crops"] == 4
+    assert run["detector"] == {"size": DETECT.size, "min_score": DEFAULT_MIN_HAND_SCORE, "max_hands": 4}
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["recall"] == rep["precision"] == 1.0 and rep["images_without_prediction"] == 1
     assert rep["pose_ap50"] == rep["pose_ap50_95"] == rep["box_ap50"] == rep["box_ap50_95"] == 1.0
@@ -130,19 +134,21 @@ def test_photos_with_0_1_and_3_hands_give_0_1_and_3_rows(tmp_path: Path) -> None
         ]
         assert got == [r["keypoints"] for r in rows.get(name, [])]
         assert np.allclose([h.box_score for h in hands], SCORES[name], atol=1e-6)
+        assert np.allclose([h.rank_score for h in hands], np.sqrt(SCORES[name]), atol=1e-6)
 
 
 def test_min_score_and_max_hands(tmp_path: Path) -> None:
-    """--min-score keeps the boxes scoring at least it (default: the detector's own, 0.3 here),
-    --max-hands the best N of each photo; the report counts the hands left out as missed and its
-    AP is COCO's over the rows written."""
+    """--min-score keeps the hands whose hand score (here sqrt(box score): the keypoint model
+    says 1.0) is at least it (default DEFAULT_MIN_HAND_SCORE), --max-hands the best N boxes of
+    each photo; the report counts the hands left out as missed and its AP is COCO's over the
+    rows written."""
     root, _, det, model = _multihand(tmp_path)
     for kw, p3, hits in [
-        ({}, [0.9, 0.6, 0.35], [True] * 4),
-        ({"min_score": 0.5}, [0.9, 0.6], [True] * 3),
+        ({}, [0.9, 0.6, 0.35], [True] * 4),  # hand scores 0.949, 0.775, 0.592 (p1: 0.894)
+        ({"min_score": 0.7}, [0.9, 0.6], [True] * 3),
         ({"min_score": 0.95}, [], []),
         ({"max_hands": 1}, [0.9], [True] * 2),
-        ({"max_hands": 2, "min_score": 0.7}, [0.9], [True] * 2),
+        ({"max_hands": 2, "min_score": 0.8}, [0.9], [True] * 2),
     ]:
         out = tmp_path / f"out-{len(p3)}-{sorted(kw.items())}"
         predict((model, WARP), [root], out, detector=(det, DETECT), refine=0, quiet=True, **kw)
@@ -159,10 +165,13 @@ def test_min_score_and_max_hands(tmp_path: Path) -> None:
 def test_presence_drops_what_is_not_a_hand(tmp_path: Path) -> None:
     """The detector also boxes a patch of background in the photo without a hand (score 0.7); the
     keypoint model's presence head says 0.1 there and 0.97 on the hands: the default threshold
-    drops it (run.json counts it), --min-presence 0 keeps it as a false positive, and the
-    report's precision and AP say so."""
+    drops it (run.json counts it); --min-presence 0 with --min-score 0.2 keeps it (hand score
+    sqrt(0.7 x 0.1) = 0.26, under the default --min-score) as a false positive, ranked last by
+    its hand score although its box scores above two hands', as the report's precision and AP
+    say."""
     face = (np.array([120.0, 60.0, 200.0, 150.0]), 0.7)
-    root, _, det, model = _multihand(tmp_path, presence=[0.97] * 4, extra={"p0": [face]})
+    weak = (np.array([20.0, 20.0, 60.0, 70.0]), 0.25)  # under the detector's own min_score (0.3)
+    root, _, det, model = _multihand(tmp_path, presence=[0.97] * 4, extra={"p0": [face, weak]})
     model.default = np.full((NUM_JOINTS, 2), 64.0)  # the background patch: some answer
     model.default_presence = 0.1
     predict((model, WARP), [root], tmp_path / "a", detector=(det, DETECT), refine=0, quiet=True)
@@ -172,18 +181,23 @@ def test_presence_drops_what_is_not_a_hand(tmp_path: Path) -> None:
     assert run["hands_dropped"] == 1 and run["images_without_hands"] == 1 and run["images_without_boxes"] == 0
     assert json.loads((tmp_path / "a" / "report.json").read_text())["precision"] == 1.0
 
-    predict(
-        (model, WARP), [root], tmp_path / "b", detector=(det, DETECT), refine=0, quiet=True, min_presence=0.0
-    )
+    opts = {"refine": 0, "quiet": True, "min_presence": 0.0}
+    predict((model, WARP), [root], tmp_path / "b", detector=(det, DETECT), min_score=0.2, **opts)
     (fp,) = _by_photo(tmp_path / "b")["p0"]
     assert fp["score"] == 0.1 and fp["box_score"] == 0.7 and "oks" not in fp
+    assert fp["hand_score"] == round(math.sqrt(0.07), 4)
+    # --min-score 0.2 also crops the weak box (0.25 >= 0.2), whose hand score sqrt(0.025) drops it
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["crops"] == 6
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert rep["precision"] == pytest.approx(4 / 5) and rep["recall"] == 1.0
-    # by descending box score: 0.9 hit, 0.8 hit, 0.7 miss (the background), 0.6 hit, 0.35 hit
-    assert (
-        rep["pose_ap50"] == pytest.approx(_ap([True, True, False, True, True], 4)) == pytest.approx(91 / 101)
-    )
-    assert rep["box_ap50"] == pytest.approx(91 / 101)
+    # by descending hand score: every hand (0.93, 0.88, 0.76, 0.58), then the background (0.26);
+    # by box score it would sit third (0.7), an AP of 91/101
+    assert rep["pose_ap50"] == rep["box_ap50"] == pytest.approx(1.0)
+    assert _ap([True, True, False, True, True], 4) == pytest.approx(91 / 101)
+    predict((model, WARP), [root], tmp_path / "c", detector=(det, DETECT), **opts)
+    assert "p0" not in _by_photo(tmp_path / "c")  # the default --min-score drops it, after its pass
+    run = json.loads((tmp_path / "c" / "run.json").read_text())  # the weak box is never cropped
+    assert run["crops"] == 5 and run["hands_dropped"] == 0 and run["predictions"] == 4
     with pytest.raises(HandposeError, match="--min-presence 1.5: must be between 0 and 1"):
         predict(
             (model, WARP),
@@ -536,9 +550,10 @@ def test_an_interrupted_detector_run_resumes_to_the_same_bytes(tmp_path: Path) -
 
 def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`handpose bench predict --detector` runs both models' files end to end: the hands per photo
-    are what predict kept (2 each: min_score 0, max_hands 2), the forward-only rate combines the
-    two models' rows as 1 / (1/D + h/K), the ratio is end to end over it, and the JSON line
-    printed is the result returned."""
+    are what predict kept (2 each: min_score 0, max_hands 2), each through 2 keypoint passes (the
+    detector path's one refinement), so the forward-only rate combines the two models' rows as
+    1 / (1/D + 4/K); the ratio is end to end over it, and the JSON line printed is the result
+    returned."""
     from handpose.bench.predict import DETECTOR_E2E, FORWARD_ONLY, bench_predict
     from handpose.model import model_from_config
 
@@ -574,10 +589,11 @@ def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.Ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     t, rows = result["threads"], result["rows"]
     assert result["images"] == 3 and result["hands_per_photo"] == 2.0
+    assert result["keypoint_passes_per_photo"] == 4.0
     det = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
     kp = rows[f"keypoint forward alone, {t} thread(s) (crops/s)"]
     # rows are printed to 0.01: on a starved machine a rate of 0.13/s is all rounding
-    assert rows[f"{FORWARD_ONLY}, {t} thread(s)"] == pytest.approx(1 / (1 / det + 2 / kp), rel=1e-2, abs=0.01)
+    assert rows[f"{FORWARD_ONLY}, {t} thread(s)"] == pytest.approx(1 / (1 / det + 4 / kp), rel=1e-2, abs=0.01)
     e2e = rows[f"{DETECTOR_E2E}, {t} thread(s)"]
     assert result["detector_images_per_s"] == pytest.approx(e2e, abs=0.01)
     fwd = result["forward_only_images_per_s"]

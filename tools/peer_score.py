@@ -5,14 +5,18 @@
     .venv/bin/python tools/peer_score.py PREDICTIONS IMAGES_DIR [--min-score S] [--name NAME]
 
 PREDICTIONS: a `handpose predict` output folder (its predictions.jsonl: one row per hand, ranked
-by `box_score` where a detector gave one, else `score`, as predict's report ranks them) or a
+by `hand_score` where a detector found the hand, else `box_score` where a boxes file gave one,
+else `score`, as predict's report ranks them) or a
 peer_predict.py file (one line per image). IMAGES_DIR: the labelled images (labels found by
 Ultralytics' rule, /images/ -> /labels/); every image counts, with or without a prediction.
 
-Prints one JSON line (`metrics.hand_figures`): box and pose recall and precision at IoU / OKS
+--score hand|box|keypoint ranks a predict folder's rows by another rule than predict's (with
+--box-floor: only boxes scoring at least it), so one run made with a low --min-score compares
+the rules. Prints one JSON line (`metrics.hand_figures`): box and pose recall and precision at IoU / OKS
 >= 0.5 for predictions scoring >= --min-score, COCO 101-point AP50 and AP50-95 over every
 prediction given (Ultralytics' OKS for 21 keypoints), and `pct_of_box`: the mean keypoint error
-in % of the labelled box's longer side over the labelled hands matched at OKS >= 0.5.
+in % of the labelled box's longer side over the labelled hands matched at OKS >= 0.5, and the
+images without a labelled hand that get a prediction scoring >= --min-score.
 """
 
 from __future__ import annotations
@@ -35,15 +39,34 @@ from handpose.skeleton import NUM_JOINTS  # noqa: E402
 from handpose.sources.files import is_image, walk  # noqa: E402
 from handpose.sources.yolo import label_path, read_label  # noqa: E402
 
+SCORES = ("auto", "hand", "box", "keypoint")
 
-def read_predictions(src: Path) -> dict[str, Hands]:
-    """{resolved image path: its predicted hands} from a predict folder or a peer_predict file."""
+
+def row_score(r: dict, kind: str = "auto") -> float:
+    """The score a predict row is ranked and thresholded by: "auto" as predict's report ranks
+    (`hand_score`, else `box_score`, else `score`); "hand" sqrt(box_score x score), "box" the
+    detector's `box_score`, "keypoint" the keypoint model's `score` (to compare the rules on one
+    run made with a low --min-score)."""
+    if kind == "auto":
+        return float(next(r[k] for k in ("hand_score", "box_score", "score") if r.get(k) is not None))
+    if kind == "keypoint":
+        return float(r["score"])
+    box = r.get("box_score")
+    if box is None:
+        sys.exit(f"peer_score: --score {kind}: a prediction of {r['path']} has no box_score")
+    return float(box) if kind == "box" else float(np.sqrt(max(box, 0.0) * max(r["score"], 0.0)))
+
+
+def read_predictions(src: Path, kind: str = "auto", box_floor: float = 0.0) -> dict[str, Hands]:
+    """{resolved image path: its predicted hands} from a predict folder (ranked by `row_score`,
+    rows whose box_score is under `box_floor` left out) or a peer_predict file."""
     rows: dict[str, list[tuple[list[float], float, list[list[float]]]]] = defaultdict(list)
     if src.is_dir():
         for line in (src / "predictions.jsonl").read_text().splitlines():
             r = json.loads(line)
-            score = r["box_score"] if r.get("box_score") is not None else r["score"]
-            rows[str(Path(r["path"]).resolve())].append((r["box"], score, r["keypoints"]))
+            if r.get("box_score") is not None and r["box_score"] < box_floor:
+                continue
+            rows[str(Path(r["path"]).resolve())].append((r["box"], row_score(r, kind), r["keypoints"]))
     else:
         for line in src.read_text().splitlines():
             r = json.loads(line)
@@ -99,8 +122,14 @@ def main() -> None:
     ap.add_argument("images", type=Path)
     ap.add_argument("--min-score", type=float, default=0.25, help="for recall, precision, pct_of_box [0.25]")
     ap.add_argument("--name", default="", help="a name for the JSON line")
+    ap.add_argument(
+        "--score", choices=SCORES, default="auto", help="predict rows: the score to rank by [auto]"
+    )
+    ap.add_argument(
+        "--box-floor", type=float, default=0.0, help="predict rows: leave out box_score under this"
+    )
     args = ap.parse_args()
-    preds = read_predictions(args.predictions)
+    preds = read_predictions(args.predictions, args.score, args.box_floor)
     images = [args.images / rel for rel in walk(args.images, is_image)]
     if not images:
         sys.exit(f"peer_score: {args.images}: no images")
@@ -110,6 +139,8 @@ def main() -> None:
     figures = hand_figures(p_list, l_list, min_score=args.min_score, pose=True)
     errors = [e for p, lab in zip(p_list, l_list, strict=True) for e in pct_of_box(p, lab, args.min_score)]
     unknown = len(set(preds) - {str(p.resolve()) for p in images})
+    hand_free = [k for k, lab in enumerate(l_list) if not len(lab)]
+    found_on_free = sum(bool((np.asarray(p_list[k].scores) >= args.min_score).any()) for k in hand_free)
     out = {
         "name": args.name,
         "images": len(images),
@@ -117,6 +148,8 @@ def main() -> None:
         **{k: round(v, 4) if np.isfinite(v) else None for k, v in figures.items()},  # None: no labels
         "pct_of_box": round(float(np.mean(errors)), 3) if errors else None,
         "matched_hands": len(errors),
+        "hand_free_images": len(hand_free),
+        "hand_free_images_with_a_hand": found_on_free,
         "predicted_images_not_in_folder": unknown,
     }
     print(json.dumps(out))

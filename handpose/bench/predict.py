@@ -15,11 +15,13 @@
   end (`predict model.onnx`) and API rows, against PyTorch's same rows.
 
 With --detector, the detector path instead (`predict(..., detector=...)`: every photo through the
-detector, each hand it keeps through the keypoint model), against the two models' forward
+detector, each box it gives through the keypoint model), against the two models' forward
 passes alone on ready batches in the same run: the detector's photos/s D and the keypoint
-model's crops/s K combine into 1 / (1/D + h/K) photos/s for the h hands per photo the end-to-end
-run kept; rows with 1 torch thread and with a decode thread show what the CPU defaults cost; the
-whole-image path's end to end is the reference row.
+model's crops/s K combine into 1 / (1/D + k/K) photos/s for the k keypoint passes per photo the
+end-to-end run made (run.json's `crops` x (1 + `refine`): each box the detector gave, refined;
+the hands kept are fewer, those under --min-score being dropped after their passes); rows with
+1 torch thread and with a decode thread show what the CPU defaults cost; the whole-image path's
+end to end is the reference row.
 
 Prints a table, then one JSON line with images_per_s, model_only_images_per_s,
 tutorial_loop_images_per_s, api_images_per_s (with onnx the onnxruntime figures and ratios; with
@@ -226,6 +228,7 @@ def bench_detector_path(
     batches = max(3, math.ceil(n / batch_size))
     threads = torch.get_num_threads()
     hands = [0.0]  # hands per photo kept by the last end-to-end run
+    passes = [0.0]  # keypoint passes per photo it ran: every box the detector gave, 1 + refine each
 
     def e2e(*, torch_threads: int | None = None, **kw: Any) -> float:
         opts = _e2e_options(batch_size, workers, dev)
@@ -239,6 +242,7 @@ def bench_detector_path(
                 torch.set_num_threads(threads)
         if "detector" in kw:
             hands[0] = summary["predictions"] / max(1, summary["images"])
+            passes[0] = summary["crops"] * (1 + summary["refine"]) / max(1, summary["images"])
         return rate
 
     found: dict[str, Any] = {"detector": detector, "min_score": min_score, "max_hands": max_hands}
@@ -268,16 +272,17 @@ def bench_detector_path(
     for _ in range(repeats):  # interleaved rounds, each row keeps its best (see bench_predict)
         for name, measure in measures.items():
             rows[name] = max(rows[name], measure())
-    h = hands[0]
+    h, k = hands[0], passes[0]
     ratio = {}
     for t in counts:
         det_rate = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
         kp_rate = rows[f"keypoint forward alone, {t} thread(s) (crops/s)"]
-        forward_only = 1.0 / (1.0 / det_rate + h / kp_rate)
+        forward_only = 1.0 / (1.0 / det_rate + k / kp_rate)
         rows[f"{FORWARD_ONLY}, {t} thread(s)"] = forward_only
         ratio[t] = rows[f"{DETECTOR_E2E}, {t} thread(s)"] / forward_only
     table = Table(
         title=f"predict with a detector: {n} photos from {images}, {h:.2f} hands per photo kept, "
+        f"{k:.2f} keypoint passes per photo, "
         f"batch {batch_size}, {dev}"
     )
     table.add_column("")
@@ -297,6 +302,7 @@ def bench_detector_path(
         "device": str(dev),
         "threads": threads,
         "hands_per_photo": round(h, 3),
+        "keypoint_passes_per_photo": round(k, 3),
         "detector_images_per_s": round(rows[f"{DETECTOR_E2E}, {threads} thread(s)"], 2),
         "forward_only_images_per_s": round(rows[f"{FORWARD_ONLY}, {threads} thread(s)"], 2),
         "detector_vs_forward_only": round(ratio[threads], 3),
