@@ -97,3 +97,36 @@ def test_scaling_table_from_runs_at_each_budget(tmp_path: Path) -> None:
     # a re-run trains nothing again
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "$ handpose" not in again.stdout
+
+
+@pytest.mark.slow
+def test_scaling_a_given_run(tmp_path: Path) -> None:
+    """--train ARGS scales the run those `handpose train` arguments describe (its own shards,
+    crops and weights, its val_shards), at the given rate; --epochs and --out stay the tool's."""
+    data = tmp_path / "data"
+    pack(yolokit.write_dataset(tmp_path / "ds", yolokit.default_spec()), data, fmt="yolo", workers=1)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    train = f"--config {recipe} --shards {data},{data},{data} --crop box,image,box --weights 0.5,0.3,0.2"
+    out = tmp_path / "scaling"
+    cmd = [sys.executable, "tools/scaling.py", "--train", train, "--minutes", "0.01", "--rate", "60"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "scaling.json").read_text())
+    cfg = load_config(TrainConfig, out / "0.01min" / "config.toml")
+    assert cfg.shards == (str(data),) * 3 and cfg.crop == ("box", "image", "box")
+    assert cfg.weights == (0.5, 0.3, 0.2) and result["rate"] == 60 and not (out / "rate").exists()
+    assert (
+        result["rows"][0]["epochs"] == cfg.epochs == scaling.epochs_for(0.01, 60, result["samples_per_epoch"])
+    )
+    for bad, needle in (
+        (["--train", train], "--train: give --out OUT"),
+        (["--train", f"{train} --epochs 3", "--out", str(out)], "--epochs is the tool's to set"),
+        (["--train", f"--shards {data}", "--out", str(out)], "give the recipe as --config RECIPE"),
+        (["--train=--config", "--out", str(out)], "expected --key value pairs"),
+        (["--train", train, "--hands", str(tmp_path), "--out", str(out)], "one of them"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "tools/scaling.py", *bad], cwd=ROOT, capture_output=True, text=True
+        )
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, bad

@@ -4,10 +4,14 @@ the same-source and the other-source validations.
 
     .venv/bin/python tools/scaling.py --hands HANDS [--minutes 15,30,60,120] [--recipe RECIPE]
                                       [--rate SAMPLES_PER_S] [--out HANDS/scaling]
+    .venv/bin/python tools/scaling.py --train "--config RECIPE --shards ... [--crop ...]
+                                      [--weights ...] [--val_shards ...]" --out OUT [...]
 
 HANDS is a `make hands` folder: its packs are reused as make hands lays them out (DATA's
 shards in the recipe's crops, the EXTRA pack and generated hands in their slots, every VAL pack
 as val_shards; tools/hands.py `train_args`), so run make hands first (with EXTRA and VAL).
+--train instead gives the `handpose train` arguments of the run to scale (its --config first or
+anywhere, its data options; never --epochs or --out), e.g. a bundled model's command.
 
 A budget sets the epochs: epochs = round(minutes x 60 x rate / samples per epoch), at least 1,
 and the recipe's schedule (cosine, warm-up) is laid over exactly those epochs, so each budget
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,7 +68,21 @@ def samples_per_epoch(cfg: TrainConfig) -> int:
 def overrides(argv: Sequence[str]) -> dict[str, str]:
     """`handpose train` arguments after the recipe (`--key value` pairs) as a dict."""
     args = list(argv)
+    if len(args) % 2 or any(not a.startswith("--") for a in args[::2]):
+        raise HandposeError(f"--train {' '.join(args)}: expected --key value pairs")
     return {args[i][2:]: args[i + 1] for i in range(0, len(args), 2)}
+
+
+def given_run(train: str) -> tuple[Path, list[str], dict[str, str]]:
+    """--train's arguments -> (recipe, the arguments as given, the recipe's overrides)."""
+    base = shlex.split(train)
+    opts = overrides(base)
+    if "config" not in opts:
+        raise HandposeError(f"--train {train}: give the recipe as --config RECIPE")
+    for key in ("epochs", "out"):
+        if key in opts:
+            raise HandposeError(f"--train {train}: --{key} is the tool's to set")
+    return recipe_path(opts.pop("config")), base, opts
 
 
 def layout(hands_dir: Path, recipe: Path, out: Path) -> list[str]:
@@ -131,7 +150,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hands", type=Path, required=True, help="a make hands output folder (its packs)")
+    ap.add_argument("--hands", type=Path, help="a make hands output folder (its packs)")
+    ap.add_argument("--train", help="instead of --hands: the handpose train arguments of the run to scale")
     ap.add_argument("--minutes", default="15,30,60,120", help="training budgets, minutes [15,30,60,120]")
     ap.add_argument("--recipe", default="pipelines/hands_cpu.toml")
     ap.add_argument("--rate", type=float, help="training samples/s (default: measured first)")
@@ -146,20 +166,27 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    hands_dir = args.hands.resolve()
-    out = (args.out or hands_dir / "scaling").resolve()
+    if (args.hands is None) == (args.train is None):
+        raise HandposeError("give --hands HANDS (a make hands folder) or --train ARGS, one of them")
+    if args.train is not None and args.out is None:
+        raise HandposeError("--train: give --out OUT")
+    out = (args.out or args.hands.resolve() / "scaling").resolve()
     try:
         budgets = [float(m) for m in args.minutes.split(",") if m.strip()]
     except ValueError:
         raise HandposeError(f"--minutes {args.minutes}: expected numbers, e.g. 15,30,60,120") from None
     if not budgets or min(budgets) <= 0:
         raise HandposeError(f"--minutes {args.minutes}: give positive minutes")
-    recipe = recipe_path(args.recipe)
+    if args.train is not None:
+        recipe, base, opts = given_run(args.train)
+        source = "the given run"
+    else:
+        recipe = recipe_path(args.recipe)
+        base = layout(args.hands.resolve(), recipe, out / "rate")[1:-2]  # between train and --out
+        opts, source = overrides(base[2:]), str(args.hands.resolve())
+    cfg = load_config(TrainConfig, recipe, opts)
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out)
-
-    base = layout(hands_dir, recipe, out / "rate")[1:-2]  # the arguments between train and --out
-    cfg = load_config(TrainConfig, recipe, overrides(base[2:]))
     per_epoch = samples_per_epoch(cfg)
     rate = args.rate
     if rate is None:
@@ -178,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps.run(f"train {budget:g} min", argv, run_dir / "summary.json")
         rows.append(scaling_row(budget, epochs, cfg, run_dir))
     text = (
-        f"{recipe.name} on {hands_dir}: {per_epoch} samples per epoch at {rate:.0f} samples/s "
+        f"{recipe.name} on {source}: {per_epoch} samples per epoch at {rate:.0f} samples/s "
         f"({'given' if args.rate else 'measured'})\n\n" + table(rows)
     )
     result = {
