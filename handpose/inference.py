@@ -234,8 +234,13 @@ class Crop:
         (both models must agree; a face the detector likes gets a low keypoint score), the box's
         score for a --boxes file's box with one, else `keypoint_score`."""
         if self.found and self.box_score is not None:
-            return math.sqrt(max(float(self.box_score), 0.0) * max(self.keypoint_score, 0.0))
+            return hand_score(self.box_score, self.keypoint_score)
         return float(self.box_score) if self.box_score is not None else self.keypoint_score
+
+
+def hand_score(box_score: float, keypoint_score: float) -> float:
+    """A found hand's score: sqrt(detector box score x keypoint score), both in [0, 1]."""
+    return math.sqrt(max(float(box_score), 0.0) * max(float(keypoint_score), 0.0))
 
 
 def shows_hand(crop: Crop, min_presence: float | None) -> bool:
@@ -266,6 +271,18 @@ class Finder:
         but the hands kept from boxes under 0.3 were 14 of 3,931 on four photo sets (mean F1
         0.8175 against 0.8180) for 24% fewer keypoint crops (BENCHMARKS.md)."""
         return min(self.spec.min_score, self.min_score)
+
+    @classmethod
+    def of(
+        cls, net: torch.nn.Module, spec: DetectorSpec, min_score: float | None, max_hands: int | None
+    ) -> Finder:
+        """A Finder with predict's defaults for the options not given (None)."""
+        return cls(
+            net,
+            spec,
+            DEFAULT_MIN_HAND_SCORE if min_score is None else min_score,
+            DEFAULT_MAX_HANDS if max_hands is None else max_hands,
+        )
 
 
 Reader = Callable[[], ImageData]  # an image's pixels, read again for each later pass
@@ -560,8 +577,7 @@ class Predictor:
 
     detector: a (`detector.CenterNet`, `DetectorSpec`) pair from `detector.load_detector`: without
     boxes, the hands it finds (hand score >= min_score, default DEFAULT_MIN_HAND_SCORE; at most
-    max_hands). Without a
-    detector and without boxes: the whole image. Given boxes always win."""
+    max_hands). Without a detector and without boxes: the whole image. Given boxes always win."""
 
     def __init__(
         self,
@@ -582,9 +598,7 @@ class Predictor:
         self.finder = None
         if detector is not None:
             dnet, dspec = detector
-            self.finder = Finder(
-                dnet, dspec, DEFAULT_MIN_HAND_SCORE if min_score is None else min_score, max_hands
-            )
+            self.finder = Finder.of(dnet, dspec, min_score, max_hands)
         self.runner = Runner(
             net,
             spec,

@@ -55,8 +55,6 @@ from handpose.distributed import World, barrier, broadcast_object, setup_world, 
 from handpose.errors import HandposeError
 from handpose.inference import (
     DATA_ERRORS,
-    DEFAULT_MAX_HANDS,
-    DEFAULT_MIN_HAND_SCORE,
     REFINE_MODES,
     Finder,
     Net,
@@ -310,12 +308,7 @@ def _finder(
             dnet, dspec = load_detector(detector, device)
         except HandposeError as e:
             raise HandposeError(f"--detector {e}") from None
-    return Finder(
-        dnet,
-        dspec,
-        DEFAULT_MIN_HAND_SCORE if min_score is None else min_score,
-        DEFAULT_MAX_HANDS if max_hands is None else max_hands,
-    )
+    return Finder.of(dnet, dspec, min_score, max_hands)
 
 
 def _check_options(

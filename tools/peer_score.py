@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from handpose.imageio import image_size  # noqa: E402
+from handpose.inference import hand_score  # noqa: E402
 from handpose.metrics import THRESHOLDS, Hands, hand_figures, match, oks  # noqa: E402
 from handpose.report import box_side  # noqa: E402
 from handpose.skeleton import NUM_JOINTS  # noqa: E402
@@ -54,7 +55,7 @@ def row_score(r: dict, kind: str = "auto") -> float:
     box = r.get("box_score")
     if box is None:
         sys.exit(f"peer_score: --score {kind}: a prediction of {r['path']} has no box_score")
-    return float(box) if kind == "box" else float(np.sqrt(max(box, 0.0) * max(r["score"], 0.0)))
+    return float(box) if kind == "box" else hand_score(box, r["score"])
 
 
 def read_predictions(src: Path, kind: str = "auto", box_floor: float = 0.0) -> dict[str, Hands]:
