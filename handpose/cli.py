@@ -738,6 +738,37 @@ def _usage_line(e: Any) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app; user mistakes become one line and exit code 1."""
+    try:
+        _main(argv)
+    except SystemExit as e:
+        _leave(e.code)
+        raise
+
+
+def _leave(code: int | str | None) -> None:
+    """End a torchrun worker (WORLD_SIZE > 1) without the interpreter's teardown.
+
+    DDP's reducer keeps the gloo process group, and its worker threads, alive past
+    destroy_process_group; when the interpreter then tears down, gloo aborts one run in ten
+    ("terminate called without an active exception", SIGABRT), after everything was written, and
+    torchrun reports a finished job as failed (tests/test_train.py's DDP tests, and a plain DDP
+    script, hit it). So a worker runs the atexit handlers (multiprocessing stops its loader
+    workers there), flushes its streams and leaves with os._exit. Other processes return."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or "torch.distributed" not in sys.modules:
+        return
+    import atexit
+
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:webdataset")
     command = typer.main.get_command(app)
     try:

@@ -335,3 +335,45 @@ def test_torchrun_mistake_is_one_line(inputs: dict[str, Path]) -> None:
     assert ours == ["error: --sigma: must be > 0, got 0.0"], output
     assert "traceback : error: --sigma" in output  # torchrun's summary quotes the ranks' error files
     assert 'handpose/cli.py"' not in output and 'handpose/train.py"' not in output
+
+
+_WORKER = """
+import atexit, sys
+import torch.distributed  # a worker of a distributed job has it loaded
+from handpose.cli import main
+
+
+class Late:
+    def __del__(self, open=open, path=sys.argv[1] + ".teardown"):  # runs in the interpreter's
+        open(path, "w").write("teardown ran")  # teardown, where gloo's threads can abort
+
+
+late = Late()
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
+print("printed before the exit", end="")  # unflushed: os._exit would drop it unless flushed
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["train", "--epochs", "many"], 1)])
+def test_torchrun_worker_leaves_cleanly(argv: list[str], code: int, world: int, tmp_path: Path) -> None:
+    """A torchrun worker (WORLD_SIZE > 1) skips the interpreter's teardown (os._exit), where gloo's
+    threads abort one DDP run in ten; it still keeps its exit code, its output and its atexit
+    handlers. A single process ends as usual."""
+    marker = tmp_path / "atexit.txt"
+    env = _env() | {"WORLD_SIZE": str(world), "RANK": "0"}
+    p = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(marker), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == code, p.stderr
+    assert p.stdout.startswith("printed before the exit"), p.stdout
+    assert marker.read_text() == "atexit ran"
+    assert (tmp_path / "atexit.txt.teardown").exists() == (world == 1)
+    if code:
+        assert p.stderr.startswith("error: ") and "--epochs" in p.stderr and "Traceback" not in p.stderr
