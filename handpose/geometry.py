@@ -187,6 +187,29 @@ def upright_region(
     return (float(centre[0]), float(centre[1]), float(max(*(hi - lo), 1e-6) * pad)), angle
 
 
+SIDE_STEPS = 128  # steady_region: side steps per doubling (0.54% apart)
+ANGLE_STEP_DEG = 0.25  # steady_region: angle grid
+
+
+def steady_region(region: Region, size: int, angle_deg: float = 0.0) -> tuple[Region, float]:
+    """A crop placed from a model's answer (a found box, a last pass's keypoints), snapped to a
+    grid: its side to 2^(1/SIDE_STEPS) steps, its centre to half an input pixel of that side
+    (side / size / 2 source px), its angle to ANGLE_STEP_DEG.
+
+    Why: such a crop is cut to uint8, so an answer that moved by float rounding alone (another
+    batch size or runtime: about 3e-5 input px) flips a few of its grey levels, and the model
+    answers that crop up to 0.06 input px differently (docs/export.md). On the grid the crop is
+    the same unless the answer sits within that rounding of a grid line. The snap moves the crop
+    by at most a quarter of an input pixel and 0.27% of its side, far inside the training crops'
+    own jitter (augment translate and scale); keypoints go back through the snapped crop's matrix.
+    """
+    cx, cy, side = region
+    side = float(2.0 ** (round(math.log2(max(side, 1e-6)) * SIDE_STEPS) / SIDE_STEPS))
+    half_px = side / size / 2
+    cx, cy = (float(round(v / half_px) * half_px) for v in (cx, cy))
+    return (cx, cy, side), float(round(angle_deg / ANGLE_STEP_DEG) * ANGLE_STEP_DEG)
+
+
 def crop_matrix(
     region: Region,
     size: int,

@@ -61,6 +61,7 @@ from handpose.geometry import (
     invert,
     keypoints_box,
     source_region,
+    steady_region,
     upright_region,
 )
 from handpose.imageio import DecodeCache, decode_image, image_size, warp_image_to_input, warp_to_input
@@ -333,11 +334,16 @@ def crops_of(
     boxes: Sequence[np.ndarray | None],
     spec: ModelSpec,
     cache: DecodeCache | None = None,
+    *,
+    found: bool = False,
 ) -> list[Crop]:
-    """The first pass's crops of one image: one per box (None: the whole image, letterboxed)."""
+    """The first pass's crops of one image: one per box (None: the whole image, letterboxed);
+    `found`: the boxes came from the detector, so their crops are snapped (`steady_region`)."""
     crops = []
     for box in boxes:
         region = source_region(width, height, box, spec.pad)
+        if found:
+            region = steady_region(region, spec.size)[0]
         crops.append(Crop(box, region, preprocess(image, crop_matrix(region, spec.size), spec, cache)))
     return crops
 
@@ -416,14 +422,17 @@ def refine_region(uv: np.ndarray, spec: ModelSpec, mode: str = "box") -> tuple[R
     """The crop of a refinement pass from the last pass's keypoints (original px): (region,
     angle_deg, the hand's box). "box": `refine_box` padded by the model's box_pad; "upright":
     `geometry.upright_region` padded by box_to_keypoints x box_pad (the same growth as "box"),
-    turned so that wrist -> middle MCP points up; its side at least MIN_SIDE_PX x box_pad."""
+    turned so that wrist -> middle MCP points up; its side at least MIN_SIDE_PX x box_pad. Both
+    snapped to `steady_region`'s grid: the crop comes from a model's answer."""
     box = refine_box(uv, spec.box_to_keypoints)
     if mode == "box":
-        return box_region(box, spec.pad), 0.0, box
-    if mode != "upright":
+        region, angle = box_region(box, spec.pad), 0.0
+    elif mode == "upright":
+        (cx, cy, side), angle = upright_region(uv, pad=spec.pad * spec.box_to_keypoints)
+        region = (cx, cy, max(side, MIN_SIDE_PX * spec.pad))
+    else:
         raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
-    (cx, cy, side), angle = upright_region(uv, pad=spec.pad * spec.box_to_keypoints)
-    return (cx, cy, max(side, MIN_SIDE_PX * spec.pad)), angle, box
+    return (*steady_region(region, spec.size, angle), box)
 
 
 class Runner:
@@ -526,7 +535,9 @@ class Runner:
         if not len(boxes):
             return []
         try:
-            crops = crops_of(photo.read(), photo.width, photo.height, list(boxes), self.spec, self.cache)
+            crops = crops_of(
+                photo.read(), photo.width, photo.height, list(boxes), self.spec, self.cache, found=True
+            )
         except DATA_ERRORS:
             return []
         for k, (crop, s) in enumerate(zip(crops, scores, strict=True)):

@@ -7,6 +7,7 @@ any number of generated hands and their YOLO-pose labels (`hand_photos`)."""
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -139,15 +140,21 @@ def splat(uv: np.ndarray, size: int) -> np.ndarray:
     return maps
 
 
-def expected_matrix(width: int, height: int, box: np.ndarray | None, pad: float, size: int) -> np.ndarray:
+def expected_matrix(
+    width: int, height: int, box: np.ndarray | None, pad: float, size: int, found: bool = False
+) -> np.ndarray:
     """The source -> model-input matrix predict must use, written out here: the whole image
     letterboxed (its longer side fills the input, centred; `box` None), or the hand box squared
-    on its longer side, times `pad`, centred in the input."""
+    on its longer side, times `pad`, centred in the input; `found` (a detector's box): that
+    square snapped, its side to 2^(1/128) steps, its centre to half an input pixel."""
     if box is None:
         cx, cy, side = width / 2, height / 2, max(width, height)
     else:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         side = max(box[2] - box[0], box[3] - box[1]) * pad
+    if found and box is not None:
+        side = 2.0 ** (round(math.log2(side) * 128) / 128)
+        cx, cy = (round(v * 2 * size / side) * side / size / 2 for v in (cx, cy))
     s = size / side
     return np.array([[s, 0.0, size / 2 - s * cx], [0.0, s, size / 2 - s * cy]])
 
@@ -159,15 +166,18 @@ def lookup_model(
 ) -> LookupModel:
     """A perfect model for these (image bytes, box or None, keypoints in original px) crops, each
     crop's matrix computed by `expected_matrix` (the pixels by the shared preprocessing, which
-    test_predict checks on its own); `presence`: a presence head's answer for each crop."""
+    test_predict checks on its own), given or found by a detector (snapped: both are known);
+    `presence`: a presence head's answer for each crop."""
     from handpose.inference import preprocess
 
-    table = []
-    for data, box, uv in crops:
+    table, answers = [], []
+    for k, (data, box, uv) in enumerate(crops):
         width, height = Image.open(io.BytesIO(data)).size
-        M = expected_matrix(width, height, box, spec.pad, spec.size)
-        table.append((preprocess(data, M, spec), np.asarray(uv, np.float64) @ M[:, :2].T + M[:, 2]))
-    return LookupModel(table, spec, presence)
+        for found in (False, True):
+            M = expected_matrix(width, height, box, spec.pad, spec.size, found)
+            table.append((preprocess(data, M, spec), np.asarray(uv, np.float64) @ M[:, :2].T + M[:, 2]))
+            answers.append(k)
+    return LookupModel(table, spec, None if presence is None else [presence[k] for k in answers])
 
 
 # ----------------------------------------------------------------------------- detectors

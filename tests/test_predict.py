@@ -31,7 +31,15 @@ from predictkit import (
 
 from handpose.checkpoint import load_model
 from handpose.errors import HandposeError
-from handpose.geometry import apply_affine, box_region, crop_matrix, fit_matrix, invert, keypoints_box
+from handpose.geometry import (
+    apply_affine,
+    box_region,
+    crop_matrix,
+    fit_matrix,
+    invert,
+    keypoints_box,
+    steady_region,
+)
 from handpose.inference import DEFAULT_REFINE, Predictor, crops_of, image_size_of, letterbox, refine_box
 from handpose.model import BOX_TO_KEYPOINTS, ModelSpec
 from handpose.predict import predict
@@ -327,7 +335,8 @@ def test_boxes_file_errors(tmp_path: Path) -> None:
 
 def test_refine_crops_the_predicted_hand(tmp_path: Path) -> None:
     """--refine N: each pass crops the box of the last pass's keypoints grown by the checkpoint's
-    box-to-keypoints ratio, padded by its box_pad; predictions.jsonl records the final box."""
+    box-to-keypoints ratio, padded by its box_pad, snapped to `steady_region`'s grid;
+    predictions.jsonl records the final box (unsnapped)."""
     w, h = 640, 480
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "p.jpg").write_bytes(encode(smooth_image(w, h, 3), "JPEG", quality=90))
@@ -344,7 +353,14 @@ def test_refine_crops_the_predicted_hand(tmp_path: Path) -> None:
         for _ in range(refine):
             box = refine_box(uv, 1.5)
             assert np.allclose(box[2:] - box[:2], (keypoints_box(uv)[2:] - keypoints_box(uv)[:2]) * 1.5)
-            uv = apply_affine(invert(crop_matrix(box_region(box, 1.3), spec.size)), pose)
+            region = box_region(box, 1.3)
+            snapped = steady_region(region, spec.size)[0]
+            assert snapped != region and abs(snapped[2] / region[2] - 1) < 0.003
+            assert (
+                max(abs(snapped[0] - region[0]), abs(snapped[1] - region[1]))
+                <= snapped[2] / spec.size / 4 + 1e-9
+            )
+            uv = apply_affine(invert(crop_matrix(snapped, spec.size)), pose)
         assert (rec["box"] is None) == (box is None)
         if box is not None:
             assert np.abs(np.array(rec["box"]) - box).max() < 2e-3

@@ -35,7 +35,7 @@ from predictkit import (
 from handpose import checkpoint
 from handpose.detector import CenterNet, detect_photos, load_detector
 from handpose.errors import HandposeError
-from handpose.geometry import apply_affine, box_region, crop_matrix, invert
+from handpose.geometry import ANGLE_STEP_DEG, apply_affine, box_region, crop_matrix, invert, steady_region
 from handpose.inference import DEFAULT_MIN_HAND_SCORE, Predictor, refine_region
 from handpose.metrics import THRESHOLDS
 from handpose.model import ModelSpec, build_model
@@ -312,7 +312,8 @@ def test_a_detector_checkpoint_round_trips_through_predict(tmp_path: Path) -> No
         assert len(mine) == 2 == len(boxes)
         for r, box, s in zip(mine, boxes, scores, strict=True):
             assert np.abs(np.array(r["box"]) - box).max() < 2e-3 and r["box_score"] == round(float(s), 4)
-            uv = apply_affine(invert(crop_matrix(box_region(box, 1.3), spec.size)), pose)
+            region = steady_region(box_region(box, 1.3), spec.size)[0]  # a found box's crop is snapped
+            uv = apply_affine(invert(crop_matrix(region, spec.size)), pose)
             assert np.abs(np.array(r["keypoints"])[:, :2] - uv).max() < 2e-3
     # The default with a detector: one refinement pass, in the box of the keypoints the detector's
     # crop gave (the row's box stays the detector's).
@@ -475,10 +476,13 @@ def test_upright_refinement_maps_back(tmp_path: Path) -> None:
         assert np.abs(uv[joint] - dots[c]).max() < 0.05, (joint, uv[joint], dots[c])
     crop = model.inputs[-1]  # the upright pass's input: green straight above red
     red, green = _centroid(crop[0]), _centroid(crop[1])
-    assert abs(red[0] - green[0]) < 0.05 and green[1] < red[1] - 20
+    # upright to within the angle grid the crop is snapped to (steady_region: +-ANGLE_STEP_DEG / 2)
+    lean = math.tan(math.radians(ANGLE_STEP_DEG / 2 + 0.05)) * (red[1] - green[1])
+    assert abs(red[0] - green[0]) < lean + 0.05 and green[1] < red[1] - 20
     (hand,) = Predictor(model, spec, refine_mode="upright")(pixels)
     want = -90.0 - math.degrees(math.atan2(dots[1][1] - dots[0][1], dots[1][0] - dots[0][0]))
-    assert hand.angle == pytest.approx((want + 180) % 360 - 180, abs=0.05)
+    assert hand.angle == pytest.approx((want + 180) % 360 - 180, abs=ANGLE_STEP_DEG / 2 + 0.05)
+    assert hand.angle / ANGLE_STEP_DEG == pytest.approx(round(hand.angle / ANGLE_STEP_DEG), abs=1e-9)
     assert np.abs(hand.uv - uv).max() < 2e-3
     predict((model, spec), [tmp_path / "in"], tmp_path / "box", refine=1, quiet=True)
     assert (
