@@ -46,6 +46,19 @@ def test_a_budget_sets_the_epochs_from_the_rate() -> None:
 
 
 @pytest.mark.slow
+def test_the_rate_run_replaces_the_runs_own_batches() -> None:
+    """The measuring run trains the given run's data for --rate-batches batches: the run's own
+    --batches_per_epoch and --val_batches are replaced, not given a second time."""
+    base = ["--config", "r.toml", "--shards", "a,b", "--batches_per_epoch", "782", "--val_batches", "0"]
+    assert scaling.rate_run(base, 200) == [
+        "--config", "r.toml", "--shards", "a,b",
+        "--epochs", "1", "--batches_per_epoch", "200", "--val_batches", "1",
+    ]  # fmt: skip
+    assert scaling.rate_run(["--config", "r.toml"], 50)[-6:] == [
+        "--epochs", "1", "--batches_per_epoch", "50", "--val_batches", "1",
+    ]  # fmt: skip
+
+
 def test_scaling_table_from_runs_at_each_budget(tmp_path: Path) -> None:
     hands = tmp_path / "hands"
     pack(

@@ -85,6 +85,18 @@ def given_run(train: str) -> tuple[Path, list[str], dict[str, str]]:
     return recipe_path(opts.pop("config")), base, opts
 
 
+def rate_run(base: Sequence[str], batches: int) -> list[str]:
+    """The measuring run's arguments: the run's own, with its epochs, batches per epoch and val
+    batches replaced (not given twice: the run's values are dropped)."""
+    args, kept = list(base), []
+    while args:
+        key = args.pop(0)
+        value = args.pop(0) if args and not args[0].startswith("--") else None
+        if key not in ("--epochs", "--batches_per_epoch", "--val_batches"):
+            kept += [key] if value is None else [key, value]
+    return [*kept, "--epochs", "1", "--batches_per_epoch", str(batches), "--val_batches", "1"]
+
+
 def layout(hands_dir: Path, recipe: Path, out: Path) -> list[str]:
     """`handpose train` arguments for `recipe` on a make hands folder's packs (its run's layout)."""
     shards = hands_dir / "shards"
@@ -190,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_epoch = samples_per_epoch(cfg)
     rate = args.rate
     if rate is None:
-        argv = [*base, "--epochs", "1", "--batches_per_epoch", str(args.rate_batches), "--val_batches", "1"]
+        argv = rate_run(base, args.rate_batches)
         steps.run(
             "measure rate",
             handpose("train", *argv, "--out", str(out / "rate")),
