@@ -86,14 +86,11 @@ def given_run(train: str) -> tuple[Path, list[str], dict[str, str]]:
 
 
 def rate_run(base: Sequence[str], batches: int) -> list[str]:
-    """The measuring run's arguments: the run's own, with its epochs, batches per epoch and val
-    batches replaced (not given twice: the run's values are dropped)."""
-    args, kept = list(base), []
-    while args:
-        key = args.pop(0)
-        value = args.pop(0) if args and not args[0].startswith("--") else None
-        if key not in ("--epochs", "--batches_per_epoch", "--val_batches"):
-            kept += [key] if value is None else [key, value]
+    """The measuring run's arguments: the run's own `--key value` pairs (`overrides` checked them),
+    with its epochs, batches per epoch and val batches replaced, not given twice."""
+    replaced = ("--epochs", "--batches_per_epoch", "--val_batches")
+    pairs = [(k, v) for k, v in zip(base[::2], base[1::2], strict=True) if k not in replaced]
+    kept = [a for pair in pairs for a in pair]
     return [*kept, "--epochs", "1", "--batches_per_epoch", str(batches), "--val_batches", "1"]
 
 
