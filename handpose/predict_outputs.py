@@ -158,8 +158,12 @@ def match_hands(img: InputImage) -> tuple[list[int | None], np.ndarray]:
     """The labelled hand each prediction is scored against (None: none) and log(OKS) (P, G) of
     every prediction and labelled hand. --boxes gt: the box's own hand. Otherwise paired by OKS
     (`metrics.pair_greedily` on `metrics.log_oks`: the highest similarity first, each labelled
-    hand and each prediction used once, no threshold: a whole-image prediction on a photo with
-    three hands is scored against the hand it found, however far off it is)."""
+    hand and each prediction used once). No threshold for the whole-image path: its one
+    prediction is its answer for the photo's hand, so a whole-image prediction on a face is
+    scored against the hand, however far off it is. A hand the detector found pairs only with a
+    labelled hand its box overlaps (`separate_hands`): it may be a hand no label marks (some
+    photos label one of two hands), which is a right answer, not a far-off one; the labelled
+    hand it does not overlap counts as missed."""
     n = len(img.crops)
     if not img.hands or not n:
         return [None] * n, np.zeros((n, len(img.hands or ())))
@@ -172,7 +176,18 @@ def match_hands(img: InputImage) -> tuple[list[int | None], np.ndarray]:
     )
     if any(c.label is not None for c in img.crops):
         return [c.label for c in img.crops], sim
-    return [int(g) if g >= 0 else None for g in metrics.pair_greedily(sim)], sim
+    pairable = np.where(separate_hands(img.crops, np.stack([h.box for h in hands])), -np.inf, sim)
+    return [int(g) if g >= 0 else None for g in metrics.pair_greedily(pairable)], sim
+
+
+def separate_hands(crops: list[Crop], label_boxes: np.ndarray) -> np.ndarray:
+    """(P, G) bool: prediction p is a found hand (detector) whose box does not overlap labelled
+    box g at all (box IoU 0), so it is another hand, never g's prediction."""
+    out = np.zeros((len(crops), len(label_boxes)), bool)
+    for p, crop in enumerate(crops):
+        if crop.found and crop.box is not None:
+            out[p] = metrics.box_iou(np.asarray(crop.box, np.float64)[None], label_boxes)[0] <= 0
+    return out
 
 
 def hand_box(crop: Crop, box_to_keypoints: float) -> np.ndarray:

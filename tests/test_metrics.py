@@ -17,6 +17,9 @@ from handpose.metrics import (
     oks,
     oks_sigmas,
 )
+from handpose.inference import Crop, Photo
+from handpose.predict_inputs import LabelledHand
+from handpose.predict_outputs import InputImage, match_hands, separate_hands
 
 BOX = np.array([[0.0, 0.0, 10.0, 10.0]])  # area 100 -> OKS area 53
 
@@ -143,3 +146,38 @@ def test_a_detector_that_finds_nothing() -> None:
     assert f["box_recall"] == 0.0 and f["box_precision"] == 1.0 and f["box_ap50"] == 0.0
     with pytest.raises(ValueError):
         hand_figures([], [Hands(BOX)], min_score=0.3)
+
+
+def _labelled(x0: float, y0: float) -> LabelledHand:
+    """A labelled hand: 21 joints on a 20 px grid starting at (x0, y0), its box around them."""
+    uv = np.stack(np.meshgrid(np.linspace(0, 20, 7), np.linspace(0, 20, 3)), -1).reshape(21, 2) + (x0, y0)
+    return LabelledHand(0, uv, np.full(21, 2, np.uint8), np.array([x0, y0, x0 + 20, y0 + 20]))
+
+
+def _image(crops: list[Crop], hands: list[LabelledHand]) -> InputImage:
+    return InputImage(None, 200, 200, hands, Photo(lambda: None, 200, 200, crops), [])  # type: ignore[arg-type]
+
+
+def _crop(hand: LabelledHand, shift: float, *, found: bool) -> Crop:
+    uv = hand.uv + shift
+    box = np.array([uv[:, 0].min(), uv[:, 1].min(), uv[:, 0].max(), uv[:, 1].max()]) if found else None
+    return Crop(box, (100.0, 100.0, 200.0), uv=uv, found=found, box_score=0.9 if found else None)
+
+
+def test_a_found_hand_pairs_only_with_a_labelled_hand_it_overlaps() -> None:
+    """The error figures' pairing: a hand the detector found far from the one labelled hand is
+    another hand (some photos label one of two), so it is scored against nothing and the label
+    is missed; the same prediction from the whole-image path is that path's answer for the
+    labelled hand and is scored against it; a found hand on the label pairs with it."""
+    label, other = _labelled(20, 20), _labelled(150, 150)
+    far = _crop(other, 0.0, found=True)
+    assert match_hands(_image([far], [label]))[0] == [None]
+    assert match_hands(_image([_crop(other, 0.0, found=False)], [label]))[0] == [0]
+    near = _crop(label, 3.0, found=True)  # 3 px off: boxes overlap
+    assert match_hands(_image([far, near], [label]))[0] == [None, 0]
+    # two labelled hands, each found: each pairs with its own, whatever the order
+    assert match_hands(_image([far, near], [label, other]))[0] == [1, 0]
+    np.testing.assert_array_equal(
+        separate_hands([far, near, _crop(label, 0.0, found=False)], np.stack([label.box, other.box])),
+        [[True, False], [False, True], [False, False]],
+    )
