@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from handpose.inference import Crop, Photo
 from handpose.metrics import (
     THRESHOLDS,
     Hands,
@@ -17,7 +18,6 @@ from handpose.metrics import (
     oks,
     oks_sigmas,
 )
-from handpose.inference import Crop, Photo
 from handpose.predict_inputs import LabelledHand
 from handpose.predict_outputs import InputImage, match_hands, separate_hands
 
