@@ -61,3 +61,17 @@ def test_rules(tmp_path: Path, args: tuple[str, ...], recall: float, precision: 
     assert got["pose_recall"] == recall and got["pose_precision"] == precision
     assert got["hand_free_images_with_a_hand"] == free
     assert got["pct_of_box"] == (pytest.approx(0.0, abs=1e-3) if recall else None)
+
+
+def test_joint_scores_against_the_presence_score(tmp_path: Path) -> None:
+    """--score joints takes the mean of the joints' scores where `score` is a presence head's:
+    the empty photo's presence 0.9 (joints 0.1) keeps its box by "hand", drops it by "joints"."""
+    pred, data = _dataset(tmp_path)
+    rows = [json.loads(line) for line in (pred / "predictions.jsonl").read_text().splitlines()]
+    rows[1]["score"] = 0.9
+    (pred / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hand = _score(pred, data, "--min-score", "0.5", "--score", "hand")
+    joints = _score(pred, data, "--min-score", "0.5", "--score", "joints")
+    assert (hand["pose_precision"], hand["hand_free_images_with_a_hand"]) == (0.5, 1)
+    assert (joints["pose_precision"], joints["hand_free_images_with_a_hand"]) == (1.0, 0)
+    assert hand["pose_recall"] == joints["pose_recall"] == 1.0  # sqrt(0.9 x 0.4) = 0.6 either way

@@ -10,9 +10,12 @@ else `score`, as predict's report ranks them) or a
 peer_predict.py file (one line per image). IMAGES_DIR: the labelled images (labels found by
 Ultralytics' rule, /images/ -> /labels/); every image counts, with or without a prediction.
 
---score hand|box|keypoint ranks a predict folder's rows by another rule than predict's (with
---box-floor: only boxes scoring at least it), so one run made with a low --min-score compares
-the rules. Prints one JSON line (`metrics.hand_figures`): box and pose recall and precision at IoU / OKS
+--score hand|box|keypoint|joints ranks a predict folder's rows by another rule than predict's
+(with --box-floor: only boxes scoring at least it), so one run made with a low --min-score
+compares the rules; "joints" is the hand score with the mean of the 21 joint scores as the
+keypoint score, which a model with a presence head replaces by its presence probability.
+
+Prints one JSON line (`metrics.hand_figures`): box and pose recall and precision at IoU / OKS
 >= 0.5 for predictions scoring >= --min-score, COCO 101-point AP50 and AP50-95 over every
 prediction given (Ultralytics' OKS for 21 keypoints), and `pct_of_box`: the mean keypoint error
 in % of the labelled box's longer side over the labelled hands matched at OKS >= 0.5, and the
@@ -40,14 +43,15 @@ from handpose.skeleton import NUM_JOINTS  # noqa: E402
 from handpose.sources.files import is_image, walk  # noqa: E402
 from handpose.sources.yolo import label_path, read_label  # noqa: E402
 
-SCORES = ("auto", "hand", "box", "keypoint")
+SCORES = ("auto", "hand", "box", "keypoint", "joints")
 
 
 def row_score(r: dict, kind: str = "auto") -> float:
     """The score a predict row is ranked and thresholded by: "auto" as predict's report ranks
     (`hand_score`, else `box_score`, else `score`); "hand" sqrt(box_score x score), "box" the
-    detector's `box_score`, "keypoint" the keypoint model's `score` (to compare the rules on one
-    run made with a low --min-score)."""
+    detector's `box_score`, "keypoint" the keypoint model's `score`, "joints" sqrt(box_score x
+    the mean of the joints' scores) (to compare the rules on one run made with a low
+    --min-score; "joints" equals "hand" for a model without a presence head)."""
     if kind == "auto":
         return float(next(r[k] for k in ("hand_score", "box_score", "score") if r.get(k) is not None))
     if kind == "keypoint":
@@ -55,6 +59,8 @@ def row_score(r: dict, kind: str = "auto") -> float:
     box = r.get("box_score")
     if box is None:
         sys.exit(f"peer_score: --score {kind}: a prediction of {r['path']} has no box_score")
+    if kind == "joints":
+        return hand_score(box, float(np.mean([kp[2] for kp in r["keypoints"]])))
     return float(box) if kind == "box" else hand_score(box, r["score"])
 
 
