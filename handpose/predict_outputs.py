@@ -168,15 +168,16 @@ def match_hands(img: InputImage) -> tuple[list[int | None], np.ndarray]:
     if not img.hands or not n:
         return [None] * n, np.zeros((n, len(img.hands or ())))
     hands = img.hands
+    boxes = np.stack([h.box for h in hands])
     sim = metrics.log_oks(
         np.stack([np.asarray(c.uv) for c in img.crops]),
         np.stack([h.uv for h in hands]),
         np.stack([h.labelled for h in hands]),
-        np.stack([h.box for h in hands]),
+        boxes,
     )
     if any(c.label is not None for c in img.crops):
         return [c.label for c in img.crops], sim
-    pairable = np.where(separate_hands(img.crops, np.stack([h.box for h in hands])), -np.inf, sim)
+    pairable = np.where(separate_hands(img.crops, boxes), -np.inf, sim)
     return [int(g) if g >= 0 else None for g in metrics.pair_greedily(pairable)], sim
 
 

@@ -45,7 +45,6 @@ def test_a_budget_sets_the_epochs_from_the_rate() -> None:
     assert scaling.epochs_for(0.001, 250.0, 18_776) == 1  # never none
 
 
-@pytest.mark.slow
 def test_the_rate_run_replaces_the_runs_own_batches() -> None:
     """The measuring run trains the given run's data for --rate-batches batches: the run's own
     --batches_per_epoch and --val_batches are replaced, not given a second time."""
@@ -59,6 +58,7 @@ def test_the_rate_run_replaces_the_runs_own_batches() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_scaling_table_from_runs_at_each_budget(tmp_path: Path) -> None:
     hands = tmp_path / "hands"
     pack(
