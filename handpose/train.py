@@ -139,6 +139,13 @@ class TrainConfig(ModelConfig):
         50, 'the tutorial\'s "epoch"; 0 = one full pass over the train split', fixed=DATA, ge=0
     )
     val_batches: int = setting(20, "per rank; 0 = the whole validation split", resume=HOW, ge=0)
+    val_every: int = setting(
+        1,
+        "validate after every Nth epoch and after the last; best.pt and early stopping judge the "
+        "validated epochs",
+        resume=HOW,
+        ge=1,
+    )
     optimizer: Literal["sgd", "adamw"] = setting("sgd", "the optimizer", fixed=STATE)
     lr: float = setting(
         0.1,
@@ -192,7 +199,7 @@ class TrainConfig(ModelConfig):
     )
     patience: int = setting(
         0,
-        "early stopping: epochs without improvement; 0 = off",
+        "early stopping: validated epochs without improvement; 0 = off",
         resume="a run stopped early continues if the new patience allows",
         ge=0,
     )
@@ -251,6 +258,11 @@ class TrainConfig(ModelConfig):
             raise ConfigError(
                 ("augment.aspect", "augment.perspective_deg", "arch"),
                 "a detector's canvas augmentation has no aspect or perspective: set them to 0",
+            )
+        if self.val_every > 1 and self.schedule == "plateau" and self.plateau_on == "val_loss":
+            raise ConfigError(
+                ("val_every", "plateau_on"),
+                "the plateau schedule steps on val_loss every epoch: set val_every = 1",
             )
         make_cache(self.cache_dir, self.cache_limit, keys=("cache_dir", "cache_limit"))  # checks both
 
@@ -387,7 +399,9 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
             if n % cfg.log_every == 0:
                 log.advance(n, loss, opt.param_groups[0]["lr"])  # .item() inside: a host sync point
         seconds = time.perf_counter() - t0
-        val = validate(raw, val_loaders, cfg, world, [s.name for s in train_loader.sets], others)
+        validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        names = [s.name for s in train_loader.sets]
+        val = validate(raw, val_loaders, cfg, world, names, others) if validating else {}
         skipped = float(
             train_loader.stats.skipped + sum(v.stats.skipped for v in [*val_loaders, *others.values()])
         )
@@ -404,7 +418,7 @@ def fit(cfg: TrainConfig, world: World, *, resume: bool) -> dict[str, Any]:
         }
         if cfg.schedule == "plateau":
             sched.step(metrics[cfg.plateau_on])
-        improved = st.update(epoch + 1, monitored(metrics, cfg.monitor), cfg)
+        improved = st.update(epoch + 1, monitored(metrics, cfg.monitor) if validating else None, cfg)
         save_checkpoints(cfg, world, run, train_loader.sets, raw, opt, sched, scaler, st, best=improved)
         log.end_epoch(metrics, improved)
     _record_params(raw, world)
@@ -721,9 +735,12 @@ class LoopState:
     bad_epochs: int = 0  # epochs since the last improvement
     stopped: bool = False  # early stopping fired
 
-    def update(self, epoch: int, value: float, cfg: TrainConfig) -> bool:
-        """Record a finished epoch; True when `value` improved the best (-> best.pt)."""
+    def update(self, epoch: int, value: float | None, cfg: TrainConfig) -> bool:
+        """Record a finished epoch; True when `value` improved the best (-> best.pt). None: the
+        epoch was not validated (`val_every`), and counts for neither best.pt nor patience."""
         self.epoch = epoch
+        if value is None:
+            return False
         improved = value < self.best - cfg.min_delta
         if improved:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
@@ -875,6 +892,14 @@ class RunLog:
                 if k != "epoch":
                     self.tb.add_scalar(k, v, metrics["epoch"])
         m = metrics
+        if "val_loss" not in m:  # not validated (val_every)
+            print(
+                f"epoch {m['epoch']:4d}  train {m['train_loss']:.4f}  (validated every "
+                f"{self.cfg.val_every} epochs)  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s  "
+                f"{m['seconds']:.0f} s",
+                flush=True,
+            )
+            return
         if "val_ap50" in m:
             print(self._detection_line(m, improved), flush=True)
             return
@@ -922,7 +947,8 @@ class RunLog:
 
     def finish(self, st: LoopState) -> dict[str, Any]:
         """Write summary.json (rank 0) and return it."""
-        last = self.history[-1] if self.history else {}
+        validated = [m for m in self.history if "val_loss" in m]  # not every epoch is (val_every)
+        last: dict[str, Any] = validated[-1] if validated else {}
         best = next((m for m in self.history if m["epoch"] == st.best_epoch), last)
         summary = {
             "epochs": st.epoch,

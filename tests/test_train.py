@@ -164,6 +164,8 @@ def test_tutorial_recipe_is_the_tutorials() -> None:
         ({"simcc_k": "0"}, "--simcc_k"),
         ({"augment.perspective_deg": "60"}, "--augment.perspective_deg"),
         ({"augment.rotate_deg": "270"}, "--augment.rotate_deg"),
+        ({"val_every": "0"}, "--val_every"),
+        ({"val_every": "2", "schedule": "plateau", "plateau_on": "val_loss"}, "--val_every.*val_every = 1"),
     ],
 )
 def test_recipe_errors_name_the_key(overrides: dict[str, str], needle: str) -> None:
@@ -332,6 +334,24 @@ def test_early_stopping_counts_epochs_without_improvement(
     assert len(_metrics(run)) == summary["epochs"] == epochs
     assert summary["early_stopped"] == (epochs < 5)
     assert _best_epoch(run) == (1 if min_delta else 2)
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(
+    packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """val_every 2 over 5 epochs validates epochs 2, 4 and 5 (the last, always); best.pt and the
+    summary come from those alone, and the other epochs' metrics rows carry no val figures. The
+    unvalidated epoch 3 has the lowest training loss of no consequence: best.pt is epoch 4."""
+    _scripted(monkeypatch, {"image": [(0.9, 5.0), (0.4, 4.0), (0.6, 4.5)]})
+    run = tmp_path / "run"
+    args = {**TINY, "shards": str(packed), "out": str(run), "epochs": "5", "batches_per_epoch": "1"}
+    summary = train(None, {**args, "val_every": "2"})
+    rows = _metrics(run)
+    assert [m["epoch"] for m in rows] == [1, 2, 3, 4, 5]
+    assert [m.get("val_loss") for m in rows] == [None, 0.9, None, 0.4, 0.6]
+    assert _best_epoch(run) == summary["best_epoch"] == 4
+    assert summary["best_val_loss"] == 0.4 and summary["final"]["epoch"] == 5
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 5
 
 
 def test_every_folder_is_validated_and_the_first_chooses_best(
