@@ -697,7 +697,7 @@ def _rank() -> int:
 
 def _should_print() -> bool:
     """Under torchrun a mistake found before the ranks connect is found by every rank alike: rank 0
-    says so (the others wait to be stopped: `_wait_for_rank_zero`). Past that point an error may
+    says so (under torchrun the others wait to be stopped: `_fail`). Past that point an error may
     be one rank's own (its shard), so that rank prints."""
     if _rank() == 0:
         return True
@@ -718,19 +718,16 @@ def _fail(message: str) -> NoReturn:
     """One line, exit code 1."""
     message = " ".join(message.split())  # one line, whatever the message held
     _reply_to_torchrun(message)
-    if not _should_print() and "TORCHELASTIC_RUN_ID" in os.environ:
-        _wait_for_rank_zero()
+    if not _should_print():
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            sys.exit(1)  # another launcher: rank 0 says it
+        # torchrun ends every rank as soon as one fails: leaving first would end rank 0 before it
+        # prints. Rank 0 finds the same mistake within a second or two; a rank still here after
+        # 30 s (rank 0 did not fail: a path missing on this node only) prints its own line.
+        time.sleep(30.0)
     rank = f"rank {_rank()}: " if _rank() else ""
     err.print(Text.assemble(("error: ", "bold red"), rank, message))
     sys.exit(1)
-
-
-def _wait_for_rank_zero(seconds: float = 30.0) -> None:
-    """A rank other than 0 that found a mistake before the ranks connect waits for torchrun to stop
-    it: torchrun ends every rank as soon as one fails, so leaving first would end rank 0 before it
-    prints the line. Rank 0 finds the same mistake within a second or two; a rank still here after
-    `seconds` (rank 0 did not fail: say, a path missing on this node only) prints its own line."""
-    time.sleep(seconds)
 
 
 def _interrupted() -> NoReturn:
