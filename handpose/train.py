@@ -188,7 +188,7 @@ class TrainConfig(ModelConfig):
         resume=HOW,
         fixed_values=("fp16",),  # only fp16 has a grad scaler, and its state
     )
-    channels_last: bool = setting(True, "CUDA only", resume=HOW)
+    channels_last: bool = setting(True, "NHWC memory for the model and its batches (CPU and CUDA)", resume=HOW)
     compile: bool = setting(False, "torch.compile the model", resume=HOW)
     monitor: str = setting(
         "val_loss",
@@ -454,7 +454,7 @@ def build(cfg: TrainConfig, world: World) -> tuple[PoseModel, nn.Module, torch.o
     """Model (bare and wrapped for training: channels_last, DDP, compile), optimizer, grad scaler."""
     raw = model_from_config(to_dict(cfg)).to(world.device)
     cuda = world.device.type == "cuda"
-    if cuda and cfg.channels_last:
+    if cfg.channels_last:  # faster convolutions on CPUs too (oneDNN), not only on CUDA
         raw = raw.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model: nn.Module = raw
     if world.distributed:
@@ -564,7 +564,7 @@ def train_step(
     """One optimizer step; returns the detached loss (no host sync). `model` is the wrapped
     module (DDP/compile) that runs the forward, `raw` the bare one that owns the loss."""
     images = batch["image"]
-    if world.device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     dtype = amp_dtype(cfg, world)
     with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -95,7 +95,10 @@ def test_trainer_checkpoint_round_trip(dots: Path, tmp_path: Path) -> None:
     )
     net, spec = load_detector(tmp_path / "run" / "checkpoints" / "best.pt")
     assert spec.mean == tuple(sets[0].mean) and spec.std == tuple(sets[0].std)
+    saved, loaded = raw.state_dict(), net.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     x = torch.randn(3, 3, 64, 64)
+    net = net.to(memory_format=torch.channels_last)  # the trainer's layout: the same kernels, bit for bit
     with torch.no_grad():
         assert torch.equal(raw(x), net(x))
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
