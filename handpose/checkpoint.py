@@ -56,6 +56,7 @@ from handpose.model import (
     DETECTORS,
     ModelSpec,
     PoseModel,
+    fold_batchnorm,
     load_weights,
     model_from_config,
     tutorial_model,
@@ -316,7 +317,8 @@ def load_model(
         )
     # Module.to accepts memory_format at run time; the stubs do not list it.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return net.eval().to(device).to(memory_format=fmt), spec  # type: ignore[call-overload]
+    net = fold_batchnorm(net.eval())  # type: ignore[assignment]
+    return net.to(device).to(memory_format=fmt), spec  # type: ignore[call-overload]
 
 
 def _unloadable(path: Path, error: Exception) -> str:

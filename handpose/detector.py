@@ -249,7 +249,7 @@ def load_detector(
     """A detector checkpoint (trained with `arch = "centernet"`), strictly loaded, in eval mode on
     `device`, and how to feed it. Every failure is one HandposeError line naming the file."""
     from handpose import checkpoint
-    from handpose.model import model_from_config
+    from handpose.model import fold_batchnorm, model_from_config
 
     path = Path(path)
     if not path.is_file():
@@ -279,7 +279,8 @@ def load_detector(
         min_score=float(cfg.get("min_score", DEFAULT_MIN_SCORE)),
         digest=str(state["sha256"]),
     )
-    return net.eval().to(device), spec
+    fold_batchnorm(net.eval())  # inference only: BN folded into the convs (`model.fold_batchnorm`)
+    return net.to(device), spec
 
 
 @torch.no_grad()

@@ -667,6 +667,24 @@ def model_from_config(config: Mapping[str, Any]) -> PoseModel:
     return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg, **heads)
 
 
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """For inference (eval mode): each Conv2d followed directly by a BatchNorm2d in a Sequential
+    becomes one conv with the BN's running statistics and affine folded into its weights and bias,
+    the BN an Identity. The same function to float rounding, one pass over the feature map fewer
+    (BN was an eighth of the strided model's CPU forward time). In place; returns `net`."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if net.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (it folds the running statistics)")
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return net
+
+
 # ---------------------------------------------------------------------------------------------
 # A loaded model and how to feed it; the tutorial's weights
 

@@ -22,6 +22,7 @@ from handpose.model import (
     StridedPose,
     build_model,
     flip_test,
+    fold_batchnorm,
     model_from_config,
     model_summary,
 )
@@ -279,6 +280,34 @@ def test_checkpoint_round_trip(arch: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again.eval()(x))
     assert set(MODEL_KEYS) >= {k for k in cfg if k != "lr"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folding_batchnorm_keeps_the_function_and_removes_every_conv_bn_pair(arch: str) -> None:
+    """What `load_model` and `load_detector` run on: the folded model answers as the trained one
+    (to float rounding), with no BatchNorm left behind a conv; a model in training mode is refused."""
+    model = model_from_config(CONFIGS.get(arch, {"arch": arch, "width": 4, "depth": 1, "loss": "focal"})).train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, SIZE, SIZE) * 2 + 1)  # running statistics that are not 0 and 1
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    model.eval()
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = model(x)
+        bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        fold_batchnorm(model)
+        after = model(x)
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert left == bns if arch == "unet" else left < bns  # the tutorial's UNet has BN before its convs
+    for seq in (m for m in model.modules() if isinstance(m, torch.nn.Sequential)):
+        pairs = zip(list(seq)[:-1], list(seq)[1:])
+        assert not any(isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d) for a, b in pairs)
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+    assert (arch == "unet") == torch.equal(before, after)  # folded weights: new rounding, same function
 
 
 def test_model_summary_counts_and_leaves_the_model_alone() -> None:
