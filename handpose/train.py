@@ -188,7 +188,9 @@ class TrainConfig(ModelConfig):
         resume=HOW,
         fixed_values=("fp16",),  # only fp16 has a grad scaler, and its state
     )
-    channels_last: bool = setting(True, "NHWC memory for the model and its batches (CPU and CUDA)", resume=HOW)
+    channels_last: bool = setting(
+        True, "NHWC memory for the model and its batches (CPU and CUDA)", resume=HOW
+    )
     compile: bool = setting(False, "torch.compile the model", resume=HOW)
     monitor: str = setting(
         "val_loss",

@@ -286,7 +286,8 @@ def test_checkpoint_round_trip(arch: str, tmp_path: Path) -> None:
 def test_folding_batchnorm_keeps_the_function_and_removes_every_conv_bn_pair(arch: str) -> None:
     """What `load_model` and `load_detector` run on: the folded model answers as the trained one
     (to float rounding), with no BatchNorm left behind a conv; a model in training mode is refused."""
-    model = model_from_config(CONFIGS.get(arch, {"arch": arch, "width": 4, "depth": 1, "loss": "focal"})).train()
+    detector = {"arch": arch, "width": 4, "depth": 1, "loss": "focal"}
+    model = model_from_config(CONFIGS.get(arch, detector)).train()
     with torch.no_grad():
         model(torch.randn(8, 3, SIZE, SIZE) * 2 + 1)  # running statistics that are not 0 and 1
         for m in model.modules():
@@ -304,8 +305,10 @@ def test_folding_batchnorm_keeps_the_function_and_removes_every_conv_bn_pair(arc
     left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert left == bns if arch == "unet" else left < bns  # the tutorial's UNet has BN before its convs
     for seq in (m for m in model.modules() if isinstance(m, torch.nn.Sequential)):
-        pairs = zip(list(seq)[:-1], list(seq)[1:])
-        assert not any(isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d) for a, b in pairs)
+        pairs = zip(list(seq)[:-1], list(seq)[1:], strict=True)
+        assert not any(
+            isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d) for a, b in pairs
+        )
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
     assert (arch == "unet") == torch.equal(before, after)  # folded weights: new rounding, same function
 
