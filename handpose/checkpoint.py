@@ -317,7 +317,7 @@ def load_model(
         )
     # Module.to accepts memory_format at run time; the stubs do not list it.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = fold_batchnorm(net.eval())  # type: ignore[assignment]
+    net = fold_batchnorm(net.eval())  # inference only: one conv where a conv and its BN were
     return net.to(device).to(memory_format=fmt), spec  # type: ignore[call-overload]
 
 

@@ -279,7 +279,7 @@ def load_detector(
         min_score=float(cfg.get("min_score", DEFAULT_MIN_SCORE)),
         digest=str(state["sha256"]),
     )
-    fold_batchnorm(net.eval())  # inference only: BN folded into the convs (`model.fold_batchnorm`)
+    net = fold_batchnorm(net.eval())  # inference only: one conv where a conv and its BN were
     return net.to(device), spec
 
 

@@ -40,7 +40,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -667,7 +667,10 @@ def model_from_config(config: Mapping[str, Any]) -> PoseModel:
     return StridedPose(c.width, c.depth, sigma=c.sigma, reg=c.reg, **heads)
 
 
-def fold_batchnorm(net: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def fold_batchnorm(net: M) -> M:
     """For inference (eval mode): each Conv2d followed directly by a BatchNorm2d in a Sequential
     becomes one conv with the BN's running statistics and affine folded into its weights and bias,
     the BN an Identity. The same function to float rounding, one pass over the feature map fewer
