@@ -171,7 +171,7 @@ def test_make_hands_with_extra_and_val_photo_folders_and_the_detector(tmp_path: 
     """EXTRA (a photo folder and a cut-out folder) and VAL photo folders labelled by a stand-in
     teacher: the cut-outs composited onto the other set's photos, EXTRA packed as one box-crop
     training folder after DATA's box and image folders, VAL packed val-only and scored at every
-    validation and in the table; the detector trained on DATA and EXTRA; the models left in
+    validation and in the table; the detector trained on DATA alone; the models left in
     OUT/models; every row its predict run's report; a re-run repeats no step."""
     data = yolokit.write_dataset(tmp_path / "ds", yolokit.default_spec())
     answers: dict = {}
@@ -212,17 +212,12 @@ def test_make_hands_with_extra_and_val_photo_folders_and_the_detector(tmp_path: 
     # the keypoint run: DATA in box and image crops, EXTRA as a box crop, VAL scored, never trained on
     cfg = load_config(TrainConfig, out / "run" / "config.toml")
     assert cfg.shards == (str(out / "shards"), str(out / "shards"), str(out / "extra-shards"))
-    size = extra["train"] / json.loads((out / "shards" / "manifest.json").read_text())["counts"]["train"]
-    assert (cfg.crop, cfg.weights) == (("box", "image", "box"), (0.75, 0.25, round(0.75 * size, 4)))
+    assert extra["train"] > 0 and (cfg.crop, cfg.weights) == (("box", "image", "box"), (0.525, 0.175, 0.3))
     assert cfg.val_shards == (str(out / "val" / "digits"),) and cfg.val_crop == ("box", "image")
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["digits-box/val_samples"] == 6 and "digits-image/val_error_px" in metrics[-1]
     det = load_config(TrainConfig, out / "detector-run" / "config.toml")
-    assert (det.arch, det.shards, det.crop) == (
-        "centernet",
-        (str(out / "shards"), str(out / "extra-shards")),
-        ("image",),
-    )
+    assert (det.arch, det.shards, det.crop) == ("centernet", (str(out / "shards"),), ("image",))
     assert det.val_shards == (str(out / "multihand-shards"),)
     det_metrics = json.loads((out / "detector-run" / "summary.json").read_text())["final"]
     assert 0 <= det_metrics["multihand-shards/val_ap50"] <= 1
@@ -275,25 +270,19 @@ def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() 
     two = {"crop": ["box", "image"], "weights": [0.75, 0.25]}
     three = {"crop": ["box", "image", "box"], "weights": [0.5, 0.25, 0.25]}
     assert hands.recipe_layout(two, []) == (["box", "image"], [0.75, 0.25], 2)
-    # no slot: DATA box's crop, its weight x the folder's size / DATA's
-    assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.75, 0.25, 0.3], 2)
+    # no slot: DATA box's crop, 0.3 of the weights (EXTRA_SHARE); DATA's slots keep their 3:1 in the rest
+    assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.525, 0.175, 0.3], 2)
+    # two folders without a slot share the 0.3 by their sizes
+    assert hands.recipe_layout(two, [0.4, 0.2]) == (["box", "image", "box", "box"], [0.525, 0.175, 0.2, 0.1], 2)
     assert hands.recipe_layout(three, []) == (["box", "image"], [0.5, 0.25], 2)  # EXTRA's slot dropped
     assert hands.recipe_layout(three, [0.4]) == (["box", "image", "box"], [0.5, 0.25, 0.25], 2)
     assert hands.recipe_layout(three, [0.4, 2.0]) == (
         ["box", "image", "box", "box"],
-        [0.5, 0.25, 0.25, 1.0],
+        [0.35, 0.175, 0.175, 0.3],
         2,
     )
-    assert hands.recipe_layout({"crop": "image"}, [0.5]) == (
-        ["image", "image"],
-        [1.0, 0.5],
-        1,
-    )  # the detector's
-    assert hands.recipe_layout({"crop": "image"}, [1.0]) == (
-        ["image", "image"],
-        None,
-        1,
-    )  # equal: the default
+    assert hands.recipe_layout({"crop": "image"}, [0.5]) == (["image", "image"], [0.7, 0.3], 1)
+    assert hands.recipe_layout({"crop": "image"}, []) == (["image"], None, 1)
     assert hands.recipe_layout({}, []) == (["image"], None, 1)
 
 
@@ -314,9 +303,17 @@ def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> No
     ]
     recipe.write_text('crop = ["box", "image"]\nweights = [0.75, 0.25]\n')
     assert hands.train_args(recipe, d, [e], [], o) == [
-        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.75,0.25,0.3"),
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
         *("--out", str(o)),
     ]
+    # an epoch of full passes over DATA's box crops keeps its length on DATA alone: 10 photos at 3
+    # box crops of each batch of 4 -> 3 batches, with the extra folder or without it
+    recipe.write_text('crop = ["box", "image"]\nweights = [0.75, 0.25]\nbatch_size = 4\nbatches_per_epoch = 0\n')
+    assert hands.train_args(recipe, d, [e], [], o) == [
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
+        *("--batches_per_epoch", "3", "--out", str(o)),
+    ]
+    assert hands.train_args(recipe, d, [], [], o) == [*base, "--shards", str(d), "--out", str(o)]
 
 
 def test_photo_sets_marks_names_and_teacher_options(tmp_path: Path) -> None:

@@ -24,15 +24,17 @@ made (delete it to redo that step). The steps:
  4. the keypoint model: `handpose train --config RECIPE` (pipelines/hands_cpu.toml). The recipe's
     crop/weights lists are read as slots: the first slot of each crop mode is DATA's (the one
     photo folder in each crop), a later slot of a mode already seen is for the EXTRA pack (then
-    --synth's generated hands); an extra folder without a slot is cropped like DATA's box slot
-    and weighted by its weight x the folder's size / DATA's (each photo drawn about as often as
-    each of DATA's); unused slots are dropped. The VAL packs are its `val_shards`: scored at every
-    validation, never trained on. -> OUT/run
+    --synth's generated hands); the extra folders without a slot are cropped like DATA's box slot
+    and share 0.3 of each batch (EXTRA_SHARE, the bundled model's mix; by their sizes), DATA's
+    slots the rest in their proportions, and an epoch keeps its length on DATA alone
+    (--batches_per_epoch), so the recipe's time budget holds; unused slots are dropped. The VAL
+    packs are its `val_shards`: scored at every validation, never trained on. -> OUT/run
  5. the multi-hand test: tools/multihand.py (seeded) on DATA's val photos -> OUT/multihand (a YOLO
     dataset, photos without a hand included), packed val-only -> OUT/multihand-shards.
  6. the detector: `handpose train --config DETECT_RECIPE` (pipelines/hands_detect_cpu.toml) on
-    DATA and the EXTRA pack (the same slot rule), the multi-hand pack as its val_shards (recall
-    and AP on mosaics at every validation) -> OUT/detector-run.
+    DATA, as the bundled detector (with extra photos in its mix a detector scored worse on three
+    of four photo sets: BENCHMARKS.md), the multi-hand pack as its val_shards (recall and AP on
+    mosaics at every validation) -> OUT/detector-run.
  7. the models: OUT/models/keypoints.pt and OUT/models/detector.pt, copies of each run's best.pt
     (the epoch its recipe's `monitor` chose; its figures are the ones the run's summary reports).
  8. predict, and ONE table (OUT/hands.md, OUT/hands.json with each step's wall minutes): the
@@ -75,10 +77,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from handpose.atomic import write_json, write_text  # noqa: E402
+from handpose.datasets import apportion  # noqa: E402
 from handpose.errors import HandposeError  # noqa: E402
 from handpose.geometry import apply_affine, crop_matrix, invert, source_region  # noqa: E402
 from handpose.report import box_side, spill_rows, summarise  # noqa: E402
 from handpose.shards import decode_annotation, read_manifest, read_samples  # noqa: E402
+from handpose.train import TrainConfig  # noqa: E402
 
 MARKS = ("cutout", "one")
 TRAINING_FOLDERS = ("shards", "extra-shards", "synth-shards")  # names a VAL pack may not take
@@ -227,14 +231,17 @@ def extra_yaml(out: Path, folders: Sequence[Path]) -> str:
 # ---- the recipe's layout -------------------------------------------------------------------------
 
 
+EXTRA_SHARE = 0.3  # the batch share of the extra folders without a recipe slot: the bundled model's mix
+
+
 def recipe_layout(
     recipe: dict[str, Any], extras: Sequence[float]
 ) -> tuple[list[str], list[float] | None, int]:
     """(crop per folder, weights or None, DATA's folder count) for DATA and one more folder per
     item of `extras` (each its train samples / DATA's), from a recipe's crop/weights slots (the
-    module doc's rule). An extra folder without a slot is cropped like DATA's box slot (else its
-    first) and weighted by that slot's weight x its size: each of its photos is drawn about as
-    often as each of DATA's."""
+    module doc's rule). The extra folders without a slot are cropped like DATA's box slot (else
+    its first) and share EXTRA_SHARE of the weights, by their sizes; the other slots keep their
+    proportions in the rest."""
     crops = recipe.get("crop", ["image"])
     crops = [crops] if isinstance(crops, str) else list(crops)
     weights = [float(w) for w in recipe["weights"]] if recipe.get("weights") else None
@@ -246,13 +253,22 @@ def recipe_layout(
     out_crops = [crops[i] for i in data]
     slot_weights = [weights[i] for i in data] if weights else [1.0] * len(data)
     fill = out_crops.index("box") if "box" in out_crops else 0
+    loose: list[int] = []  # the extra folders without a slot
     for k, size in enumerate(extras):
         if k < len(spare):
             out_crops.append(crops[spare[k]])
             slot_weights.append(weights[spare[k]] if weights else 1.0)
         else:
             out_crops.append(out_crops[fill])
-            slot_weights.append(round(slot_weights[fill] * size, 4))
+            slot_weights.append(size)
+            loose.append(len(slot_weights) - 1)
+    if loose:
+        extra = sum(slot_weights[i] for i in loose)
+        rest = sum(w for i, w in enumerate(slot_weights) if i not in loose)
+        slot_weights = [
+            round(w * (EXTRA_SHARE / extra if i in loose else (1 - EXTRA_SHARE) / rest), 4)
+            for i, w in enumerate(slot_weights)
+        ]
     equal = weights is None and len(set(slot_weights)) == 1  # the recipe's default: equal shares
     return out_crops, None if equal else slot_weights, len(data)
 
@@ -265,7 +281,10 @@ def train_args(
     out: Path,
 ) -> list[str]:
     """`handpose train` for a recipe on DATA (+ extra folders, + val_shards): --crop and --weights
-    only where the layout is not the recipe's own. Reads the packs' train counts."""
+    only where the layout is not the recipe's own. Reads the packs' train counts. A recipe whose
+    epoch is a full pass over DATA's first slot (`batches_per_epoch = 0`) keeps the length of
+    that epoch on DATA alone when extra folders join (`--batches_per_epoch`): the extras take a
+    share of each batch, not more batches, so the recipe's time budget holds."""
     recipe = tomllib.loads(recipe_path.read_text())
     n = read_manifest(data).count("train")
     crops, weights, n_data = recipe_layout(recipe, [read_manifest(e).count("train") / n for e in extras])
@@ -278,6 +297,10 @@ def train_args(
         args += ["--crop", ",".join(crops)]
     if weights is not None and weights != [float(w) for w in recipe.get("weights", [])]:
         args += ["--weights", ",".join(f"{w:g}" for w in weights)]
+    if extras and recipe.get("batches_per_epoch") == 0:
+        alone = recipe_layout(recipe, [])[1] or [1.0] * n_data
+        batch_size = int(recipe.get("batch_size", TrainConfig().batch_size))
+        args += ["--batches_per_epoch", str(n // apportion(batch_size, alone)[0])]
     if vals:
         args += ["--val_shards", ",".join(str(v) for v in vals)]
     return [*args, "--out", str(out)]
@@ -520,7 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     multihand = None
     if not args.no_detector:
         multihand, packed = multihand_test(steps, out, data, args)
-        argv = train_args(recipe_path(args.detect_recipe), shards, extra, [packed], out / "detector-run")
+        argv = train_args(recipe_path(args.detect_recipe), shards, [], [packed], out / "detector-run")
         steps.run("train detector", handpose(*argv), out / "detector-run" / "summary.json")
         copy_model(out / "detector-run" / "checkpoints" / "best.pt", detector)
 
