@@ -273,7 +273,11 @@ def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() 
     # no slot: DATA box's crop, 0.3 of the weights (EXTRA_SHARE); DATA's slots keep their 3:1 in the rest
     assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.525, 0.175, 0.3], 2)
     # two folders without a slot share the 0.3 by their sizes
-    assert hands.recipe_layout(two, [0.4, 0.2]) == (["box", "image", "box", "box"], [0.525, 0.175, 0.2, 0.1], 2)
+    assert hands.recipe_layout(two, [0.4, 0.2]) == (
+        ["box", "image", "box", "box"],
+        [0.525, 0.175, 0.2, 0.1],
+        2,
+    )
     assert hands.recipe_layout(three, []) == (["box", "image"], [0.5, 0.25], 2)  # EXTRA's slot dropped
     assert hands.recipe_layout(three, [0.4]) == (["box", "image", "box"], [0.5, 0.25, 0.25], 2)
     assert hands.recipe_layout(three, [0.4, 2.0]) == (
@@ -308,7 +312,9 @@ def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> No
     ]
     # an epoch of full passes over DATA's box crops keeps its length on DATA alone: 10 photos at 3
     # box crops of each batch of 4 -> 3 batches, with the extra folder or without it
-    recipe.write_text('crop = ["box", "image"]\nweights = [0.75, 0.25]\nbatch_size = 4\nbatches_per_epoch = 0\n')
+    recipe.write_text(
+        'crop = ["box", "image"]\nweights = [0.75, 0.25]\nbatch_size = 4\nbatches_per_epoch = 0\n'
+    )
     assert hands.train_args(recipe, d, [e], [], o) == [
         *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
         *("--batches_per_epoch", "3", "--out", str(o)),
