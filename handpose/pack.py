@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from handpose import __version__
 from handpose.atomic import tmp_name, tmp_target, write_json
 from handpose.console import make_console
-from handpose.cpu import cores
+from handpose.cpu import collect_before_fork, cores
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg, image_format, image_size
 from handpose.shards import (
@@ -352,6 +352,7 @@ def _run(
     if workers <= 1:
         yield from (write_shard(*job) for job in jobs)
         return
+    collect_before_fork()
     pool = mp.get_context().Pool(workers, initializer=_ignore_sigint)
     try:
         yield from pool.imap_unordered(_write_shard_job, jobs)

@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from handpose.atomic import tmp_target, write_bytes, write_text
 from handpose.console import make_console
-from handpose.cpu import cores
+from handpose.cpu import collect_before_fork, cores
 from handpose.errors import HandposeError
 from handpose.geometry import project_points
 from handpose.skeleton import FINGER_JOINTS, FINGERS, NUM_JOINTS
@@ -564,6 +564,7 @@ def _ordered(tasks: list[Task], workers: int) -> Iterator[list[tuple[int, list, 
     if workers == 1:
         yield from map(_write_chunk, tasks)
         return
+    collect_before_fork()
     with multiprocessing.get_context().Pool(workers) as pool:
         yield from pool.imap(_write_chunk, tasks)
 

@@ -53,6 +53,7 @@ from handpose.augment import (
     sample_params,
 )
 from handpose.config import AugmentConfig
+from handpose.cpu import collect_before_fork
 from handpose.datasets import (
     LoaderOptions,
     LoaderStats,
@@ -549,6 +550,8 @@ class WdsLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._dataset.epoch = self.epoch
+        if self.workers:
+            collect_before_fork()
         loader = DataLoader(
             self._dataset,
             batch_size=None,  # workers batch themselves

@@ -51,6 +51,7 @@ from handpose import remote
 from handpose.augment import params_matrix, sample_params
 from handpose.config import AugmentConfig
 from handpose.console import make_console
+from handpose.cpu import collect_before_fork
 from handpose.errors import HandposeError
 from handpose.geometry import apply_affine, image_region, in_frame
 from handpose.imageio import decode_jpeg, image_size, warp_to_input
@@ -318,6 +319,7 @@ def _serving(folder: Path) -> Iterator[str]:
     interpreter lock, so serving takes nothing from the loader's main process."""
     ctx = mp.get_context("fork")
     ready = ctx.Queue()
+    collect_before_fork()
     proc = ctx.Process(target=_serve, args=(folder, ready), daemon=True)
     proc.start()
     _NOT_LOADER.add(str(proc.pid))
@@ -418,6 +420,7 @@ def _time_parallel(
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(processes + 1)
     procs = [ctx.Process(target=_plain_at, args=(barrier, samples, augment, warp)) for _ in range(processes)]
+    collect_before_fork()
     for p in procs:
         p.start()
     barrier.wait()
@@ -486,6 +489,7 @@ def _time_baseline(samples: list[tuple[bytes, np.ndarray]]) -> float:
             sizes.append((w, h))
         uv = np.stack([s[1] for s in samples[:n]])
         dataset = _TutorialDataset(files, uv.reshape(n, NUM_JOINTS, 2), np.array(sizes, np.float32)[:, None])
+        collect_before_fork()
         loader = DataLoader(dataset, batch_size=48, shuffle=True, num_workers=2)
         it = iter(loader)
         next(it)  # warm-up: worker start-up excluded, as for the loader

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from handpose.console import make_console
-from handpose.cpu import cores
+from handpose.cpu import collect_before_fork, cores
 from handpose.errors import HandposeError
 from handpose.imageio import decode_jpeg
 from handpose.sources.files import is_image, walk
@@ -130,6 +130,7 @@ def _time_tar(src: Path, files: list[Path], archive: Path) -> float:
 def _time_decode(files: list[Path], workers: int) -> float:
     chunks = [files[i::workers] for i in range(workers)]
     t0 = time.perf_counter()
+    collect_before_fork()
     with mp.get_context().Pool(workers) as pool:
         pool.map(_decode_all, chunks)
     return time.perf_counter() - t0
