@@ -298,6 +298,8 @@ def train_args(
     if weights is not None and weights != [float(w) for w in recipe.get("weights", [])]:
         args += ["--weights", ",".join(f"{w:g}" for w in weights)]
     if extras and recipe.get("batches_per_epoch") == 0:
+        # DATA alone's epoch as `datasets.train_batches_per_rank` counts it (one process):
+        # DATA's samples // its first slot's share of each batch
         alone = recipe_layout(recipe, [])[1] or [1.0] * n_data
         batch_size = int(recipe.get("batch_size", TrainConfig().batch_size))
         args += ["--batches_per_epoch", str(n // apportion(batch_size, alone)[0])]
