@@ -556,9 +556,9 @@ def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.Ca
     """`handpose bench predict --detector` runs both models' files end to end: the hands per photo
     are what predict kept (2 each: min_score 0, max_hands 2), each through 2 keypoint passes (the
     detector path's one refinement), so the forward-only rate combines the two models' rows as
-    1 / (1/D + 4/K); the ratio is end to end over it, and the JSON line printed is the result
-    returned."""
-    from handpose.bench.predict import DETECTOR_E2E, FORWARD_ONLY, bench_predict
+    1 / (1/D + 4/K); the ratio is end to end over it; the image work alone combines the same way
+    into the serial bound; and the JSON line printed is the result returned."""
+    from handpose.bench.predict import DETECTOR_E2E, FORWARD_ONLY, IMAGE_ROWS, RUN_RATE, bench_predict
     from handpose.model import model_from_config
 
     torch.manual_seed(0)
@@ -604,3 +604,12 @@ def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.Ca
     slack = 0.006 / e2e + 0.006 / fwd  # the ratio is of the unrounded rates, these are to 0.01
     assert result["detector_vs_forward_only"] == pytest.approx(e2e / fwd, rel=1e-2 + slack, abs=1e-3)
     assert all(v > 0 for v in rows.values()) and result["whole_image_images_per_s"] > 0
+    # the serial bound: the image work alone (decode + detector input, 4 crops per photo) and the
+    # forward passes alone, one after the other
+    image = 1 / (1 / rows[IMAGE_ROWS[0]] + 4 / rows[IMAGE_ROWS[1]])
+    assert result["image_work_images_per_s"] == pytest.approx(image, rel=1e-2, abs=0.01)
+    serial = 1 / (1 / rows[f"{FORWARD_ONLY}, {t} thread(s)"] + 1 / image)
+    assert result["serial_bound_vs_forward_only"] == pytest.approx(serial / fwd, rel=2e-2, abs=1e-3)
+    # on a CPU with several cores, predict as launched: one process, and one per core under torchrun
+    launched = [name for name in rows if name.startswith(RUN_RATE)]
+    assert len(launched) == (2 if t > 1 else 0)

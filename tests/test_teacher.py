@@ -243,6 +243,39 @@ def test_the_tool_writes_a_yolo_dataset_that_pack_reads(tmp_path: Path) -> None:
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
 
 
+def test_teacher_predictions_give_every_answer_on_the_photo_in_its_pixels(tmp_path: Path) -> None:
+    """tools/teacher_predictions.py: one line per photo, every hand the teacher answered on the
+    photo itself (the dropped ones too, none from the mirror) in pixels, boxed as teacher_label
+    boxes its labels, scored by the palm detection; a photo the cache lacks is one line, exit 1."""
+    import teacher_predictions
+
+    src, dest = tmp_path / "photos", tmp_path / "out"
+    plans = fake_photos(src)
+    run_tool(src, dest, plans, [])
+    out = tmp_path / "teacher.jsonl"
+    teacher_predictions.main([str(dest), str(src), "--out", str(out)])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["path"] for line in lines] == [str(src / rel) for rel in plans]
+    for line, answers in zip(lines, plans.values(), strict=True):
+        assert len(line["hands"]) == len(answers)  # p1/c.jpg's low-score hand included
+        for hand, a in zip(line["hands"], answers, strict=True):
+            px = a.uv * (W, H)
+            np.testing.assert_allclose(np.array(hand["keypoints"])[:, :2], px, atol=1e-3)
+            assert [k[2] for k in hand["keypoints"]] == [1.0] * 21
+            np.testing.assert_allclose(hand["box"], hand_box(px, W, H), atol=1e-3)
+            assert hand["score"] == pytest.approx(a.detection_score)
+
+    (src / "p2" / "new.jpg").write_bytes((src / "p1" / "a.jpg").read_bytes())  # never labelled
+    tool = [sys.executable, str(ROOT / "tools" / "teacher_predictions.py"), str(dest), str(src)]
+    done = subprocess.run([*tool, "--out", str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {dest / '.teacher-cache' / 'p2' / 'new.jpg.json'}: no teacher answer for "
+        f"{src / 'p2' / 'new.jpg'} (run teacher_label.py over {src})"
+    ]
+    assert len(out.read_text().splitlines()) == len(plans)  # the earlier file is left whole
+
+
 def test_a_rerun_with_other_rules_retracts_what_it_no_longer_keeps(tmp_path: Path) -> None:
     src, dest = tmp_path / "photos", tmp_path / "out"
     plans = fake_photos(src)

@@ -21,7 +21,12 @@ model's crops/s K combine into 1 / (1/D + k/K) photos/s for the k keypoint passe
 end-to-end run made (run.json's `crops` x (1 + `refine`): each box the detector gave, refined;
 the hands kept are fewer, those under --min-score being dropped after their passes); rows with
 1 torch thread and with a decode thread show what the CPU defaults cost; the whole-image path's
-end to end is the reference row.
+end to end is the reference row. The image work alone (each photo decoded and letterboxed for
+the detector; keypoint crops cut from the decoded photo, as a found box and its refinement are)
+combines the same way into photos/s I, and 1 / (1/F + 1/I) with F the forward passes alone is
+the serial bound: the rate of the path if it did nothing but its image work and its forward
+passes, one after the other. On a CPU where the models already use every core the two can
+overlap only where the models leave a core idle, so end to end stays near or below that bound.
 
 Prints a table, then one JSON line with images_per_s, model_only_images_per_s,
 tutorial_loop_images_per_s, api_images_per_s (with onnx the onnxruntime figures and ratios; with
@@ -37,6 +42,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +59,7 @@ from handpose.console import make_console
 from handpose.detector import DetectorSpec, load_detector, photo_input
 from handpose.errors import HandposeError
 from handpose.export import export
+from handpose.imageio import DecodeCache
 from handpose.inference import crops_of, default_batch_size, image_size_of
 from handpose.model import ModelSpec
 from handpose.models import load_model, pick_device
@@ -62,6 +70,9 @@ from handpose.sources.files import is_image, walk
 
 TUTORIAL = "tutorial loop (batch 1, NCHW, PIL, numpy)"
 MODEL_ONLY = "model only (channels_last)"
+IMAGE_WORK = "image work alone"
+RUN_RATE = "detector + keypoints, `handpose predict` run's own rate (run.json)"
+IMAGE_ROWS = ("decode + detector input alone (photos/s)", "keypoint crops alone, photos decoded (crops/s)")
 END_TO_END = "end to end"
 DETECTOR_E2E = "detector + keypoints, end to end"
 FORWARD_ONLY = "forward passes alone (detector + keypoints)"
@@ -264,15 +275,27 @@ def bench_detector_path(
             alone, net, spec, crops, t
         )
         measures[f"{DETECTOR_E2E}, {t} thread(s)"] = functools.partial(e2e, torch_threads=t, **found)
+    measures[IMAGE_WORK] = functools.partial(image_work_alone, files, spec, dspec)
+    if dev.type == "cpu" and threads > 1:  # the CPU's other way to use its cores: one process each
+        for procs in (1, threads):
+            measures[f"{RUN_RATE}, {procs} process(es) x {threads // procs} thread(s)"] = functools.partial(
+                launched_run, model, files, procs, threads // procs, batch_size, found
+            )
     measures[f"{DETECTOR_E2E}, {threads} thread(s), 1 decode thread"] = functools.partial(
         e2e, workers=1, **found
     )
     measures[f"{END_TO_END}, whole image (default refine), {threads} thread(s)"] = e2e
-    rows = {name: 0.0 for name in measures}
+    rows: dict[str, float] = {}
     for _ in range(repeats):  # interleaved rounds, each row keeps its best (see bench_predict)
         for name, measure in measures.items():
-            rows[name] = max(rows[name], measure())
+            if name == IMAGE_WORK:  # two rates, timed together (the crops reuse the decodes)
+                for sub, rate in zip(IMAGE_ROWS, measure(), strict=True):
+                    rows[sub] = max(rows.get(sub, 0.0), rate)
+            else:
+                rows[name] = max(rows.get(name, 0.0), measure())
     h, k = hands[0], passes[0]
+    image_only = 1.0 / (1.0 / rows[IMAGE_ROWS[0]] + k / rows[IMAGE_ROWS[1]])
+    rows[f"{IMAGE_WORK}: {IMAGE_ROWS[0]} + the keypoint crops (photos/s)"] = image_only
     ratio = {}
     for t in counts:
         det_rate = rows[f"detector forward alone, {t} thread(s) (photos/s)"]
@@ -280,6 +303,9 @@ def bench_detector_path(
         forward_only = 1.0 / (1.0 / det_rate + k / kp_rate)
         rows[f"{FORWARD_ONLY}, {t} thread(s)"] = forward_only
         ratio[t] = rows[f"{DETECTOR_E2E}, {t} thread(s)"] / forward_only
+    forward_only = rows[f"{FORWARD_ONLY}, {threads} thread(s)"]
+    serial = 1.0 / (1.0 / forward_only + 1.0 / image_only)
+    rows[f"serial bound: the image work, then the forward passes, {threads} thread(s)"] = serial
     table = Table(
         title=f"predict with a detector: {n} photos from {images}, {h:.2f} hands per photo kept, "
         f"{k:.2f} keypoint passes per photo, "
@@ -295,6 +321,10 @@ def bench_detector_path(
         console.print(
             f"{t} thread(s): detector + keypoints end to end = {ratio[t]:.2f} x the forward passes alone"
         )
+    console.print(
+        f"serial bound (the image work alone, then the forward passes alone) = "
+        f"{serial / forward_only:.2f} x the forward passes alone, {threads} thread(s)"
+    )
     result = {
         "bench": "predict",
         "images": n,
@@ -306,6 +336,8 @@ def bench_detector_path(
         "detector_images_per_s": round(rows[f"{DETECTOR_E2E}, {threads} thread(s)"], 2),
         "forward_only_images_per_s": round(rows[f"{FORWARD_ONLY}, {threads} thread(s)"], 2),
         "detector_vs_forward_only": round(ratio[threads], 3),
+        "image_work_images_per_s": round(image_only, 2),
+        "serial_bound_vs_forward_only": round(serial / forward_only, 3),
         "best_threads": best,
         "best_detector_vs_forward_only": round(ratio[best], 3),
         "whole_image_images_per_s": round(
@@ -315,6 +347,70 @@ def bench_detector_path(
     }
     print(json.dumps(result))
     return result
+
+
+def launched_run(
+    model: str | os.PathLike,
+    files: list[Path],
+    procs: int,
+    threads: int,
+    batch_size: int,
+    found: dict[str, Any],
+) -> float:
+    """`handpose predict` as a user launches it, in a child process: `procs` > 1 ranks under
+    torchrun (`--standalone`), each with `threads` torch threads. Returns the run's own images/s
+    (run.json: from the models loaded to the files committed; interpreter start-up excluded, the
+    same clock for 1 process and for several)."""
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        inputs = Path(tmp, "in")
+        inputs.mkdir()
+        for i, f in enumerate(files):  # exactly these files, in this order
+            (inputs / f"{i:06d}{f.suffix}").symlink_to(f.resolve())
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+        cmd = [sys.executable, *(launcher if procs > 1 else []), "-m", "handpose", "predict", str(model)]
+        cmd += [
+            str(inputs),
+            "--out",
+            str(Path(tmp, "out")),
+            "--batch-size",
+            str(batch_size),
+            "--device",
+            "cpu",
+        ]
+        cmd += ["--detector", str(found["detector"])]
+        for flag, value in (("--min-score", found["min_score"]), ("--max-hands", found["max_hands"])):
+            cmd += [flag, str(value)] if value is not None else []
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise HandposeError(f"bench predict: the launched predict failed: {last}")
+        return float(json.loads(Path(tmp, "out", "run.json").read_text())["images_per_s"])
+
+
+def image_work_alone(files: list[Path], spec: ModelSpec, dspec: DetectorSpec) -> tuple[float, float]:
+    """The detector path's image work without the models, as predict does it (bytes already in
+    memory): (photos/s of each photo decoded and letterboxed for the detector, `photo_input` with
+    a fresh `DecodeCache` as a run starts with; crops/s of keypoint crops cut from those decoded
+    photos, one per photo, a found box's crop (`crops_of(found=True)`) of a centred square half
+    the photo's shorter side; a refinement pass's crop is cut the same way)."""
+    datas = [f.read_bytes() for f in files]
+    sizes = [image_size_of(d) for d in datas]
+    cache = DecodeCache()
+    start = time.perf_counter()
+    for data, (w, h) in zip(datas, sizes, strict=True):
+        photo_input(data, w, h, dspec, cache)
+    photos = len(datas) / (time.perf_counter() - start)
+    boxes = [
+        np.array([w / 2 - min(w, h) / 4, h / 2 - min(w, h) / 4, w / 2 + min(w, h) / 4, h / 2 + min(w, h) / 4])
+        for w, h in sizes
+    ]
+    for data, (w, h), box in zip(datas, sizes, boxes, strict=True):  # decodes at the crops' DCT scale
+        crops_of(data, w, h, [box], spec, cache, found=True)
+    start = time.perf_counter()
+    for data, (w, h), box in zip(datas, sizes, boxes, strict=True):
+        crops_of(data, w, h, [box], spec, cache, found=True)
+    return photos, len(datas) / (time.perf_counter() - start)
 
 
 def _detector_batch(files: list[Path], spec: DetectorSpec, batch_size: int) -> torch.Tensor:
