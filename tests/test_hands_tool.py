@@ -285,6 +285,13 @@ def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() 
         [0.35, 0.175, 0.175, 0.3],
         2,
     )
+    # --extra-share: another share, the same rule
+    assert hands.recipe_layout(two, [0.4], 0.2) == (["box", "image", "box"], [0.6, 0.2, 0.2], 2)
+    assert hands.recipe_layout(two, [0.4, 0.2], 0.15) == (
+        ["box", "image", "box", "box"],
+        [0.6375, 0.2125, 0.1, 0.05],
+        2,
+    )
     assert hands.recipe_layout({"crop": "image"}, [0.5]) == (["image", "image"], [0.7, 0.3], 1)
     assert hands.recipe_layout({"crop": "image"}, []) == (["image"], None, 1)
     assert hands.recipe_layout({}, []) == (["image"], None, 1)
@@ -317,6 +324,10 @@ def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> No
     )
     assert hands.train_args(recipe, d, [e], [], o) == [
         *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
+        *("--batches_per_epoch", "3", "--out", str(o)),
+    ]
+    assert hands.train_args(recipe, d, [e], [], o, 0.2) == [
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.6,0.2,0.2"),
         *("--batches_per_epoch", "3", "--out", str(o)),
     ]
     assert hands.train_args(recipe, d, [], [], o) == [*base, "--shards", str(d), "--out", str(o)]
@@ -416,6 +427,19 @@ def test_the_table_is_built_from_the_predict_reports(tmp_path: Path) -> None:
     assert [p.how for p in plain] == ["labelled boxes", "whole photo, 1 pass", "whole photo, 2 passes"] + [
         "labelled boxes",
         "whole photo, 2 passes",
+    ]
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5", "-0.1"])
+def test_an_extra_share_outside_0_1_is_one_line(tmp_path: Path, share: str) -> None:
+    """`make hands EXTRA_SHARE=S` (`--extra-share S`) outside (0, 1): one line naming the flag,
+    exit 1, and nothing written."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "hands.py"), "--data", str(tmp_path), "--out", str(out)]
+    done = subprocess.run([*cmd, "--extra-share", share], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        f"error: --extra-share {float(share)}: must be between 0 and 1 (a share of each batch)"
     ]
 
 

@@ -25,7 +25,8 @@ made (delete it to redo that step). The steps:
     crop/weights lists are read as slots: the first slot of each crop mode is DATA's (the one
     photo folder in each crop), a later slot of a mode already seen is for the EXTRA pack (then
     --synth's generated hands); the extra folders without a slot are cropped like DATA's box slot
-    and share 0.3 of each batch (EXTRA_SHARE, the bundled model's mix; by their sizes), DATA's
+    and share 0.3 of each batch (--extra-share, default EXTRA_SHARE: the bundled model's mix; by
+    their sizes), DATA's
     slots the rest in their proportions, and an epoch keeps its length on DATA alone
     (--batches_per_epoch), so the recipe's time budget holds; unused slots are dropped. The VAL
     packs are its `val_shards`: scored at every validation, never trained on. -> OUT/run
@@ -235,12 +236,12 @@ EXTRA_SHARE = 0.3  # the batch share of the extra folders without a recipe slot:
 
 
 def recipe_layout(
-    recipe: dict[str, Any], extras: Sequence[float]
+    recipe: dict[str, Any], extras: Sequence[float], share: float = EXTRA_SHARE
 ) -> tuple[list[str], list[float] | None, int]:
     """(crop per folder, weights or None, DATA's folder count) for DATA and one more folder per
     item of `extras` (each its train samples / DATA's), from a recipe's crop/weights slots (the
     module doc's rule). The extra folders without a slot are cropped like DATA's box slot (else
-    its first) and share EXTRA_SHARE of the weights, by their sizes; the other slots keep their
+    its first) and share `share` of the weights, by their sizes; the other slots keep their
     proportions in the rest."""
     crops = recipe.get("crop", ["image"])
     crops = [crops] if isinstance(crops, str) else list(crops)
@@ -266,7 +267,7 @@ def recipe_layout(
         extra = sum(slot_weights[i] for i in loose)
         rest = sum(w for i, w in enumerate(slot_weights) if i not in loose)
         slot_weights = [
-            round(w * (EXTRA_SHARE / extra if i in loose else (1 - EXTRA_SHARE) / rest), 4)
+            round(w * (share / extra if i in loose else (1 - share) / rest), 4)
             for i, w in enumerate(slot_weights)
         ]
     equal = weights is None and len(set(slot_weights)) == 1  # the recipe's default: equal shares
@@ -279,6 +280,7 @@ def train_args(
     extras: Sequence[Path],
     vals: Sequence[Path],
     out: Path,
+    share: float = EXTRA_SHARE,
 ) -> list[str]:
     """`handpose train` for a recipe on DATA (+ extra folders, + val_shards): --crop and --weights
     only where the layout is not the recipe's own. Reads the packs' train counts. A recipe whose
@@ -287,7 +289,8 @@ def train_args(
     share of each batch, not more batches, so the recipe's time budget holds."""
     recipe = tomllib.loads(recipe_path.read_text())
     n = read_manifest(data).count("train")
-    crops, weights, n_data = recipe_layout(recipe, [read_manifest(e).count("train") / n for e in extras])
+    sizes = [read_manifest(e).count("train") / n for e in extras]
+    crops, weights, n_data = recipe_layout(recipe, sizes, share)
     folders = [data] * n_data + list(extras)
     own = recipe.get("crop", ["image"])
     own = [own] if isinstance(own, str) else list(own)
@@ -487,6 +490,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--monitor", help="the keypoint run's monitor, e.g. NAME-box/val_error_px of a VAL set")
     ap.add_argument("--tutorial", type=Path, help="the tutorial's model_final, scored the same ways")
     ap.add_argument("--refine", type=int, default=1, help="refinement passes of the whole-photo rows")
+    ap.add_argument(
+        "--extra-share",
+        type=float,
+        default=EXTRA_SHARE,
+        help=f"batch share of the EXTRA photos where the recipe has no slot for them [{EXTRA_SHARE}]",
+    )
     ap.add_argument("--synth", type=int, default=0, help="also pack N generated hands for the mix")
     ap.add_argument(
         "--multihand", type=int, default=200, help="mosaics and single photos of the multi-hand test"
@@ -504,6 +513,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole job (the module doc's steps); returns what OUT/hands.json holds."""
     out = args.out.resolve()
+    if not 0.0 < args.extra_share < 1.0:
+        share = args.extra_share
+        raise HandposeError(f"--extra-share {share}: must be between 0 and 1 (a share of each batch)")
     sets = photo_sets(args.extra, args.val)
     extras = [s for s in sets if s.role == "extra"]
     if extras and all(s.cutout for s in extras) and any(s.cutout for s in extras):
@@ -536,7 +548,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         synth = [synth_shards]
 
     recipe = recipe_path(args.recipe)
-    argv = train_args(recipe, shards, [*extra, *synth], [v for _, v in vals], out / "run")
+    argv = train_args(recipe, shards, [*extra, *synth], [v for _, v in vals], out / "run", args.extra_share)
     if args.monitor:
         argv[-2:-2] = ["--monitor", args.monitor]
     steps.run("train keypoints", handpose(*argv), out / "run" / "summary.json")
