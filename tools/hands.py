@@ -26,8 +26,7 @@ made (delete it to redo that step). The steps:
     photo folder in each crop), a later slot of a mode already seen is for the EXTRA pack (then
     --synth's generated hands); the extra folders without a slot are cropped like DATA's box slot
     and share 0.3 of each batch (--extra-share, default EXTRA_SHARE: the bundled model's mix; by
-    their sizes), DATA's
-    slots the rest in their proportions, and an epoch keeps its length on DATA alone
+    their sizes), DATA's slots the rest in their proportions, and an epoch keeps its length on DATA alone
     (--batches_per_epoch), so the recipe's time budget holds; unused slots are dropped. The VAL
     packs are its `val_shards`: scored at every validation, never trained on. -> OUT/run
  5. the multi-hand test: tools/multihand.py (seeded) on DATA's val photos -> OUT/multihand (a YOLO

@@ -32,7 +32,8 @@ from handpose.errors import HandposeError  # noqa: E402
 from handpose.sources.files import is_image, walk  # noqa: E402
 from handpose.teacher import Answer, hand_box, to_pixels  # noqa: E402
 
-CACHE = ".teacher-cache"  # teacher_label.py's (that tool needs MediaPipe to import)
+sys.path.insert(0, str(ROOT / "tools"))
+from teacher_label import CACHE  # noqa: E402  (imports without MediaPipe: only its Teacher needs it)
 
 
 def image_line(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
