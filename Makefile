@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # Real photos in, scored models out (tools/hands.py; README "Real hand photos, one command"):
 #   make hands DATA=ROOT [EXTRA="DIR[:cutout,one] ..."] [VAL="DIR[:one] ..."] [HANDS=hands]
-#              [TUTORIAL=model_final] [MONITOR=NAME-box/val_error_px] [EXTRA_SHARE=0.3]
+#              [TUTORIAL=model_final] [MONITOR=NAME-box/val_error_px] [EXTRA_SHARE=0.25] [RANKS=N]
 # (ROOT: any YOLO-pose root or dataset yaml; EXTRA/VAL: photo folders the MediaPipe teacher labels,
 # in $(TEACHER_VENV), made by `make teacher-env` when missing)
 HANDS ?= hands
@@ -38,7 +38,7 @@ hands: $(STAMP)
 	$(PY) tools/hands.py --data "$(DATA)" --out "$(HANDS)" --teacher-venv "$(TEACHER_VENV)" \
 		$(if $(EXTRA),--extra $(EXTRA)) $(if $(VAL),--val $(VAL)) \
 		$(if $(TUTORIAL),--tutorial "$(TUTORIAL)") $(if $(MONITOR),--monitor "$(MONITOR)") \
-		$(if $(EXTRA_SHARE),--extra-share "$(EXTRA_SHARE)")
+		$(if $(EXTRA_SHARE),--extra-share "$(EXTRA_SHARE)") $(if $(RANKS),--ranks "$(RANKS)")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check handpose tools tests

@@ -159,18 +159,22 @@ def set_names(roots: Iterable[str | Path], crops: Sequence[str] = ()) -> list[st
 
 
 def apportion(batch_size: int, weights: Sequence[float]) -> list[int]:
-    """Samples of each set in every batch: proportional to `weights`, at least one each, summing
-    to `batch_size` (largest remainders get the leftovers; ties go to the earlier set)."""
+    """Samples of each set in every batch: `batch_size` split in proportion to `weights` by
+    largest remainders (ties to the earlier set), so a mix that divides the batch exactly is
+    taken exactly; then a set left without a sample takes one from the largest (ties: earlier)."""
     n = len(weights)
     if batch_size < n:
         raise HandposeError(f"batch size {batch_size} cannot hold one sample of each of {n} shard sets")
     total = float(sum(weights))
-    # one sample each first, the rest by weight: no set with a positive weight is ever left out
-    want = [w / total * (batch_size - n) for w in weights]
-    share = [1 + math.floor(x) for x in want]
-    order = sorted(range(n), key=lambda i: (-(want[i] - math.floor(want[i])), i))
+    want = [w / total * batch_size for w in weights]
+    share = [math.floor(x) for x in want]
+    order = sorted(range(n), key=lambda i: (-(want[i] - share[i]), i))
     for i in order[: batch_size - sum(share)]:
         share[i] += 1
+    for i in range(n):  # no set with a positive weight is ever left out
+        if share[i] == 0:
+            share[max(range(n), key=lambda j: (share[j], -j))] -= 1
+            share[i] = 1
     return share
 
 

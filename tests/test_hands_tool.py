@@ -134,12 +134,18 @@ def test_make_hands_prints_one_table_from_the_reports(tmp_path: Path) -> None:
     recipe.write_text(TINY)
     out = tmp_path / "hands"
     cmd = [sys.executable, "tools/hands.py", "--data", str(data), "--out", str(out), "--recipe", str(recipe)]
-    proc = _run([*cmd, "--no-detector"])
+    proc = _run([*cmd, "--no-detector", "--ranks", "2"])
 
-    # the recipe's two crops got the photo folder (given once, as a user would)
+    # the recipe's two crops got the photo folder (given once, as a user would); two ranks, each
+    # with half the recipe's batch of 4 and no loader worker
     config = (out / "run" / "config.toml").read_text()
     assert f'shards = ["{out / "shards"}", "{out / "shards"}"]' in config
-    assert f"$ handpose train --config {recipe} --shards {out / 'shards'} --out {out / 'run'}" in proc.stdout
+    assert "batch_size = 2\n" in config and "workers = 0\n" in config
+    assert (
+        f"$ torchrun --standalone --nproc_per_node=2 -m handpose train --config {recipe} "
+        f"--shards {out / 'shards'} --batch_size 2 --workers 0 --out {out / 'run'}"
+    ) in proc.stdout
+    assert "2 process(es) on cpu" in proc.stdout
 
     rows = json.loads((out / "hands.json").read_text())["rows"]
     assert [(r["model"], r["photos"], r["input"]) for r in rows] == [
@@ -160,7 +166,7 @@ def test_make_hands_prints_one_table_from_the_reports(tmp_path: Path) -> None:
 
     # a re-run reuses every finished step: nothing is packed, trained or predicted again
     stamps = _stamps(out)
-    again = _run([*cmd, "--no-detector"])
+    again = _run([*cmd, "--no-detector", "--ranks", "2"])
     assert "$ " not in again.stdout and _stamps(out) == stamps
     steps = json.loads((out / "hands.json").read_text())["steps"]
     assert steps and all(s["reused"] and s["minutes"] is not None for s in steps)
@@ -212,7 +218,8 @@ def test_make_hands_with_extra_and_val_photo_folders_and_the_detector(tmp_path: 
     # the keypoint run: DATA in box and image crops, EXTRA as a box crop, VAL scored, never trained on
     cfg = load_config(TrainConfig, out / "run" / "config.toml")
     assert cfg.shards == (str(out / "shards"), str(out / "shards"), str(out / "extra-shards"))
-    assert extra["train"] > 0 and (cfg.crop, cfg.weights) == (("box", "image", "box"), (0.525, 0.175, 0.3))
+    layout = (("box", "image", "box"), (0.5625, 0.1875, 0.25))
+    assert extra["train"] > 0 and (cfg.crop, cfg.weights) == layout
     assert cfg.val_shards == (str(out / "val" / "digits"),) and cfg.val_crop == ("box", "image")
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["digits-box/val_samples"] == 6 and "digits-image/val_error_px" in metrics[-1]
@@ -270,19 +277,20 @@ def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() 
     two = {"crop": ["box", "image"], "weights": [0.75, 0.25]}
     three = {"crop": ["box", "image", "box"], "weights": [0.5, 0.25, 0.25]}
     assert hands.recipe_layout(two, []) == (["box", "image"], [0.75, 0.25], 2)
-    # no slot: DATA box's crop, 0.3 of the weights (EXTRA_SHARE); DATA's slots keep their 3:1 in the rest
-    assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.525, 0.175, 0.3], 2)
-    # two folders without a slot share the 0.3 by their sizes
+    # no slot: DATA box's crop, 0.25 of the weights (EXTRA_SHARE); DATA's slots keep their 3:1 in
+    # the rest (18/6/8 of a batch of 32, 9/3/4 of each rank's 16)
+    assert hands.recipe_layout(two, [0.4]) == (["box", "image", "box"], [0.5625, 0.1875, 0.25], 2)
+    # two folders without a slot share the 0.25 by their sizes
     assert hands.recipe_layout(two, [0.4, 0.2]) == (
         ["box", "image", "box", "box"],
-        [0.525, 0.175, 0.2, 0.1],
+        [0.5625, 0.1875, 0.1667, 0.0833],
         2,
     )
     assert hands.recipe_layout(three, []) == (["box", "image"], [0.5, 0.25], 2)  # EXTRA's slot dropped
     assert hands.recipe_layout(three, [0.4]) == (["box", "image", "box"], [0.5, 0.25, 0.25], 2)
     assert hands.recipe_layout(three, [0.4, 2.0]) == (
         ["box", "image", "box", "box"],
-        [0.35, 0.175, 0.175, 0.3],
+        [0.375, 0.1875, 0.1875, 0.25],
         2,
     )
     # --extra-share: another share, the same rule
@@ -292,7 +300,7 @@ def test_the_recipe_layout_gives_data_its_crops_and_extra_folders_their_slots() 
         [0.6375, 0.2125, 0.1, 0.05],
         2,
     )
-    assert hands.recipe_layout({"crop": "image"}, [0.5]) == (["image", "image"], [0.7, 0.3], 1)
+    assert hands.recipe_layout({"crop": "image"}, [0.5]) == (["image", "image"], [0.75, 0.25], 1)
     assert hands.recipe_layout({"crop": "image"}, []) == (["image"], None, 1)
     assert hands.recipe_layout({}, []) == (["image"], None, 1)
 
@@ -314,7 +322,7 @@ def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> No
     ]
     recipe.write_text('crop = ["box", "image"]\nweights = [0.75, 0.25]\n')
     assert hands.train_args(recipe, d, [e], [], o) == [
-        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.5625,0.1875,0.25"),
         *("--out", str(o)),
     ]
     # an epoch of full passes over DATA's box crops keeps its length on DATA alone: 10 photos at 3
@@ -323,7 +331,7 @@ def test_train_args_name_only_what_differs_from_the_recipe(tmp_path: Path) -> No
         'crop = ["box", "image"]\nweights = [0.75, 0.25]\nbatch_size = 4\nbatches_per_epoch = 0\n'
     )
     assert hands.train_args(recipe, d, [e], [], o) == [
-        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.525,0.175,0.3"),
+        *(*base, "--shards", f"{d},{d},{e}", "--crop", "box,image,box", "--weights", "0.5625,0.1875,0.25"),
         *("--batches_per_epoch", "3", "--out", str(o)),
     ]
     assert hands.train_args(recipe, d, [e], [], o, 0.2) == [
@@ -441,6 +449,48 @@ def test_an_extra_share_outside_0_1_is_one_line(tmp_path: Path, share: str) -> N
     assert done.stderr.strip().splitlines() == [
         f"error: --extra-share {float(share)}: must be between 0 and 1 (a share of each batch)"
     ]
+
+
+def test_a_cpu_recipe_trains_as_one_rank_per_core_where_its_batch_splits(tmp_path: Path) -> None:
+    """`cpu_ranks`: a CPU recipe whose batch splits evenly over the cores, each share holding one
+    sample of every folder, runs one rank per core; `launched` gives each rank its share of the
+    batch and no loader worker, and the step prints as torchrun."""
+    recipe = ROOT / "pipelines" / "hands_cpu.toml"  # device "cpu", batch 32
+    assert hands.cpu_ranks(recipe, 3, 2) == 2
+    assert hands.cpu_ranks(recipe, 3, 4) == 4
+    assert hands.cpu_ranks(recipe, 3, 1) == 1
+    assert hands.cpu_ranks(recipe, 3, 3) == 1  # 32 does not split in 3
+    assert hands.cpu_ranks(recipe, 3, 16) == 1  # 2 a rank cannot hold 3 folders
+    gpu = tmp_path / "gpu.toml"
+    gpu.write_text('device = "auto"\nbatch_size = 32\n')
+    assert hands.cpu_ranks(gpu, 1, 2) == 1
+    args = ["train", "--config", str(recipe), "--shards", "a,a,b", "--out", "run"]
+    assert hands.launched(args, recipe, 1) == [sys.executable, "-m", "handpose", *args]
+    argv = hands.launched(args, recipe, 2)
+    assert argv == [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("-m", "handpose", "train", "--config", str(recipe), "--shards", "a,a,b"),
+        *("--batch_size", "16", "--workers", "0", "--out", "run"),
+    ]
+    typed = "torchrun --standalone --nproc_per_node=2 -m handpose train --config "
+    assert hands.shown(argv).startswith(typed)
+
+
+@pytest.mark.parametrize(
+    ("flag", "line"),
+    [
+        (["--ranks", "0"], "--ranks 0: {recipe}'s batch of 32 does not split into 0 equal shares"),
+        (["--ranks", "3"], "--ranks 3: {recipe}'s batch of 32 does not split into 3 equal shares"),
+        (["--recipe", "nowhere.toml"], "--recipe nowhere.toml: no such file"),
+    ],
+)
+def test_a_ranks_or_recipe_mistake_is_one_line(tmp_path: Path, flag: list[str], line: str) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "hands.py"), "--data", str(tmp_path), "--out", str(out)]
+    done = subprocess.run([*cmd, *flag], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and not out.exists()
+    recipe = ROOT / "pipelines" / "hands_cpu.toml"
+    assert done.stderr.strip().splitlines() == ["error: " + line.format(recipe=recipe)]
 
 
 def test_a_step_made_by_another_command_is_refused(tmp_path: Path) -> None:

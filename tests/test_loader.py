@@ -93,6 +93,15 @@ def test_apportion_shares() -> None:
     assert apportion(32, [0.7, 0.3]) == [22, 10]
     assert apportion(10, [1, 1, 1]) == [4, 3, 3]
     assert apportion(8, [100, 1]) == [7, 1]  # every set keeps at least one sample
+    assert apportion(3, [100, 1, 1]) == [1, 1, 1]
+    # a mix that divides the batch is taken exactly, at every batch size it divides
+    assert apportion(16, [0.5625, 0.1875, 0.25]) == [9, 3, 4]
+    assert apportion(32, [0.5625, 0.1875, 0.25]) == [18, 6, 8]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = [int(c) for c in rng.integers(1, 20, size=int(rng.integers(1, 5)))]
+        assert apportion(sum(counts), counts) == counts
+        assert apportion(sum(counts), [c / sum(counts) for c in counts]) == counts
     with pytest.raises(HandposeError, match="cannot hold"):
         apportion(2, [1, 1, 1])
 

@@ -25,10 +25,13 @@ made (delete it to redo that step). The steps:
     crop/weights lists are read as slots: the first slot of each crop mode is DATA's (the one
     photo folder in each crop), a later slot of a mode already seen is for the EXTRA pack (then
     --synth's generated hands); the extra folders without a slot are cropped like DATA's box slot
-    and share 0.3 of each batch (--extra-share, default EXTRA_SHARE: the bundled model's mix; by
-    their sizes), DATA's slots the rest in their proportions, and an epoch keeps its length on DATA alone
+    and share 0.25 of each batch (--extra-share, default EXTRA_SHARE; by their sizes), DATA's
+    slots the rest in their proportions, and an epoch keeps its length on DATA alone
     (--batches_per_epoch), so the recipe's time budget holds; unused slots are dropped. The VAL
-    packs are its `val_shards`: scored at every validation, never trained on. -> OUT/run
+    packs are its `val_shards`: scored at every validation, never trained on. A CPU recipe runs
+    as one torchrun rank per core (`torchrun --standalone --nproc_per_node=CORES -m handpose
+    train ... --batch_size B/CORES --workers 0`: the same samples per step, about 1.2x the
+    samples/s of one process on 2 cores; `--ranks N` to choose, see `cpu_ranks`). -> OUT/run
  5. the multi-hand test: tools/multihand.py (seeded) on DATA's val photos -> OUT/multihand (a YOLO
     dataset, photos without a hand included), packed val-only -> OUT/multihand-shards.
  6. the detector: `handpose train --config DETECT_RECIPE` (pipelines/hands_detect_cpu.toml) on
@@ -77,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from handpose.atomic import write_json, write_text  # noqa: E402
+from handpose.cpu import cores  # noqa: E402
 from handpose.datasets import apportion  # noqa: E402
 from handpose.errors import HandposeError  # noqa: E402
 from handpose.geometry import apply_affine, crop_matrix, invert, source_region  # noqa: E402
@@ -87,6 +91,7 @@ from handpose.train import TrainConfig  # noqa: E402
 MARKS = ("cutout", "one")
 TRAINING_FOLDERS = ("shards", "extra-shards", "synth-shards")  # names a VAL pack may not take
 TEST_TEACHER = "HANDPOSE_TEST_TEACHER"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun` of this interpreter
 DATA_LABEL = "DATA val"
 
 
@@ -155,6 +160,8 @@ def shown(argv: Sequence[str]) -> str:
     args = list(argv)
     if args[:3] == [sys.executable, "-m", "handpose"]:
         args = ["handpose", *args[3:]]
+    elif args[: len(TORCHRUN)] == TORCHRUN:
+        args = ["torchrun", *args[len(TORCHRUN) :]]
     return shlex.join(os.path.relpath(a, ROOT) if a.startswith(str(ROOT) + os.sep) else a for a in args)
 
 
@@ -231,7 +238,10 @@ def extra_yaml(out: Path, folders: Sequence[Path]) -> str:
 # ---- the recipe's layout -------------------------------------------------------------------------
 
 
-EXTRA_SHARE = 0.3  # the batch share of the extra folders without a recipe slot: the bundled model's mix
+# The batch share of the extra folders without a recipe slot: at the hour the share that meets
+# both keypoint targets (BENCHMARKS.md, "One rank per core: 44 epochs in the hour"); it divides
+# the recipe's batch exactly (8 of 32, 4 of each rank's 16).
+EXTRA_SHARE = 0.25
 
 
 def recipe_layout(
@@ -308,6 +318,31 @@ def train_args(
     if vals:
         args += ["--val_shards", ",".join(str(v) for v in vals)]
     return [*args, "--out", str(out)]
+
+
+def cpu_ranks(recipe_path: Path, folders: int, cores: int) -> int:
+    """Processes for a recipe's training step: one per core for a CPU recipe (`device = "cpu"`)
+    whose batch splits evenly over them with every rank's share still holding one sample of each
+    of `folders`; else 1. On a CPU one rank per core, each loading in its own process with one
+    thread, trains about 1.2x faster than one process of two threads beside a loader worker, whose
+    threads and worker contend for the same cores (BENCHMARKS.md, "One rank per core")."""
+    recipe = tomllib.loads(recipe_path.read_text())
+    batch = int(recipe.get("batch_size", TrainConfig().batch_size))
+    if recipe.get("device") != "cpu" or cores < 2 or batch % cores or batch // cores < folders:
+        return 1
+    return cores
+
+
+def launched(args: Sequence[str], recipe_path: Path, ranks: int) -> list[str]:
+    """`handpose ARGS` as one process, or as `ranks` torchrun ranks on this machine, each with
+    1/ranks of the recipe's batch (the same samples per step) and no loader worker."""
+    if ranks == 1:
+        return handpose(*args)
+    recipe = tomllib.loads(recipe_path.read_text())
+    batch = int(recipe.get("batch_size", TrainConfig().batch_size))
+    out = list(args).index("--out")
+    per_rank = [*args[:out], "--batch_size", str(batch // ranks), "--workers", "0", *args[out:]]
+    return [*TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "-m", "handpose", *per_rank]
 
 
 # ---- predictions and the table -------------------------------------------------------------------
@@ -495,6 +530,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=EXTRA_SHARE,
         help=f"batch share of the EXTRA photos where the recipe has no slot for them [{EXTRA_SHARE}]",
     )
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        help="processes of the keypoint training step [default: one per core for a CPU recipe "
+        "whose batch splits evenly over them, else 1]",
+    )
     ap.add_argument("--synth", type=int, default=0, help="also pack N generated hands for the mix")
     ap.add_argument(
         "--multihand", type=int, default=200, help="mosaics and single photos of the multi-hand test"
@@ -515,6 +556,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 0.0 < args.extra_share < 1.0:
         share = args.extra_share
         raise HandposeError(f"--extra-share {share}: must be between 0 and 1 (a share of each batch)")
+    recipe = recipe_path(args.recipe)
+    if not recipe.is_file():
+        raise HandposeError(f"--recipe {args.recipe}: no such file")
+    batch = int(tomllib.loads(recipe.read_text()).get("batch_size", TrainConfig().batch_size))
+    if args.ranks is not None and (args.ranks < 1 or batch % args.ranks):
+        raise HandposeError(
+            f"--ranks {args.ranks}: {recipe}'s batch of {batch} does not split into {args.ranks} equal shares"
+        )
     sets = photo_sets(args.extra, args.val)
     extras = [s for s in sets if s.role == "extra"]
     if extras and all(s.cutout for s in extras) and any(s.cutout for s in extras):
@@ -546,11 +595,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps.run("pack synth", argv, synth_shards / "manifest.json")
         synth = [synth_shards]
 
-    recipe = recipe_path(args.recipe)
     argv = train_args(recipe, shards, [*extra, *synth], [v for _, v in vals], out / "run", args.extra_share)
     if args.monitor:
         argv[-2:-2] = ["--monitor", args.monitor]
-    steps.run("train keypoints", handpose(*argv), out / "run" / "summary.json")
+    folders = len(argv[argv.index("--shards") + 1].split(","))
+    ranks = args.ranks or cpu_ranks(recipe, folders, cores())
+    if batch // ranks < folders:
+        raise HandposeError(
+            f"--ranks {ranks}: each rank's {batch // ranks} of the batch cannot hold one sample of each "
+            f"of the {folders} training folders"
+        )
+    steps.run("train keypoints", launched(argv, recipe, ranks), out / "run" / "summary.json")
     model, detector = out / "models" / "keypoints.pt", out / "models" / "detector.pt"
     copy_model(out / "run" / "checkpoints" / "best.pt", model)
     multihand = None
