@@ -452,15 +452,18 @@ def test_an_extra_share_outside_0_1_is_one_line(tmp_path: Path, share: str) -> N
 
 
 def test_a_cpu_recipe_trains_as_one_rank_per_core_where_its_batch_splits(tmp_path: Path) -> None:
-    """`cpu_ranks`: a CPU recipe whose batch splits evenly over the cores, each share holding one
-    sample of every folder, runs one rank per core; `launched` gives each rank its share of the
-    batch and no loader worker, and the step prints as torchrun."""
+    """`cpu_ranks`: a CPU recipe whose batch splits evenly over the cores into shares of at least
+    16, each holding one sample of every folder, runs one rank per core; `launched` gives each
+    rank its share of the batch and no loader worker, and the step prints as torchrun."""
     recipe = ROOT / "pipelines" / "hands_cpu.toml"  # device "cpu", batch 32
     assert hands.cpu_ranks(recipe, 3, 2) == 2
-    assert hands.cpu_ranks(recipe, 3, 4) == 4
     assert hands.cpu_ranks(recipe, 3, 1) == 1
     assert hands.cpu_ranks(recipe, 3, 3) == 1  # 32 does not split in 3
-    assert hands.cpu_ranks(recipe, 3, 16) == 1  # 2 a rank cannot hold 3 folders
+    assert hands.cpu_ranks(recipe, 3, 4) == 1  # 8 a rank: BatchNorm on fewer than MIN_RANK_BATCH
+    big = tmp_path / "big.toml"
+    big.write_text('device = "cpu"\nbatch_size = 64\n')
+    assert hands.cpu_ranks(big, 3, 4) == 4
+    assert hands.cpu_ranks(big, 20, 4) == 1  # 16 a rank cannot hold 20 folders
     gpu = tmp_path / "gpu.toml"
     gpu.write_text('device = "auto"\nbatch_size = 32\n')
     assert hands.cpu_ranks(gpu, 1, 2) == 1

@@ -320,15 +320,20 @@ def train_args(
     return [*args, "--out", str(out)]
 
 
+MIN_RANK_BATCH = 16  # the smallest per-rank batch the rank rule makes: BatchNorm's statistics are per rank
+
+
 def cpu_ranks(recipe_path: Path, folders: int, cores: int) -> int:
     """Processes for a recipe's training step: one per core for a CPU recipe (`device = "cpu"`)
-    whose batch splits evenly over them with every rank's share still holding one sample of each
-    of `folders`; else 1. On a CPU one rank per core, each loading in its own process with one
-    thread, trains about 1.2x faster than one process of two threads beside a loader worker, whose
-    threads and worker contend for the same cores (BENCHMARKS.md, "One rank per core")."""
+    whose batch splits evenly over them into shares of at least MIN_RANK_BATCH (and of one sample
+    of each of `folders`); else 1. On 2 cores, one rank per core, each loading in its own process
+    with one thread, trains about 1.2x faster than one process of two threads beside a loader
+    worker, whose threads and worker contend for the same cores (BENCHMARKS.md, "One rank per
+    core"); with more cores one process keeps its loader workers on cores of their own."""
     recipe = tomllib.loads(recipe_path.read_text())
     batch = int(recipe.get("batch_size", TrainConfig().batch_size))
-    if recipe.get("device") != "cpu" or cores < 2 or batch % cores or batch // cores < folders:
+    share = batch // cores if cores else 0
+    if recipe.get("device") != "cpu" or cores < 2 or batch % cores or share < max(folders, MIN_RANK_BATCH):
         return 1
     return cores
 
