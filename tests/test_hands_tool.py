@@ -509,3 +509,29 @@ def test_a_step_made_by_another_command_is_refused(tmp_path: Path) -> None:
     assert again.log[0]["reused"]
     with pytest.raises(HandposeError, match="made by another command"):
         again.run("make", [sys.executable, "-c", "print('other')"], marker)
+
+
+def test_train_ranks_launches_the_same_training_both_ways(tmp_path: Path) -> None:
+    """tools/train_ranks.py: one process as the recipe has it, and one torchrun rank per core with
+    its share of the batch and no worker; each run's second epoch is its rate."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ranks", ROOT / "tools" / "train_ranks.py")
+    assert spec is not None and spec.loader is not None
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
+    recipe = ROOT / "pipelines" / "hands_cpu.toml"
+    runs = tr.commands(recipe, ["--shards", "a,a,b"], 400, 2, tmp_path)
+    common = ["train", "--config", str(recipe), "--shards", "a,a,b", "--epochs", "2"]
+    common += ["--batches_per_epoch", "400", "--val_batches", "1"]
+    assert runs == {
+        "one process": [sys.executable, "-m", "handpose", *common, "--out", str(tmp_path / "one")],
+        "2 ranks x 1 thread": [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+            *("-m", "handpose", *common, "--batch_size", "16", "--workers", "0"),
+            *("--out", str(tmp_path / "ranks")),
+        ],
+    }
+    rows = [{"epoch": 1, "samples_per_s": 280.5}, {"epoch": 2, "samples_per_s": 301.25}, {"epoch": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tr.second_epoch_rate(tmp_path) == 301.25

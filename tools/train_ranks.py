@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=cores())
     args, train = ap.parse_known_args()
+    if not args.config.is_file():
+        sys.exit(f"error: --config {args.config}: no such file")
     batch = int(tomllib.loads(args.config.read_text()).get("batch_size", TrainConfig().batch_size))
     if args.ranks < 2 or batch % args.ranks:
         sys.exit(f"error: --ranks {args.ranks}: the recipe's batch of {batch} must split into 2 or more")
@@ -68,7 +70,9 @@ def main() -> None:
         runs = commands(args.config, train, args.batches, args.ranks, args.out / f"round{k + 1}")
         for name, argv in runs.items():
             folder = Path(argv[-1])
-            subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            code = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
+            if code:
+                sys.exit(f"error: the {name} run into {folder} failed (exit {code}; its error is above)")
             rate = second_epoch_rate(folder)
             print(f"{name}: {rate:.1f} samples/s", flush=True)
             best[name] = max(best.get(name, 0.0), rate)
