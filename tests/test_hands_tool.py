@@ -468,8 +468,8 @@ def test_a_cpu_recipe_trains_as_one_rank_per_core_where_its_batch_splits(tmp_pat
     gpu.write_text('device = "auto"\nbatch_size = 32\n')
     assert hands.cpu_ranks(gpu, 1, 2) == 1
     args = ["train", "--config", str(recipe), "--shards", "a,a,b", "--out", "run"]
-    assert hands.launched(args, recipe, 1) == [sys.executable, "-m", "handpose", *args]
-    argv = hands.launched(args, recipe, 2)
+    assert hands.launched(args, 32, 1) == [sys.executable, "-m", "handpose", *args]
+    argv = hands.launched(args, 32, 2)
     assert argv == [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
         *("-m", "handpose", "train", "--config", str(recipe), "--shards", "a,a,b"),

@@ -313,14 +313,18 @@ def train_args(
         # DATA alone's epoch as `datasets.train_batches_per_rank` counts it (one process):
         # DATA's samples // its first slot's share of each batch
         alone = recipe_layout(recipe, [])[1] or [1.0] * n_data
-        batch_size = int(recipe.get("batch_size", TrainConfig().batch_size))
-        args += ["--batches_per_epoch", str(n // apportion(batch_size, alone)[0])]
+        args += ["--batches_per_epoch", str(n // apportion(recipe_batch(recipe), alone)[0])]
     if vals:
         args += ["--val_shards", ",".join(str(v) for v in vals)]
     return [*args, "--out", str(out)]
 
 
 MIN_RANK_BATCH = 16  # the smallest per-rank batch the rank rule makes: BatchNorm's statistics are per rank
+
+
+def recipe_batch(recipe: dict[str, Any]) -> int:
+    """A recipe's per-process batch size (TrainConfig's default where it sets none)."""
+    return int(recipe.get("batch_size", TrainConfig().batch_size))
 
 
 def cpu_ranks(recipe_path: Path, folders: int, cores: int) -> int:
@@ -331,20 +335,18 @@ def cpu_ranks(recipe_path: Path, folders: int, cores: int) -> int:
     worker, whose threads and worker contend for the same cores (BENCHMARKS.md, "One rank per
     core"); with more cores one process keeps its loader workers on cores of their own."""
     recipe = tomllib.loads(recipe_path.read_text())
-    batch = int(recipe.get("batch_size", TrainConfig().batch_size))
-    share = batch // cores if cores else 0
-    if recipe.get("device") != "cpu" or cores < 2 or batch % cores or share < max(folders, MIN_RANK_BATCH):
+    batch = recipe_batch(recipe)
+    if recipe.get("device") != "cpu" or cores < 2 or batch % cores:
         return 1
-    return cores
+    return cores if batch // cores >= max(folders, MIN_RANK_BATCH) else 1
 
 
-def launched(args: Sequence[str], recipe_path: Path, ranks: int) -> list[str]:
-    """`handpose ARGS` as one process, or as `ranks` torchrun ranks on this machine, each with
-    1/ranks of the recipe's batch (the same samples per step) and no loader worker."""
+def launched(args: Sequence[str], batch: int, ranks: int) -> list[str]:
+    """`handpose ARGS` (a train command ending in --out) as one process, or as `ranks` torchrun
+    ranks on this machine, each with 1/ranks of the recipe's `batch` (the same samples per step)
+    and no loader worker."""
     if ranks == 1:
         return handpose(*args)
-    recipe = tomllib.loads(recipe_path.read_text())
-    batch = int(recipe.get("batch_size", TrainConfig().batch_size))
     out = list(args).index("--out")
     per_rank = [*args[:out], "--batch_size", str(batch // ranks), "--workers", "0", *args[out:]]
     return [*TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "-m", "handpose", *per_rank]
@@ -564,7 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = recipe_path(args.recipe)
     if not recipe.is_file():
         raise HandposeError(f"--recipe {args.recipe}: no such file")
-    batch = int(tomllib.loads(recipe.read_text()).get("batch_size", TrainConfig().batch_size))
+    batch = recipe_batch(tomllib.loads(recipe.read_text()))
     if args.ranks is not None and (args.ranks < 1 or batch % args.ranks):
         raise HandposeError(
             f"--ranks {args.ranks}: {recipe}'s batch of {batch} does not split into {args.ranks} equal shares"
@@ -610,7 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--ranks {ranks}: each rank's {batch // ranks} of the batch cannot hold one sample of each "
             f"of the {folders} training folders"
         )
-    steps.run("train keypoints", launched(argv, recipe, ranks), out / "run" / "summary.json")
+    steps.run("train keypoints", launched(argv, batch, ranks), out / "run" / "summary.json")
     model, detector = out / "models" / "keypoints.pt", out / "models" / "detector.pt"
     copy_model(out / "run" / "checkpoints" / "best.pt", model)
     multihand = None

@@ -26,11 +26,11 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from hands import launched, recipe_batch  # noqa: E402  (make hands' own launch of the train step)
 
 from handpose.cpu import cores  # noqa: E402
-from handpose.train import TrainConfig  # noqa: E402
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def second_epoch_rate(run: Path) -> float:
@@ -40,14 +40,15 @@ def second_epoch_rate(run: Path) -> float:
 
 
 def commands(config: Path, train: list[str], batches: int, ranks: int, out: Path) -> dict[str, list[str]]:
-    """The two launches of the same training, each into its own new folder `out`/one, `out`/ranks."""
-    batch = int(tomllib.loads(config.read_text()).get("batch_size", TrainConfig().batch_size))
+    """The two launches of the same training (as `make hands` launches it: `hands.launched`),
+    each into its own new folder `out`/one, `out`/ranks."""
+    batch = recipe_batch(tomllib.loads(config.read_text()))
     common = ["train", "--config", str(config), *train, "--epochs", "2"]
     common += ["--batches_per_epoch", str(batches), "--val_batches", "1"]
-    one = [sys.executable, "-m", "handpose", *common, "--out", str(out / "one")]
-    per_rank = ["--batch_size", str(batch // ranks), "--workers", "0", "--out", str(out / "ranks")]
-    many = [*TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "-m", "handpose", *common, *per_rank]
-    return {"one process": one, f"{ranks} ranks x 1 thread": many}
+    return {
+        "one process": launched([*common, "--out", str(out / "one")], batch, 1),
+        f"{ranks} ranks x 1 thread": launched([*common, "--out", str(out / "ranks")], batch, ranks),
+    }
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     args, train = ap.parse_known_args()
     if not args.config.is_file():
         sys.exit(f"error: --config {args.config}: no such file")
-    batch = int(tomllib.loads(args.config.read_text()).get("batch_size", TrainConfig().batch_size))
+    batch = recipe_batch(tomllib.loads(args.config.read_text()))
     if args.ranks < 2 or batch % args.ranks:
         sys.exit(f"error: --ranks {args.ranks}: the recipe's batch of {batch} must split into 2 or more")
     if args.out.exists() and any(args.out.iterdir()):
