@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handpose.errors import HandposeError
-from handpose.model import PoseModel, _conv_bn, _stage, _up2
+from handpose.model import PoseModel, _conv_bn, _stage, _up2, normalized_input
 
 if TYPE_CHECKING:
     from handpose.imageio import DecodeCache
@@ -297,13 +297,9 @@ def detect(
     best first."""
     threshold = spec.min_score if min_score is None else min_score
     device = next(net.parameters()).device
-    # Normalised in NHWC, then viewed as NCHW (channels_last memory): two elementwise passes
-    # over contiguous memory instead of three over the permuted uint8.
-    x = torch.as_tensor(images).to(device).float()
-    shift = torch.tensor([255.0 * m for m in spec.mean], device=device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=device)
+    x = normalized_input(torch.as_tensor(images), spec.mean, spec.std, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = net(((x - shift) * scale).permute(0, 3, 1, 2))
+        out = net(x)
     boxes, scores = net.decode(out, max_hands)
     boxes_np, scores_np = boxes.cpu().numpy().astype(np.float64), scores.cpu().numpy().astype(np.float64)
     return [(b[s >= threshold], s[s >= threshold]) for b, s in zip(boxes_np, scores_np, strict=True)]

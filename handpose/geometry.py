@@ -47,19 +47,37 @@ def is_homography(M: np.ndarray) -> bool:
 def compose(*matrices: np.ndarray) -> np.ndarray:
     """compose(A, B, C) applies C first, then B, then A (like A @ B @ C). 2x3 when every matrix
     is 2x3, else 3x3 (scaled so that its [2, 2] is 1 when that is not 0)."""
+    if not any(is_homography(m) for m in matrices):
+        # Affines in Python floats: predict composes a few per crop, and numpy's per-call cost on
+        # 3x3 arrays was most of the crop's geometry time.
+        a, b, c, d, e, f = 1.0, 0.0, 0.0, 0.0, 1.0, 0.0  # the product so far, row by row
+        for m in matrices:
+            (m00, m01, m02), (m10, m11, m12) = np.asarray(m, np.float64).tolist()
+            a, b, c, d, e, f = (
+                a * m00 + b * m10,
+                a * m01 + b * m11,
+                a * m02 + b * m12 + c,
+                d * m00 + e * m10,
+                d * m01 + e * m11,
+                d * m02 + e * m12 + f,
+            )
+        return np.array([[a, b, c], [d, e, f]])
     out = np.eye(3)
     for m in matrices:
         out = out @ to3x3(m)
-    if not any(is_homography(m) for m in matrices):
-        return out[:2].copy()
     return out / out[2, 2] if out[2, 2] != 0 else out
 
 
 def invert(M: np.ndarray) -> np.ndarray:
     """Inverse (destination -> source) of a 2x3 affine or a 3x3 homography, in the same shape."""
+    if not is_homography(M):  # closed form, in Python floats (see `compose`)
+        (a, b, c), (d, e, f) = np.asarray(M, np.float64).tolist()
+        det = a * e - b * d
+        if det == 0.0:
+            raise np.linalg.LinAlgError("Singular matrix")
+        ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+        return np.array([[ia, ib, -(ia * c + ib * f)], [id_, ie, -(id_ * c + ie * f)]])
     inv = np.linalg.inv(to3x3(M))
-    if not is_homography(M):
-        return inv[:2].copy()
     return inv / inv[2, 2] if inv[2, 2] != 0 else inv
 
 
@@ -233,6 +251,12 @@ def crop_matrix(
     cx, cy, side = region
     s = size / side * scale
     r = math.sqrt(aspect)
+    if tilt is None:  # the composition below, written out (predict builds several per crop)
+        co, si = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+        sx, sy = s * r * (-1.0 if flip else 1.0), s / r
+        mx, my = size / 2 + shift[0] * size, size / 2 + shift[1] * size
+        a, b, d, e = co * sx, -si * sy, si * sx, co * sy
+        return np.array([[a, b, mx - (a * cx + b * cy)], [d, e, my - (d * cx + e * cy)]])
     centred = (
         rotation(angle_deg),
         scaling(s * r, s / r),
@@ -240,8 +264,6 @@ def crop_matrix(
         translation(-cx, -cy),
     )
     move = translation(size / 2 + shift[0] * size, size / 2 + shift[1] * size)
-    if tilt is None:
-        return compose(move, *centred)
     return compose(move, tilt_matrix(tilt[0], tilt[1], float(size)), *centred)
 
 
@@ -263,7 +285,8 @@ def matrix_scale(M: np.ndarray, size: int | None = None) -> float:
     """
     M = np.asarray(M, np.float64)
     if not is_homography(M):
-        return float(math.sqrt(abs(np.linalg.det(M[:, :2]))))
+        (a, b, _), (d, e, _) = M.tolist()
+        return math.sqrt(abs(a * e - b * d))
     if size is None:
         raise TypeError("matrix_scale of a homography needs the destination size")
     G = np.linalg.inv(M)

@@ -65,7 +65,7 @@ from handpose.geometry import (
     upright_region,
 )
 from handpose.imageio import DecodeCache, decode_image, image_size, warp_image_to_input, warp_to_input
-from handpose.model import ModelSpec, flip_test
+from handpose.model import ModelSpec, flip_test, normalized_input
 from handpose.onnx_model import OnnxModel
 from handpose.skeleton import NUM_JOINTS
 
@@ -375,12 +375,8 @@ def forward_hands(
         onnx_uv, onnx_score = net(images)
         return onnx_uv, onnx_score, None
     device = next(net.parameters()).device
-    # NHWC uint8 permuted to NCHW *is* channels_last memory: no copy until the float conversion.
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    x = normalized_input(images, spec.mean, spec.std, device)  # channels_last memory
     x = x if channels_last else x.contiguous()
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    x = (x / 255.0 - mean) / std
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if flip:
             uv, score, presence = flip_test(net, x)

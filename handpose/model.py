@@ -36,6 +36,7 @@ from such a dict.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -686,6 +687,33 @@ def fold_batchnorm(net: M) -> M:
                 seq[i] = fuse_conv_bn_eval(conv, bn)
                 seq[i + 1] = nn.Identity()
     return net
+
+
+def normalized_input(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
+    """uint8 photos or crops (B, H, W, 3) -> the float input (B, 3, H, W) on `device`, channels_last
+    memory (NHWC permuted), each value (x - 255 mean) / (255 std) of its channel: what predict and
+    the API feed the keypoint models and the detector.
+
+    Why this shape: the normalisation runs over contiguous NHWC rows against one precomputed
+    (H * W * 3) pattern per constant, two in-place vectorised passes. A (3,) broadcast over the last
+    axis of size 3 does not vectorise and took 1 ms of a detector batch's 6 ms forward pass."""
+    b, h, w, c = images.shape
+    shift, scale = _norm_rows(h * w, tuple(mean), tuple(std), device)
+    x = images.to(device, non_blocking=True).float().contiguous()
+    x.view(b, -1).sub_(shift).mul_(scale)
+    return x.permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_rows(
+    pixels: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 mean, 1 / (255 std)) repeated over `pixels` NHWC pixels, fp32 on `device`."""
+    shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+    return shift.repeat(pixels).to(device), scale.repeat(pixels).to(device)
 
 
 # ---------------------------------------------------------------------------------------------

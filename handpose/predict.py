@@ -49,7 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from handpose import checkpoint, predict_video, report
 from handpose.atomic import check_output_dir, inside
 from handpose.console import make_console
-from handpose.cpu import cores
+from handpose.cpu import cores, keep_freed_memory
 from handpose.detector import DetectorSpec, load_detector
 from handpose.distributed import World, barrier, broadcast_object, setup_world, teardown
 from handpose.errors import HandposeError
@@ -183,6 +183,7 @@ def predict(
     _check_options(detector, min_score, max_hands, min_presence, refine_mode)
     out = check_output_dir(out, "--out")
     coco_rel = coco_name(out, coco)
+    keep_freed_memory()  # batch buffers reused, not page-faulted in again (cpu.keep_freed_memory)
     world = _join_world(pick_device(device, onnx=is_onnx(model)))
     net: Net
     if isinstance(model, tuple):

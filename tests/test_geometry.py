@@ -286,3 +286,42 @@ def test_a_whole_pixel_shift_is_the_bilinear_warp(shape: tuple[int, int], shift:
     np.testing.assert_array_equal(warp_image_to_input(img, M, 128), pillow)
     half = M + [[0, 0, 0.5], [0, 0, 0]]
     np.testing.assert_array_equal(warp_image_to_input(img, half, 128), warp_affine(img, half, 128))
+
+
+def test_affine_fast_paths_equal_the_homogeneous_products() -> None:
+    """compose, invert and crop_matrix compute 2x3 affines in Python floats: the same matrices as
+    3x3 homogeneous products (numpy), the same shape out, a singular matrix still an error."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        mats = [np.hstack([rng.normal(size=(2, 2)), rng.uniform(-300, 300, (2, 1))]) for _ in range(3)]
+        product = np.eye(3)
+        for m in mats:
+            product = product @ np.vstack([m, [0.0, 0.0, 1.0]])
+        got = g.compose(*mats)
+        assert got.shape == (2, 3)
+        np.testing.assert_allclose(got, product[:2], rtol=1e-12, atol=1e-9)
+        inv = g.invert(mats[0])
+        assert inv.shape == (2, 3)
+        np.testing.assert_allclose(inv, np.linalg.inv(np.vstack([mats[0], [0.0, 0.0, 1.0]]))[:2], atol=1e-9)
+        region = tuple(rng.uniform([0.0, 0.0, 20.0], [500.0, 500.0, 400.0]))
+        kw = dict(
+            angle_deg=rng.uniform(-180, 180),
+            scale=rng.uniform(0.5, 2.0),
+            shift=tuple(rng.uniform(-0.2, 0.2, 2)),
+            flip=bool(rng.integers(2)),
+            aspect=rng.uniform(0.7, 1.4),
+        )
+        s = 96 / region[2] * kw["scale"]
+        r = np.sqrt(kw["aspect"])
+        parts = g.compose(
+            g.translation(48 + kw["shift"][0] * 96, 48 + kw["shift"][1] * 96),
+            g.rotation(kw["angle_deg"]),
+            g.scaling(s * r, s / r),
+            g.scaling(-1.0 if kw["flip"] else 1.0, 1.0),
+            g.translation(-region[0], -region[1]),
+        )
+        np.testing.assert_allclose(g.crop_matrix(region, 96, **kw), parts, atol=1e-9)
+        assert g.matrix_scale(mats[0]) == pytest.approx(np.sqrt(abs(np.linalg.det(mats[0][:, :2]))), rel=1e-12)
+    assert g.compose().tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(np.linalg.LinAlgError):
+        g.invert(np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0]]))

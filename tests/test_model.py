@@ -25,6 +25,7 @@ from handpose.model import (
     fold_batchnorm,
     model_from_config,
     model_summary,
+    normalized_input,
 )
 from handpose.skeleton import NUM_JOINTS
 
@@ -598,3 +599,21 @@ def test_model_table_measures_each_head(capsys: pytest.CaptureFixture[str]) -> N
     assert rows[1]["params"] == sum(p.numel() for p in simcc.parameters())
     assert rows[1]["flops_per_sample"] > rows[0]["flops_per_sample"] > 0  # the bins' linear layers
     assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("size", [96, 224, 37])
+def test_normalized_input_is_each_channels_mean_and_std_in_channels_last_memory(size: int) -> None:
+    """predict's and the API's model input: (x - 255 mean) / (255 std) per RGB channel, NCHW in
+    channels_last memory, the uint8 photos left untouched."""
+    gen = torch.Generator().manual_seed(size)
+    images = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8, generator=gen)
+    before = images.clone()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = normalized_input(images, mean, std, torch.device("cpu"))
+    assert x.shape == (3, 3, size, size) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for c in range(3):
+        expected = (images[..., c].double() / 255.0 - mean[c]) / std[c]
+        assert torch.allclose(x[:, c].double(), expected, atol=1e-5)
+    assert torch.equal(images, before)
+    assert torch.equal(normalized_input(images, mean, std, torch.device("cpu")), x)  # the cached rows

@@ -31,6 +31,7 @@ overlap only where the models leave a core idle, so end to end stays near or bel
 Prints a table, then one JSON line with images_per_s, model_only_images_per_s,
 tutorial_loop_images_per_s, api_images_per_s (with onnx the onnxruntime figures and ratios; with
 --detector: detector_images_per_s, forward_only_images_per_s, detector_vs_forward_only,
+ranks_vs_forward_only (a CPU of several cores: one torchrun rank per core, the run's own rate),
 hands_per_photo, whole_image_images_per_s).
 """
 
@@ -56,6 +57,7 @@ from rich.table import Table
 
 from handpose.api import load
 from handpose.console import make_console
+from handpose.cpu import keep_freed_memory
 from handpose.detector import DetectorSpec, load_detector, photo_input
 from handpose.errors import HandposeError
 from handpose.export import export
@@ -119,6 +121,7 @@ def bench_predict(
             repeats=repeats,
         )
     console = make_console()
+    keep_freed_memory()  # as predict runs: every row under the same allocator
     dev = pick_device(device)
     net, spec = load_model(model, dev)
     if isinstance(net, OnnxModel):
@@ -224,6 +227,7 @@ def bench_detector_path(
 ) -> dict[str, Any]:
     """Detector + keypoints end to end against the two models' forward passes alone (same run)."""
     console = make_console()
+    keep_freed_memory()  # as predict runs: every row under the same allocator
     dev = pick_device(device)
     net, spec = load_model(model, dev)
     if isinstance(net, OnnxModel):
@@ -325,6 +329,13 @@ def bench_detector_path(
         f"serial bound (the image work alone, then the forward passes alone) = "
         f"{serial / forward_only:.2f} x the forward passes alone, {threads} thread(s)"
     )
+    ranks_row = f"{RUN_RATE}, {threads} process(es) x 1 thread(s)"
+    ranks = rows[ranks_row] / forward_only if ranks_row in rows else None
+    if ranks is not None:
+        console.print(
+            f"{threads} torchrun ranks x 1 thread: `handpose predict` = {ranks:.2f} x the forward passes "
+            f"alone, {threads} thread(s)"
+        )
     result = {
         "bench": "predict",
         "images": n,
@@ -340,6 +351,7 @@ def bench_detector_path(
         "serial_bound_vs_forward_only": round(serial / forward_only, 3),
         "best_threads": best,
         "best_detector_vs_forward_only": round(ratio[best], 3),
+        "ranks_vs_forward_only": None if ranks is None else round(ranks, 3),
         "whole_image_images_per_s": round(
             rows[f"{END_TO_END}, whole image (default refine), {threads} thread(s)"], 2
         ),
