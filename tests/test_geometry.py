@@ -321,7 +321,8 @@ def test_affine_fast_paths_equal_the_homogeneous_products() -> None:
             g.translation(-region[0], -region[1]),
         )
         np.testing.assert_allclose(g.crop_matrix(region, 96, **kw), parts, atol=1e-9)
-        assert g.matrix_scale(mats[0]) == pytest.approx(np.sqrt(abs(np.linalg.det(mats[0][:, :2]))), rel=1e-12)
+        area = abs(np.linalg.det(mats[0][:, :2]))
+        assert g.matrix_scale(mats[0]) == pytest.approx(np.sqrt(area), rel=1e-12)
     assert g.compose().tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     with pytest.raises(np.linalg.LinAlgError):
         g.invert(np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0]]))
