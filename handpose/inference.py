@@ -104,9 +104,9 @@ def default_refine(spec: ModelSpec, *, detector: bool = False, refine_mode: str 
 
 
 def default_batch_size(device: torch.device) -> int:
-    """64 on a GPU; 4 on a CPU, where the activations of bigger batches (1 MB per image for each
-    16-channel 128 px map) spill out of the L2 cache: per image, batch 4 ran ~1.2x faster than
-    batch 8 and ~2x faster than batch 64 (bench predict, 2-core EPYC)."""
+    """64 on a GPU; 4 on a CPU. Every forward pass is padded to a full batch (`Runner._model`), so
+    the batch is also the least work of one image: 4 keeps the API's and a video's single images
+    cheap. A large folder runs faster at 16 on the current models (docs/predict.md)."""
     return 64 if device.type == "cuda" else 4
 
 
