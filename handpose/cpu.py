@@ -39,8 +39,9 @@ def keep_freed_memory() -> bool:
     Why: glibc serves blocks over 128 KiB-32 MiB with fresh mmaps and returns freed heap tops to
     the kernel, so each batch's input, normalised copy and activations (a detector batch of four
     224 px photos is 2.4 MB of float) are page-faulted in again on every call. On predict's
-    detector path that was a third of the time outside the forward passes (BENCHMARKS.md,
-    "Normalising in place, buffers reused"). The process holds its high-water mark instead."""
+    detector path those faults and the detector's normalisation were a fifth of the time outside
+    the forward passes (BENCHMARKS.md, "Normalising in place, freed buffers kept"). The process
+    holds its high-water mark instead."""
     import ctypes
     import ctypes.util
 
