@@ -63,7 +63,7 @@ from handpose.errors import HandposeError
 from handpose.export import export
 from handpose.imageio import DecodeCache
 from handpose.inference import crops_of, default_batch_size, image_size_of
-from handpose.model import ModelSpec
+from handpose.model import ModelSpec, normalized_input
 from handpose.models import load_model, pick_device
 from handpose.onnx_model import OnnxModel, load_onnx
 from handpose.predict import predict
@@ -454,12 +454,10 @@ def model_only(
     batches: int,
     channels_last: bool,
 ) -> float:
-    """Forward passes alone on one ready, normalised batch: images/s."""
+    """Forward passes alone on one ready batch, normalised as predict does it: images/s."""
     device = next(net.parameters()).device
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    x = (batch.to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = normalized_input(batch, spec.mean, spec.std, device)  # channels_last memory
+    x = x if channels_last else x.contiguous()
     m = net if channels_last else copy.deepcopy(net).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         m(x)  # warm-up: kernel selection, allocator
