@@ -610,6 +610,16 @@ def test_bench_predict_times_the_detector_path(tmp_path: Path, capsys: pytest.Ca
     assert result["image_work_images_per_s"] == pytest.approx(image, rel=1e-2, abs=0.01)
     serial = 1 / (1 / rows[f"{FORWARD_ONLY}, {t} thread(s)"] + 1 / image)
     assert result["serial_bound_vs_forward_only"] == pytest.approx(serial / fwd, rel=2e-2, abs=1e-3)
+    # the same bound at 1 thread, against the 1-thread forward passes: a rank per core's ceiling
+    fwd_1 = rows[f"{FORWARD_ONLY}, 1 thread(s)"]
+    serial_1 = 1 / (1 / fwd_1 + 1 / image)
+    bound_1 = result["serial_bound_1_thread_vs_forward_only"]
+    assert bound_1 == pytest.approx(serial_1 / fwd_1, rel=2e-2, abs=1e-3)
     # on a CPU with several cores, predict as launched: one process, and one per core under torchrun
     launched = [name for name in rows if name.startswith(RUN_RATE)]
     assert len(launched) == (2 if t > 1 else 0)
+    if t > 1:  # the ranks against each core's forward passes alone at 1 thread
+        ranks = rows[f"{RUN_RATE}, {t} process(es) x 1 thread(s)"]
+        assert result["ranks_vs_forward_per_core"] == pytest.approx(ranks / (t * fwd_1), rel=2e-2, abs=1e-3)
+    else:
+        assert result["ranks_vs_forward_per_core"] is None

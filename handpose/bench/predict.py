@@ -32,6 +32,9 @@ Prints a table, then one JSON line with images_per_s, model_only_images_per_s,
 tutorial_loop_images_per_s, api_images_per_s (with onnx the onnxruntime figures and ratios; with
 --detector: detector_images_per_s, forward_only_images_per_s, detector_vs_forward_only,
 ranks_vs_forward_only (a CPU of several cores: one torchrun rank per core, the run's own rate),
+ranks_vs_forward_per_core (the same rate against the cores x the forward passes alone at 1
+thread: each rank against its own core's), serial_bound_1_thread_vs_forward_only (what one rank
+per core could reach with nothing but its image work around its forward passes),
 hands_per_photo, whole_image_images_per_s).
 """
 
@@ -310,6 +313,13 @@ def bench_detector_path(
     forward_only = rows[f"{FORWARD_ONLY}, {threads} thread(s)"]
     serial = 1.0 / (1.0 / forward_only + 1.0 / image_only)
     rows[f"serial bound: the image work, then the forward passes, {threads} thread(s)"] = serial
+    # Per core: a rank at 1 thread against its own forward passes at 1 thread. Its serial bound is
+    # the most one rank per core can reach however little else it does (the image work shares
+    # its core); the ranks' forward passes alone are taken as `threads` x the 1-thread rate.
+    forward_1 = rows[f"{FORWARD_ONLY}, 1 thread(s)"]
+    serial_1 = 1.0 / (1.0 / forward_1 + 1.0 / image_only)
+    if threads > 1:
+        rows["serial bound: the image work, then the forward passes, 1 thread(s)"] = serial_1
     table = Table(
         title=f"predict with a detector: {n} photos from {images}, {h:.2f} hands per photo kept, "
         f"{k:.2f} keypoint passes per photo, "
@@ -331,10 +341,12 @@ def bench_detector_path(
     )
     ranks_row = f"{RUN_RATE}, {threads} process(es) x 1 thread(s)"
     ranks = rows[ranks_row] / forward_only if ranks_row in rows else None
-    if ranks is not None:
+    per_core = rows[ranks_row] / (threads * forward_1) if ranks_row in rows else None
+    if ranks is not None and per_core is not None:
         console.print(
             f"{threads} torchrun ranks x 1 thread: `handpose predict` = {ranks:.2f} x the forward passes "
-            f"alone, {threads} thread(s)"
+            f"alone, {threads} thread(s); per core = {per_core:.2f} x {threads} x the forward passes "
+            f"alone, 1 thread (serial bound at 1 thread: {serial_1 / forward_1:.2f} x)"
         )
     result = {
         "bench": "predict",
@@ -352,6 +364,8 @@ def bench_detector_path(
         "best_threads": best,
         "best_detector_vs_forward_only": round(ratio[best], 3),
         "ranks_vs_forward_only": None if ranks is None else round(ranks, 3),
+        "ranks_vs_forward_per_core": None if per_core is None else round(per_core, 3),
+        "serial_bound_1_thread_vs_forward_only": round(serial_1 / forward_1, 3),
         "whole_image_images_per_s": round(
             rows[f"{END_TO_END}, whole image (default refine), {threads} thread(s)"], 2
         ),
