@@ -340,9 +340,10 @@ def bench_detector_path(
         f"{serial / forward_only:.2f} x the forward passes alone, {threads} thread(s)"
     )
     ranks_row = f"{RUN_RATE}, {threads} process(es) x 1 thread(s)"
-    ranks = rows[ranks_row] / forward_only if ranks_row in rows else None
-    per_core = rows[ranks_row] / (threads * forward_1) if ranks_row in rows else None
-    if ranks is not None and per_core is not None:
+    ranks = per_core = None
+    if ranks_row in rows:
+        ranks = rows[ranks_row] / forward_only
+        per_core = rows[ranks_row] / (threads * forward_1)
         console.print(
             f"{threads} torchrun ranks x 1 thread: `handpose predict` = {ranks:.2f} x the forward passes "
             f"alone, {threads} thread(s); per core = {per_core:.2f} x {threads} x the forward passes "
